@@ -1,0 +1,365 @@
+"""Bounding-box regression (R-CNN style), trained by ridge regression on SPP (pool5) features.
+
+Parametrisation (R-CNN appendix C). For a proposal ``P`` and its target box ``G``, with widths,
+heights and centres in the library's continuous convention (``w = x2 - x1``, ``cx = x1 + w / 2``;
+no ``+ 1``: a box covering pixels ``a..b`` has ``x1 = a, x2 = b + 1``, see :mod:`detection.boxes`)::
+
+    dx = (Gcx - Pcx) / Pw      dy = (Gcy - Pcy) / Ph
+    dw = log(Gw / Pw)          dh = log(Gh / Ph)
+
+(R-CNN's MATLAB code adds ``eps`` = 2.2e-16 to every width and height; that changes nothing at
+float precision, so it is left out. Degenerate boxes are rejected instead.)
+
+Training (SPP-net ``spp_train_bbox_regressor.m``; reference doc section 8):
+
+* samples: every candidate (GT boxes, then proposals) whose best IoU with a non-difficult GT box
+  is above ``min_iou`` (0.5 in SPP-net, 0.6 in R-CNN); the target is that GT box, and the sample
+  trains the regressor of that GT box's class;
+* features: pool5 (SPP) features multiplied by one scalar so that their mean L2 norm is 20, the
+  same rule as the SVMs (:func:`detection.svm.compute_feature_scale`) but estimated on these
+  features;
+* targets: centred and whitened per class (``T = S^-1/2`` of their covariance ``S``, plus 1e-3 on
+  its eigenvalues) as the reference does. Note that with one lambda shared by the four outputs,
+  ridge regression is equivariant under any invertible linear map of the targets, so the
+  whitening (or a per-coordinate division by the standard deviation) does not change the
+  predictions; the centring does, because the bias is penalised;
+* per class ridge regression ``min ||X b - Y||^2 + lambda ||b||^2``, lambda = 4,000 (SPP-net;
+  R-CNN: 1,000). As in the reference the bias is a constant-1 feature and is regularised with
+  the rest; ``regularize_bias=False`` fits an unpenalised intercept instead.
+
+Memory: only the selected samples are kept (a few per GT object per image), never all proposals.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from sklearn.linear_model import Ridge
+from tqdm import tqdm
+
+from .boxes import box_iou_numpy
+from .errors import DetectionError, ModelError
+from .svm import FeatureSource, check_sample, compute_feature_scale
+
+__all__ = ["encode", "decode", "BBoxRegressionConfig", "BoxRegressors", "train_box_regressors",
+           "collect_regression_samples", "MAX_LOG_SCALE"]
+
+logger = logging.getLogger(__name__)
+
+#: Largest log-scale delta :func:`decode` applies: a box grows at most 1000/16 = 62.5 times per
+#: side (the clamp torchvision and Detectron use) so a wild prediction cannot overflow ``exp``.
+MAX_LOG_SCALE = math.log(1000.0 / 16)
+
+#: Added to the eigenvalues of the target covariance before whitening (the reference's 0.001):
+#: keeps the transform finite when a target coordinate barely varies (e.g. a single sample).
+_WHITEN_EPS = 1e-3
+
+
+def _wh_ctr(boxes: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    w = b[:, 2] - b[:, 0]
+    h = b[:, 3] - b[:, 1]
+    if not (np.isfinite(b).all() and (w > 0).all() and (h > 0).all()):
+        bad = np.flatnonzero(~(np.isfinite(b).all(axis=1) & (w > 0) & (h > 0)))
+        raise DetectionError(f"bbox regression: {len(bad)} {what} box(es) are empty or not finite, "
+                             f"e.g. {b[bad[0]].tolist()}")
+    return w, h, b[:, 0] + 0.5 * w, b[:, 1] + 0.5 * h
+
+
+def encode(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Regression targets that move ``proposals`` onto ``gt``.
+
+    Args:
+        proposals: array[N, 4] (x1, y1, x2, y2), positive width and height.
+        gt: array[N, 4], the matched target boxes.
+    Returns:
+        float64 array[N, 4] ``(dx, dy, dw, dh)``.
+    Raises:
+        DetectionError: an empty or non-finite box.
+    """
+    pw, ph, pcx, pcy = _wh_ctr(proposals, "proposal")
+    gw, gh, gcx, gcy = _wh_ctr(gt, "target")
+    if len(pw) != len(gw):
+        raise ValueError(f"encode: {len(pw)} proposals but {len(gw)} targets")
+    return np.stack([(gcx - pcx) / pw, (gcy - pcy) / ph, np.log(gw / pw), np.log(gh / ph)], axis=1)
+
+
+def decode(proposals: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """Apply deltas to proposals: the inverse of :func:`encode`.
+
+    Args:
+        proposals: array[N, 4].
+        deltas: array[N, 4] or [N, K, 4] (one set per class).
+    Returns:
+        float64 boxes with the shape of ``deltas`` (not clipped to the image). ``dw, dh`` are
+        clamped to :data:`MAX_LOG_SCALE`.
+    """
+    pw, ph, pcx, pcy = _wh_ctr(proposals, "proposal")
+    d = np.asarray(deltas, dtype=np.float64)
+    if d.shape[0] != len(pw) or d.shape[-1] != 4 or d.ndim not in (2, 3):
+        raise ValueError(f"decode: deltas of shape {d.shape} do not fit {len(pw)} proposals")
+    extra = (slice(None),) + (None,) * (d.ndim - 2)          # broadcast over the class axis
+    pw, ph, pcx, pcy = pw[extra], ph[extra], pcx[extra], pcy[extra]
+    cx = pcx + d[..., 0] * pw
+    cy = pcy + d[..., 1] * ph
+    w = pw * np.exp(np.minimum(d[..., 2], MAX_LOG_SCALE))
+    h = ph * np.exp(np.minimum(d[..., 3], MAX_LOG_SCALE))
+    return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BBoxRegressionConfig:
+    """Box-regression settings; defaults are SPP-net's (reference doc section 8)."""
+
+    #: Ridge penalty. SPP-net 4,000; R-CNN 1,000 (on pool5 features scaled to norm 20 in both).
+    lam: float = 4000.0
+    #: A candidate is a training sample when its best IoU with a GT box is above this.
+    #: SPP-net 0.5; R-CNN 0.6 (farther proposals make the linear model's job harder).
+    min_iou: float = 0.5
+    #: The reference's bias is a constant-1 feature penalised by ``lam`` like the weights.
+    regularize_bias: bool = True
+    #: The GT boxes themselves are samples too (targets 0), as in the reference's roidb.
+    include_gt: bool = True
+    #: Difficult objects as regression targets (SPP-net drops them from its roidb).
+    use_difficult: bool = False
+    #: Scale features to this mean L2 norm (the same rule as the SVMs).
+    target_norm: float = 20.0
+    norm_images: int = 200
+    norm_boxes_per_image: int = 200
+    #: Seed of the feature-norm sample.
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not (self.lam >= 0 and self.target_norm > 0):
+            raise DetectionError(f"bbox_regression: lam must be >= 0 and target_norm > 0: {self}")
+        if not 0.0 <= self.min_iou < 1.0:
+            raise DetectionError(f"bbox_regression: min_iou must be in [0, 1), got {self.min_iou}")
+        if self.norm_images < 1 or self.norm_boxes_per_image < 1:
+            raise DetectionError("bbox_regression: norm_images and norm_boxes_per_image must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BoxRegressors:
+    """Per-class linear box regressors.
+
+    ``deltas[n, k] = ((feature_scale * features[n]) @ weights[k] + biases[k]) @ target_unwhiten[k]
+    + target_mean[k]``.
+
+    Attributes:
+        weights: float32 array[K, D, 4] (on scaled features, predicting normalised targets).
+        biases: float32 array[K, 4].
+        target_mean: float32 array[K, 4], mean target of each class.
+        target_unwhiten: float32 array[K, 4, 4], maps normalised targets back (row vectors).
+        feature_scale: the scalar applied to raw features.
+        meta: JSON-able training record.
+    """
+
+    weights: np.ndarray
+    biases: np.ndarray
+    target_mean: np.ndarray
+    target_unwhiten: np.ndarray
+    feature_scale: float
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        arrays = {n: np.ascontiguousarray(getattr(self, n), dtype=np.float32)
+                  for n in ("weights", "biases", "target_mean", "target_unwhiten")}
+        w = arrays["weights"]
+        if w.ndim != 3 or w.shape[2] != 4:
+            raise ModelError(f"box regressor weights must be [K, D, 4], got {w.shape}")
+        k = w.shape[0]
+        want = {"biases": (k, 4), "target_mean": (k, 4), "target_unwhiten": (k, 4, 4)}
+        for n, shape in want.items():
+            if arrays[n].shape != shape:
+                raise ModelError(f"box regressor {n} must be {list(shape)}, got {list(arrays[n].shape)}")
+        if not (math.isfinite(self.feature_scale) and self.feature_scale > 0):
+            raise ModelError(f"box regressor feature_scale must be a positive number, got {self.feature_scale}")
+        for n, a in arrays.items():
+            object.__setattr__(self, n, a)
+        object.__setattr__(self, "feature_scale", float(self.feature_scale))
+
+    @property
+    def num_classes(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.weights.shape[1]
+
+    def predict_deltas(self, features: np.ndarray) -> np.ndarray:
+        """Deltas of every class for raw features.
+
+        Args:
+            features: array[N, D] (unscaled).
+        Returns:
+            float32 array[N, K, 4].
+        """
+        f = np.asarray(features, dtype=np.float32)
+        if f.ndim != 2 or f.shape[1] != self.dim:
+            raise ModelError(f"features of shape {f.shape} do not fit box regressors of dimension {self.dim}")
+        k, d = self.num_classes, self.dim
+        w = self.weights.transpose(1, 0, 2).reshape(d, k * 4)      # one matmul for all classes
+        z = ((f @ w) * np.float32(self.feature_scale)).reshape(-1, k, 4) + self.biases
+        return np.einsum("nkf,kfg->nkg", z, self.target_unwhiten) + self.target_mean
+
+    def apply(self, features: np.ndarray, boxes: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """Refine boxes.
+
+        Args:
+            features: array[N, D], raw features of ``boxes``.
+            boxes: array[N, 4].
+            labels: optional int array[N]: refine each box for this class only.
+        Returns:
+            float64 array[N, K, 4] (every class), or [N, 4] with ``labels``; not clipped.
+        """
+        deltas = self.predict_deltas(features)
+        if labels is not None:
+            labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+            if len(labels) != len(deltas) or (len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes)):
+                raise ModelError(f"labels must be {len(deltas)} class indices in [0, {self.num_classes})")
+            deltas = deltas[np.arange(len(deltas)), labels]
+        return decode(boxes, deltas)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors for the model file (prefix them with ``bbox.``)."""
+        return {"weight": torch.from_numpy(self.weights.copy()), "bias": torch.from_numpy(self.biases.copy()),
+                "target_mean": torch.from_numpy(self.target_mean.copy()),
+                "target_unwhiten": torch.from_numpy(self.target_unwhiten.copy())}
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"feature_scale": self.feature_scale, **self.meta}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "BoxRegressors":
+        """Inverse of :meth:`tensors` + :meth:`to_meta` (raises :class:`ModelError`)."""
+        try:
+            arrays = {n: tensors[t].detach().cpu().numpy() for n, t in
+                      (("weights", "weight"), ("biases", "bias"), ("target_mean", "target_mean"),
+                       ("target_unwhiten", "target_unwhiten"))}
+            scale = float(meta["feature_scale"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ModelError(f"box regressor state is incomplete: {e!r}") from None
+        rest = {k: v for k, v in meta.items() if k != "feature_scale"}
+        return cls(**arrays, feature_scale=scale, meta=rest)
+
+
+def collect_regression_samples(source: FeatureSource, num_classes: int, cfg: BBoxRegressionConfig,
+                               feature_scale: float, progress: bool = False
+                               ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per class, the scaled features float32 [N_k, D] and targets float64 [N_k, 4] of its samples."""
+    dim = int(source.dim)
+    feats: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    targets: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    for i in tqdm(range(source.num_images()), desc="bbox samples", disable=not progress):
+        s = source.image(i)
+        check_sample(s, i, dim, num_classes)
+        keep = np.ones(len(s.gt_labels), bool) if cfg.use_difficult else ~s.gt_difficult
+        gt, gt_labels = s.gt_boxes[keep], s.gt_labels[keep]
+        if len(gt) == 0:
+            continue
+        if cfg.include_gt:
+            cand, cand_feats = np.concatenate([gt, s.boxes]), np.concatenate([s.gt_features[keep], s.features])
+        else:
+            cand, cand_feats = s.boxes, s.features
+        if len(cand) == 0:
+            continue
+        iou = box_iou_numpy(cand, gt)                               # [M, G]
+        best = iou.argmax(axis=1)
+        sel = np.flatnonzero(iou[np.arange(len(cand)), best] > cfg.min_iou)
+        if len(sel) == 0:
+            continue
+        t = encode(cand[sel], gt[best[sel]])
+        cls = gt_labels[best[sel]]
+        for c in np.unique(cls):
+            m = cls == c
+            feats[c].append(cand_feats[sel[m]] * np.float32(feature_scale))
+            targets[c].append(t[m])
+    out = []
+    for c in range(num_classes):
+        if feats[c]:
+            out.append((np.concatenate(feats[c]), np.concatenate(targets[c])))
+        else:
+            out.append((np.zeros((0, dim), np.float32), np.zeros((0, 4))))
+    return out
+
+
+def _fit_class(x: np.ndarray, y: np.ndarray, cfg: BBoxRegressionConfig) -> tuple[np.ndarray, ...]:
+    """Ridge fit of one class. x: [N, D] scaled features; y: [N, 4] raw targets.
+
+    Returns ``(weight [D, 4], bias [4], mean [4], unwhiten [4, 4], train_mse [4])``.
+    """
+    mean = y.mean(axis=0)
+    yc = y - mean
+    cov = yc.T @ yc / len(yc)
+    evals, evecs = np.linalg.eigh(cov)
+    evals = np.maximum(evals, 0.0) + _WHITEN_EPS
+    whiten = evecs @ np.diag(1.0 / np.sqrt(evals)) @ evecs.T
+    unwhiten = evecs @ np.diag(np.sqrt(evals)) @ evecs.T
+    yn = yc @ whiten
+    # float64 for the solve: a per-class copy, and the normal equations lose digits in float32.
+    if cfg.regularize_bias:
+        a = np.concatenate([x, np.ones((len(x), 1))], axis=1, dtype=np.float64)
+        ridge = Ridge(alpha=cfg.lam, fit_intercept=False).fit(a, yn)
+        weight, bias = ridge.coef_[:, :-1].T, ridge.coef_[:, -1]
+    else:
+        a = np.asarray(x, dtype=np.float64)
+        ridge = Ridge(alpha=cfg.lam, fit_intercept=True).fit(a, yn)
+        weight, bias = ridge.coef_.T, ridge.intercept_
+    pred = (a @ ridge.coef_.T + (0.0 if cfg.regularize_bias else ridge.intercept_)) @ unwhiten + mean
+    mse = ((pred - y) ** 2).mean(axis=0)
+    return weight, bias, mean, unwhiten, mse
+
+
+def train_box_regressors(source: FeatureSource, num_classes: int, cfg: BBoxRegressionConfig = BBoxRegressionConfig(),
+                         *, class_names: Sequence[str] | None = None, feature_scale: float | None = None,
+                         progress: bool = False) -> BoxRegressors:
+    """Train one box regressor per class (see the module docstring).
+
+    Args:
+        source: pool5 (SPP) features of GT boxes and proposals of the training images.
+        num_classes: K.
+        cfg: settings (defaults: SPP-net's).
+        class_names: K names for messages and metadata.
+        feature_scale: use this instead of estimating the norm-20 scale.
+        progress: tqdm bars.
+    Raises:
+        DetectionError: a class without samples (no non-difficult GT), NaN/inf or all-zero features,
+            degenerate boxes, an invalid config.
+    """
+    cfg.validate()
+    names = tuple(class_names) if class_names is not None else tuple(f"class_{k}" for k in range(num_classes))
+    if len(names) != num_classes or num_classes < 1:
+        raise DetectionError(f"bbox_regression: {len(names)} class names for {num_classes} classes")
+    if feature_scale is not None and not (math.isfinite(feature_scale) and feature_scale > 0):
+        raise DetectionError(f"bbox_regression: feature_scale must be a positive number, got {feature_scale}")
+    logger.info("training %d box regressors on %d images: %s", num_classes, source.num_images(), cfg)
+    mean_norm: float | None = None
+    if feature_scale is None:
+        feature_scale, mean_norm = compute_feature_scale(source, cfg.target_norm, cfg.norm_images,
+                                                         cfg.norm_boxes_per_image, cfg.seed, progress)
+        logger.info("mean feature norm %.4g -> feature scale %.6g", mean_norm, feature_scale)
+    samples = collect_regression_samples(source, num_classes, cfg, feature_scale, progress)
+    empty = [names[c] for c, (x, _) in enumerate(samples) if len(x) == 0]
+    if empty:
+        raise DetectionError(f"bbox_regression: no training samples (IoU > {cfg.min_iou} with a non-difficult GT) "
+                             f"for class(es) {', '.join(empty)}")
+    dim = int(source.dim)
+    weights = np.zeros((num_classes, dim, 4))
+    biases, means = np.zeros((num_classes, 4)), np.zeros((num_classes, 4))
+    unwhiten = np.zeros((num_classes, 4, 4))
+    stats: dict[str, Any] = {}
+    for c in range(num_classes):
+        x, y = samples[c]
+        samples[c] = (np.zeros((0, dim), np.float32), y)         # free the features as we go
+        weights[c], biases[c], means[c], unwhiten[c], mse = _fit_class(x, y, cfg)
+        stats[names[c]] = {"num_samples": len(y), "train_mse": mse.tolist(),
+                           "target_std": y.std(axis=0).tolist()}
+        logger.info("%s: %d samples, train MSE %s (target variance %s)", names[c], len(y),
+                    np.round(mse, 5).tolist(), np.round(y.var(axis=0), 5).tolist())
+    meta = {"classes": list(names), "mean_norm": mean_norm, "config": dataclasses.asdict(cfg), "stats": stats}
+    return BoxRegressors(weights=weights, biases=biases, target_mean=means, target_unwhiten=unwhiten,
+                         feature_scale=feature_scale, meta=meta)
