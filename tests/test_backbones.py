@@ -1,0 +1,190 @@
+"""Tests of detection.backbones: geometry (stride, receptive field, cell centres), seeded init,
+preprocessing, weights loading and its error messages."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from detection.backbones import Backbone, build_backbone, trunk_geometry
+from detection.errors import DetectionError, ModelError
+
+SHARED = Path(os.environ.get("SPP_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+WEIGHTS = SHARED / "weights"
+SQ10 = WEIGHTS / "squeezenet1_0-deepcompression.pth"
+SQ11 = WEIGHTS / "squeezenet1_1-ncnn-fp16.pth"
+FRUIT = SHARED / "data" / "fruit" / "JPEGImages"
+
+
+@pytest.fixture(scope="module")
+def zf5() -> Backbone:
+    return build_backbone("zf5")
+
+
+@pytest.mark.parametrize("name, channels, center", [
+    ("zf5", 256, 0.5), ("alexnet", 256, 15.5), ("vgg16", 512, 8.0),
+    ("squeezenet1_0", 512, 17.5), ("squeezenet1_1", 512, 15.5), ("resnet18", 256, 0.5)])
+def test_builtin_trunks_have_stride_16(name, channels, center):
+    b = build_backbone(name)
+    assert b.stride == 16 and b.out_channels == channels and b.first_cell_center == center
+    assert not b.training
+    with torch.inference_mode():
+        for h, w in ((64, 96), (97, 130)):
+            y = b(torch.randn(1, 3, h, w))
+            assert y.shape[1] == channels
+            assert tuple(y.shape[2:]) == b.map_size(h, w)
+            # stride 16: the map grows by one cell per 16 input pixels
+            assert b.map_size(h + 16, w + 32) == (y.shape[2] + 1, y.shape[3] + 2)
+
+
+def test_zf5_map_is_ceil_of_size_over_16(zf5):
+    # pad floor(p/2) everywhere: every layer maps n to ceil(n/2)
+    for s in (1, 15, 16, 17, 688, 917, 1200):
+        assert zf5.map_size(s, s) == (-(-s // 16),) * 2
+    # 139 px from the convs and pools, + 2*2 + 2*8 from the 3x3 LRNs after conv1 and conv2
+    assert zf5.receptive_field == 159 and zf5.min_input_size == 1
+    layers = [type(m).__name__ for m in zf5.trunk]
+    assert layers.count("Conv2d") == 5 and layers.count("WithinChannelLRN") == 2
+
+
+@pytest.mark.parametrize("name", ["zf5", "alexnet"])
+def test_receptive_field_and_cell_centre_from_gradients(name):
+    """The input pixels that influence one cell: their extent is the receptive field and its
+    middle is ``first_cell_center + 16 j``."""
+    b = build_backbone(name, seed=1)
+    x = torch.randn(1, 3, 320, 320, requires_grad=True)
+    y = b(x)
+    j = 8
+    y[0, :, j, j].sum().backward()
+    cols = torch.nonzero(x.grad[0].abs().sum(dim=(0, 1)) > 0).flatten()
+    lo, hi = int(cols.min()), int(cols.max()) + 1          # continuous extent [lo, hi)
+    assert hi - lo == b.receptive_field
+    assert (lo + hi) / 2 == b.first_cell_center + 16 * j
+
+
+def test_geometry_of_unknown_layer_stack():
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.MaxPool2d(2))
+    g = trunk_geometry(trunk)
+    assert (g.stride, g.receptive_field, g.first_cell_center, g.min_input_size) == (4, 5, 2.5, 5)
+    assert trunk(torch.zeros(1, 3, 5, 5)).shape[-1] == 1
+
+
+def test_random_init_is_seeded_without_global_side_effects():
+    state = torch.random.get_rng_state()
+    a, b, c = build_backbone("zf5", seed=3), build_backbone("zf5", seed=3), build_backbone("zf5", seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+    assert not torch.equal(a.trunk[0].weight, c.trunk[0].weight)
+    assert a.weights_id == "random:3"
+
+
+def test_heads_take_flattened_6x6_pool5():
+    alex = build_backbone("alexnet")
+    assert alex.input_size == 227 and alex.head_dim == 4096
+    assert alex.head.eval()(torch.randn(2, 256 * 36)).shape == (2, 4096)
+    assert build_backbone("squeezenet1_0").head is None
+
+
+def test_preprocess_resizes_and_normalises(zf5):
+    mean = np.array(zf5.mean) * 255
+    image = np.tile(mean.round().astype(np.uint8), (375, 500, 1))
+    x = zf5.preprocess(image, 688 / 375)
+    assert x.shape == (1, 3, 688, round(500 * 688 / 375)) and x.dtype == torch.float32
+    assert x.abs().max() < 0.01                       # the mean colour normalises to ~0
+    gradient = np.zeros((4, 6, 3), dtype=np.uint8)
+    gradient[:, :, 0] = np.arange(6) * 50
+    y = zf5.preprocess(gradient, 1.0)
+    np.testing.assert_allclose(y[0, 0, 0].numpy(), (np.arange(6) * 50 / 255 - zf5.mean[0]) / zf5.std[0], rtol=1e-6)
+
+
+def test_preprocess_rejects_bad_and_too_small_images():
+    alex = build_backbone("alexnet")
+    assert alex.min_input_size == 31 and alex.map_size(30, 30) == (0, 0) and alex.map_size(31, 31) == (1, 1)
+    with pytest.raises(DetectionError, match="minimum input side 31"):
+        alex.preprocess(np.zeros((20, 400, 3), dtype=np.uint8), 1.5)
+    assert alex.preprocess(np.zeros((21, 400, 3), dtype=np.uint8), 1.5).shape[2] == 32
+    with pytest.raises(DetectionError, match="uint8 HxWx3"):
+        alex.preprocess(np.zeros((20, 20), dtype=np.uint8), 1.0)
+    with pytest.raises(DetectionError, match="uint8 HxWx3"):
+        alex.preprocess(np.zeros((20, 20, 3), dtype=np.float32), 1.0)
+
+
+def test_unknown_names_and_weights():
+    with pytest.raises(ModelError, match="unknown backbone"):
+        build_backbone("zf6")
+    with pytest.raises(ModelError, match="no pretrained weights"):
+        build_backbone("zf5", weights="imagenet")
+    with pytest.raises(ModelError, match="no such file"):
+        build_backbone("alexnet", weights="/nonexistent/alexnet.pth")
+
+
+def test_state_dict_roundtrip_and_mismatch_messages(tmp_path):
+    src = build_backbone("zf5", seed=7)
+    path = tmp_path / "zf5.pth"
+    torch.save({f"features.{k}": v for k, v in src.trunk.state_dict().items()}, path)
+    loaded = build_backbone("zf5", weights=path)
+    assert loaded.weights_id.startswith("sha256:") and len(loaded.weights_id) == 7 + 64
+    for k, v in src.trunk.state_dict().items():
+        assert torch.equal(v, loaded.trunk.state_dict()[k])
+
+    bad = tmp_path / "bad.pth"
+    sd = {f"features.{k}": v for k, v in src.trunk.state_dict().items()}
+    sd.pop("features.0.bias")
+    sd["features.4.weight"] = torch.zeros(3, 3)
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, bad)
+    with pytest.raises(ModelError) as e:
+        build_backbone("zf5", weights=bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "does not fit zf5" in msg
+    assert "1 missing keys (features.0.bias)" in msg and "1 unexpected keys (extra.weight)" in msg
+    assert "features.4.weight (3, 3) vs (256, 96, 5, 5)" in msg
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ModelError, match="cannot read weights file"):
+        build_backbone("zf5", weights=garbage)
+    notdict = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], notdict)
+    with pytest.raises(ModelError, match="does not hold a state dict"):
+        build_backbone("zf5", weights=notdict)
+
+
+@pytest.mark.skipif(not (SQ10.is_file() and SQ11.is_file()), reason="shared weights absent")
+def test_shared_squeezenet_weights_load_strictly():
+    b10 = build_backbone("squeezenet1_0", weights=SQ10)
+    b11 = build_backbone("squeezenet1_1", weights=SQ11)
+    assert b10.weights_id == "sha256:3b87cfe6ec36d22336a9fa9f8e5c1ddb17046c0700c905e769c67a6ac43a451c"
+    assert b11.weights_id == "sha256:f70dea33b510b92f7924478c80dda296ed90e2562180e4ab9164130744760b3c"
+    assert b11.trunk[0].weight.dtype == torch.float32          # the fp16 file is cast on load
+    with pytest.raises(ModelError, match="does not fit squeezenet1_0") as e:
+        build_backbone("squeezenet1_0", weights=SQ11)
+    assert "keys of another shape" in str(e.value)
+
+
+@pytest.mark.skipif(not (SQ10.is_file() and (FRUIT / "banana_1.jpg").is_file()),
+                    reason="shared weights or fruit images absent")
+@pytest.mark.parametrize("weights, name", [(SQ10, "squeezenet1_0"), (SQ11, "squeezenet1_1")])
+def test_pretrained_trunk_gives_sensible_imagenet_predictions(weights, name):
+    """The loaded trunk + the file's classifier recognise a banana and an orange photo
+    (ImageNet classes 954 and 950)."""
+    import cv2
+
+    b = build_backbone(name, weights=weights)
+    full = torchvision.models.get_model(name)
+    full.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    full.eval()
+    for image_name, label in (("banana_1.jpg", 954), ("orange_1.jpg", 950)):
+        rgb = np.ascontiguousarray(cv2.imread(str(FRUIT / image_name))[:, :, ::-1])
+        x = b.preprocess(rgb, 224 / min(rgb.shape[:2]))
+        with torch.inference_mode():
+            fmap = b(x)
+            torch.testing.assert_close(fmap, full.features(x))
+            logits = full.classifier(fmap).flatten(1)
+        assert torch.isfinite(logits).all()
+        assert int(logits.argmax()) == label
