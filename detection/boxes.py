@@ -13,6 +13,7 @@ IoU with its "+1" areas exactly.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing
 import torch
 from torchvision.ops import box_area, box_iou, clip_boxes_to_image, remove_small_boxes
 
@@ -29,15 +30,17 @@ __all__ = [
 ]
 
 
-def voc_to_internal(boxes: np.ndarray) -> np.ndarray:
+def voc_to_internal(boxes: np.ndarray, dtype: np.typing.DTypeLike = np.float32) -> np.ndarray:
     """1-based inclusive VOC ``(xmin, ymin, xmax, ymax)`` -> internal 0-based continuous boxes.
 
     Args:
         boxes: array[N, 4] of VOC pixel indices.
+        dtype: output type; float64 keeps fractional coordinates read from result files exact
+            enough for the evaluation's IoU > 0.5 test.
     Returns:
-        float32 array[N, 4] ``(xmin - 1, ymin - 1, xmax, ymax)``.
+        array[N, 4] (float32 by default) ``(xmin - 1, ymin - 1, xmax, ymax)``.
     """
-    out = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+    out = np.asarray(boxes, dtype=dtype).reshape(-1, 4).copy()
     out[:, :2] -= 1.0
     return out
 

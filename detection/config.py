@@ -21,7 +21,7 @@ import yaml
 
 from .errors import DetectionError
 
-__all__ = ["ConfigError", "merge", "load_config", "parse_overrides", "to_dict", "save_config", "from_dict"]
+__all__ = ["ConfigError", "merge", "load_config", "read_yaml_mapping", "parse_overrides", "to_dict", "save_config", "from_dict"]
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value
@@ -148,17 +148,22 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file (an empty file is an empty mapping)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} does not hold a mapping")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Defaults of ``cls``, then the YAML file at ``path``, then ``key=value`` overrides."""
     cfg = cls()
     if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} does not hold a mapping")
-        cfg = merge(cfg, data)
+        cfg = merge(cfg, read_yaml_mapping(path))
     if overrides:
         cfg = merge(cfg, parse_overrides(overrides))
     return cfg

@@ -47,3 +47,14 @@ def test_save_round_trip(tmp_path):
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(Outer, tmp_path / "resolved.yaml") == cfg
     assert to_dict(cfg)["inner"]["scales"] == [480, 576]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    hidden: tuple[int, int] = (4096, 4096)
+
+
+def test_fixed_length_tuples():
+    assert merge(Pair(), {"hidden": [256, 128]}) == Pair(hidden=(256, 128))
+    with pytest.raises(ConfigError, match="2 values"):
+        merge(Pair(), {"hidden": [1, 2, 3]})

@@ -1,0 +1,224 @@
+"""The detector: image (+ proposals) -> per-class scored boxes. The public API.
+
+    from detection.detector import SPPDetector
+    detector = SPPDetector.from_file("model.pt")
+    dets = detector.detect(image)            # uint8 RGB [H, W, 3]; proposals computed if not given
+    dets.boxes, dets.labels, dets.scores     # internal boxes, 0-based class indices, SVM scores
+
+Steps (sppnet-reference.md, section 9): conv maps at the model's scales (SPP-net) or warped crops
+(R-CNN), pooled window features, fc6/fc7, SVM scores of every class, per-class box regression,
+per-class NMS at IoU 0.3 (``torchvision.ops.batched_nms``), at most 100 detections per class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from .backbones import Backbone, build_backbone
+from .bbox_regression import BoxRegressors
+from .errors import DetectionError, ModelError
+from .features import conv_maps_for_image, pooled_window_features
+from .heads import FCHead
+from .model import load_model, prefixed, save_model, unprefixed
+from .rcnn import rcnn_window_features
+from .svm import LinearSVMs
+
+__all__ = ["DetectorSettings", "Detections", "SPPDetector"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorSettings:
+    """How the detector turns an image into window features and detections."""
+
+    method: str = "spp"                       # "spp" or "rcnn" (crop and warp every window)
+    scales: tuple[int, ...] = (688,)          # shorter side per scale (1-scale: 688)
+    max_size: int = 2000                      # cap on the longer side after resizing
+    levels: tuple[int, ...] = (6, 3, 2, 1)    # pyramid: 50 bins per channel
+    projection_rule: str = "paper"            # window -> conv-cell rule ("paper" or "code")
+    feature_layer: str = "fc7"                # SVM input: "pool5", "fc6" or "fc7"
+    nms_iou: float = 0.3                      # per-class NMS threshold of the paper's code
+    max_per_class: int = 100                  # detections kept per class per image
+    score_threshold: float = -1.5             # the code drops windows scoring below -1.5
+    proposal_mode: str = "fast"               # selective search when no proposals are given
+    max_proposals: int = 2000
+    rcnn_batch_size: int = 128                # warped windows per trunk call
+
+
+@dataclasses.dataclass
+class Detections:
+    """Detections of one image: boxes float32 [M, 4] (internal convention), scores float32 [M],
+    labels int64 [M] (0-based class indices)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+class SPPDetector:
+    """Backbone + fc head + linear SVMs + box regressors, with the settings they were trained with.
+
+    Args:
+        backbone: conv trunk (its weights are part of the model).
+        head: fc6/fc7 (unused when the SVMs read pool5 features).
+        svms: one linear SVM per class on ``settings.feature_layer`` features.
+        regressors: per-class box regressors on pool5 features, or None.
+        classes: class names, in label order.
+        settings: see :class:`DetectorSettings`.
+        device: where to run.
+    """
+
+    def __init__(self, backbone: Backbone, head: FCHead, svms: LinearSVMs, regressors: BoxRegressors | None,
+                 classes: Sequence[str], settings: DetectorSettings = DetectorSettings(),
+                 device: str | torch.device = "cpu", meta: dict[str, Any] | None = None) -> None:
+        if svms.num_classes != len(classes):
+            raise ModelError(f"{svms.num_classes} SVMs for {len(classes)} classes")
+        self.device = torch.device(device)
+        self.backbone = backbone.to(self.device).eval()
+        self.head = head.to(self.device).eval()
+        self.svms = svms
+        self.regressors = regressors
+        self.classes = tuple(classes)
+        self.settings = settings
+        self.meta = dict(meta or {})
+
+    # ---- model file ---------------------------------------------------------------------------
+
+    def save(self, path: str | Path, extra_meta: dict[str, Any] | None = None) -> None:
+        """Write the one model file (see :mod:`detection.model`)."""
+        tensors = {**prefixed("trunk", self.backbone.trunk.state_dict()),
+                   **prefixed("head", self.head.state_dict()),
+                   **prefixed("svm", self.svms.tensors())}
+        if self.regressors is not None:
+            tensors.update(prefixed("bbox", self.regressors.tensors()))
+        meta = {**self.meta, **(extra_meta or {}),
+                "classes": list(self.classes),
+                "settings": _plain(dataclasses.asdict(self.settings)),
+                "backbone": {"name": self.backbone.name, "weights_id": self.backbone.weights_id},
+                "head": {"in_dim": self.head.in_dim, "hidden": list(self.head.hidden)},
+                "svm": self.svms.to_meta(),
+                "bbox": self.regressors.to_meta() if self.regressors is not None else None}
+        save_model(path, tensors, meta)
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> "SPPDetector":
+        """Load a model file written by :meth:`save` (``weights_only`` loading, no pickles)."""
+        tensors, meta = load_model(path)
+        try:
+            settings = DetectorSettings(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in meta["settings"].items()})
+            backbone = build_backbone(meta["backbone"]["name"], weights=None)
+            backbone.trunk.load_state_dict(unprefixed("trunk", tensors), strict=True)
+            backbone.weights_id = meta["backbone"]["weights_id"]
+            head = FCHead(int(meta["head"]["in_dim"]), tuple(meta["head"]["hidden"]), num_classes=None, dropout=0.0)
+            head_state = {k: v for k, v in unprefixed("head", tensors).items() if not k.startswith("fc8.")}
+            head.load_state_dict(head_state, strict=True)
+            svms = LinearSVMs.from_state(unprefixed("svm", tensors), meta["svm"])
+            regressors = (BoxRegressors.from_state(unprefixed("bbox", tensors), meta["bbox"])
+                          if meta.get("bbox") else None)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ModelError(f"model file {path} does not describe a detector: {str(e).splitlines()[0]}") from None
+        return cls(backbone, head, svms, regressors, meta["classes"], settings, device, meta)
+
+    # ---- features -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def pool5_features(self, image: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+        """Pooled (pool5 / SPP) features Tensor[N, D] of internal boxes in image pixels."""
+        s = self.settings
+        boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
+        if s.method == "spp":
+            maps = conv_maps_for_image(self.backbone, image, s.scales, s.max_size, self.device)
+            # Fix: pass the trunk's first cell centre, as the training cache does (it defaulted
+            # to ZF-5's 0.5 here, a train/test mismatch for AlexNet 15.5, VGG 8, SqueezeNet 15.5).
+            return pooled_window_features(maps.maps, maps.factors, boxes_t, maps.stride, s.levels,
+                                          s.projection_rule, "area", device=self.device,
+                                          first_cell_center=maps.first_cell_center)
+        if s.method == "rcnn":
+            x = self.backbone.preprocess(image, 1.0).to(self.device)
+            return rcnn_window_features(self.backbone.trunk, x, boxes_t.to(self.device),
+                                        self.backbone.input_size, s.levels, s.rcnn_batch_size)
+        raise ModelError(f"unknown detection method {s.method!r}")
+
+    @torch.inference_mode()
+    def score_windows(self, pool5: torch.Tensor) -> torch.Tensor:
+        """SVM scores Tensor[N, K] of pooled window features."""
+        return self.svms.scores(self.head.features(pool5, self.settings.feature_layer))
+
+    # ---- detection ------------------------------------------------------------------------------
+
+    def proposals(self, image: np.ndarray) -> np.ndarray:
+        from .proposals import selective_search
+        return selective_search(image, mode=self.settings.proposal_mode, max_boxes=self.settings.max_proposals)
+
+    @torch.inference_mode()
+    def detect(self, image: np.ndarray, proposals: np.ndarray | None = None) -> Detections:
+        """Detect objects in one image.
+
+        Args:
+            image: uint8 RGB array[H, W, 3].
+            proposals: float array[N, 4] internal boxes; selective search runs when None.
+        Returns:
+            Detections after per-class NMS, at most ``max_per_class`` per class.
+        """
+        if proposals is None:
+            proposals = self.proposals(image)
+        proposals = np.asarray(proposals, dtype=np.float32).reshape(-1, 4)
+        h, w = image.shape[:2]
+        if len(proposals) == 0:
+            return _empty()
+        pool5 = self.pool5_features(image, proposals)
+        scores = self.score_windows(pool5)
+        k = scores.shape[1]
+        boxes = torch.as_tensor(proposals, device=self.device)
+        if self.regressors is not None:
+            refined = self.regressors.apply(pool5.cpu().numpy(), proposals)     # [N, K, 4]
+            per_class = torch.as_tensor(refined, dtype=torch.float32, device=self.device)
+        else:
+            per_class = boxes[:, None, :].expand(-1, k, -1)
+        per_class = clip_boxes_to_image(per_class.reshape(-1, 4), (h, w)).reshape(-1, k, 4)
+        return self._postprocess(per_class, scores)
+
+    def _postprocess(self, per_class_boxes: torch.Tensor, scores: torch.Tensor) -> Detections:
+        s = self.settings
+        n, k = scores.shape
+        labels = torch.arange(k, device=scores.device).expand(n, k)
+        keep = scores > s.score_threshold
+        boxes, flat_scores, flat_labels = per_class_boxes[keep], scores[keep], labels[keep]
+        # Windows that collapsed to zero area after clipping cannot be detections.
+        ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, flat_scores, flat_labels = boxes[ok], flat_scores[ok], flat_labels[ok]
+        order = batched_nms(boxes, flat_scores, flat_labels, s.nms_iou)  # sorted by score
+        boxes, flat_scores, flat_labels = boxes[order], flat_scores[order], flat_labels[order]
+        # Cap per class: rank of each detection within its class (input is score-sorted).
+        by_class = torch.argsort(flat_labels, stable=True)
+        counts = torch.bincount(flat_labels, minlength=k)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(by_class)
+        rank[by_class] = torch.arange(len(by_class), device=by_class.device) - starts[flat_labels[by_class]]
+        cap = rank < s.max_per_class
+        return Detections(boxes[cap].cpu().numpy().astype(np.float32),
+                          flat_scores[cap].cpu().numpy().astype(np.float32),
+                          flat_labels[cap].cpu().numpy().astype(np.int64))
+
+
+def _empty() -> Detections:
+    return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v

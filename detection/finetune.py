@@ -1,0 +1,229 @@
+"""Fine-tuning fc6/fc7/fc8 (and optionally the conv layers) on pooled window features.
+
+The paper's recipe (sppnet-reference.md, section 6): windows with IoU >= 0.5 with a ground truth
+are positives labelled with its class, windows with IoU in [0.1, 0.5) are background, mini-batches
+of 128 windows hold 25 % positives, SGD with momentum 0.9 and weight decay 5e-4, a random scale per
+window while training. Each iteration draws its samples from a generator seeded with
+``(seed, iteration)``, so a run resumed from a checkpoint is identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .boxes import box_iou_numpy
+from .data.records import ImageRecord
+from .errors import DetectionError
+from .heads import FCHead
+from .io import atomic_path
+
+__all__ = ["FinetuneConfig", "WindowLabels", "label_windows", "sample_minibatch", "finetune"]
+
+log = logging.getLogger(__name__)
+
+#: pooled_fn(record_index, boxes Tensor[N,4] in original image pixels, generator) -> Tensor[N, D]
+PooledFn = Callable[[int, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    enabled: bool = True
+    iterations: int = 2000
+    lr: float = 1e-3                       # the code's first stage (paper: 1e-4)
+    lr_steps: tuple[int, ...] = (1000, 1500)  # lr x 0.1 at each (the code: thirds of the run)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128                  # windows per mini-batch (paper)
+    images_per_batch: int = 4              # images the windows of one mini-batch come from
+    fg_fraction: float = 0.25              # share of positives in a mini-batch (paper)
+    fg_iou: float = 0.5                    # IoU >= 0.5 with a ground truth: positive (paper)
+    bg_iou_lo: float = 0.1                 # IoU in [0.1, 0.5): background (paper)
+    dropout: float = 0.5
+    hidden: tuple[int, int] = (4096, 4096)
+    finetune_conv: bool = False            # beyond the paper: train the conv layers through SPP
+    conv_lr_mult: float = 1.0
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowLabels:
+    """Training windows of one image: boxes (proposals + ground truth) and their labels."""
+
+    boxes: np.ndarray      # float32 [N, 4], internal convention
+    labels: np.ndarray     # int64 [N], 1..K for positives, 0 for background, -1 ignored
+    fg: np.ndarray         # indices of positives
+    bg: np.ndarray         # indices of background windows
+
+
+def label_windows(record: ImageRecord, proposals: np.ndarray, cfg: FinetuneConfig) -> WindowLabels:
+    """Label an image's windows (its proposals plus its non-difficult ground truth)."""
+    keep = ~record.difficult.astype(bool)
+    gt_boxes, gt_labels = record.boxes[keep], record.labels[keep]
+    boxes = np.concatenate([gt_boxes, np.asarray(proposals, dtype=np.float32).reshape(-1, 4)]).astype(np.float32)
+    labels = np.full(len(boxes), -1, dtype=np.int64)
+    if len(gt_boxes):
+        iou = box_iou_numpy(boxes, gt_boxes)
+        best = iou.argmax(axis=1)
+        best_iou = iou[np.arange(len(boxes)), best]
+    else:
+        best = np.zeros(len(boxes), dtype=np.int64)
+        best_iou = np.zeros(len(boxes))
+    fg = best_iou >= cfg.fg_iou
+    bg = (best_iou < cfg.fg_iou) & (best_iou >= cfg.bg_iou_lo)
+    if len(gt_boxes):
+        labels[fg] = gt_labels[best[fg]] + 1
+    labels[bg] = 0
+    return WindowLabels(boxes, labels, np.flatnonzero(fg), np.flatnonzero(bg))
+
+
+def sample_minibatch(windows: Sequence[WindowLabels], cfg: FinetuneConfig,
+                     generator: torch.Generator) -> list[tuple[int, np.ndarray]]:
+    """Pick ``images_per_batch`` images and from each a share of the mini-batch with
+    ``fg_fraction`` positives. Returns (image index, window indices) pairs."""
+    # Fix: draw only images that have a labelled window; an image whose windows are all ignored
+    # (no non-difficult ground truth) gave an empty share, and a batch of only such images
+    # crashed in torch.cat.
+    eligible = [i for i, w in enumerate(windows) if len(w.fg) or len(w.bg)]
+    n_img = min(cfg.images_per_batch, len(eligible))
+    images = [eligible[j] for j in torch.randperm(len(eligible), generator=generator)[:n_img].tolist()]
+    if n_img == 0:
+        return []
+    per_image = max(1, cfg.batch_size // n_img)
+    out = []
+    for i in images:
+        w = windows[i]
+        n_fg = min(len(w.fg), int(round(per_image * cfg.fg_fraction)))
+        n_bg = min(len(w.bg), per_image - n_fg)
+        fg = w.fg[torch.randperm(len(w.fg), generator=generator)[:n_fg].numpy()] if n_fg else w.fg[:0]
+        bg = w.bg[torch.randperm(len(w.bg), generator=generator)[:n_bg].numpy()] if n_bg else w.bg[:0]
+        idx = np.concatenate([fg, bg])
+        if len(idx):
+            out.append((i, idx))
+    return out
+
+
+def _iteration_generator(seed: int, iteration: int) -> torch.Generator:
+    # One generator per iteration: the run does not depend on how it was split into sessions.
+    return torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+
+
+def _checkpoint_key(head: FCHead, windows: Sequence[WindowLabels], cfg: FinetuneConfig, extra: str) -> str:
+    """What a checkpoint's content depends on: the config (bar the run length and checkpoint
+    period, which may change between sessions), the head's shape, the labelled windows and the
+    caller's ``extra`` (what ``pooled_fn`` depends on: backbone weights, scales, pyramid...)."""
+    h = hashlib.sha256()
+    conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("iterations", "checkpoint_every")}
+    shapes = {k: list(v.shape) for k, v in head.state_dict().items()}
+    h.update(json.dumps({"cfg": conf, "head": shapes, "extra": extra}, sort_keys=True, default=str).encode())
+    for w in windows:
+        h.update(np.ascontiguousarray(w.boxes, dtype=np.float32).tobytes())
+        h.update(np.ascontiguousarray(w.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _lr_at(cfg: FinetuneConfig, iteration: int) -> float:
+    return cfg.lr * 0.1 ** sum(iteration >= s for s in cfg.lr_steps)
+
+
+def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn, cfg: FinetuneConfig,
+             checkpoint: str | Path | None = None, trunk: nn.Module | None = None,
+             progress: Callable[[int, float], None] | None = None, checkpoint_key: str = "") -> list[float]:
+    """Train ``head`` (which must have fc8) and, when ``cfg.finetune_conv``, ``trunk``.
+
+    Args:
+        head: FCHead with fc8 (K + 1 outputs).
+        windows: labelled windows per training image (index matches ``pooled_fn``'s).
+        pooled_fn: pooled SPP features of some windows of an image (differentiable through the
+            trunk when the conv layers are fine-tuned).
+        checkpoint: file for periodic checkpoints; an existing one is resumed from.
+        trunk: the conv layers, trained too when ``cfg.finetune_conv``.
+        progress: called with (iteration, loss) after every iteration.
+        checkpoint_key: what else the checkpoint depends on (e.g. the features' settings); a
+            checkpoint made with another key, config, head shape or windows is not resumed.
+    Returns:
+        The loss of every iteration run in this call.
+    """
+    if head.fc8 is None:
+        raise ValueError("finetune needs an FCHead with fc8")
+    if not any(len(w.fg) for w in windows):
+        raise DetectionError("no training window overlaps a ground-truth box by IoU >= "
+                             f"{cfg.fg_iou}: nothing to fine-tune on (check the proposals and annotations)")
+    params = [{"params": list(head.parameters()), "lr_mult": 1.0}]
+    if cfg.finetune_conv:
+        if trunk is None:
+            raise ValueError("finetune_conv needs the trunk")
+        params.append({"params": [p for p in trunk.parameters() if p.requires_grad], "lr_mult": cfg.conv_lr_mult})
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    start = 0
+    # Fix: checkpoints are keyed on what they depend on. Before, a checkpoint left by a run with
+    # another config (lr, seed, classes, proposals...) in the same folder was resumed silently:
+    # the "new" model was the old one, or load_state_dict failed with a raw RuntimeError.
+    key = _checkpoint_key(head, windows, cfg, checkpoint_key)
+    if checkpoint is not None and Path(checkpoint).exists():
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
+            raise DetectionError(f"fine-tuning checkpoint {checkpoint} cannot be read ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over") from None
+        if not isinstance(state, dict) or state.get("key") != key:
+            log.warning("fine-tuning checkpoint %s was made with other settings or data: starting over", checkpoint)
+        else:
+            head.load_state_dict(state["head"])
+            if cfg.finetune_conv and "trunk" in state:
+                trunk.load_state_dict(state["trunk"])
+            opt.load_state_dict(state["optimizer"])
+            start = int(state["iteration"])
+            log.info("resumed fine-tuning from %s at iteration %d", checkpoint, start)
+
+    losses: list[float] = []
+    head.train()
+    if trunk is not None:
+        trunk.train(cfg.finetune_conv)
+    for it in range(start, cfg.iterations):
+        gen = _iteration_generator(cfg.seed, it)
+        lr = _lr_at(cfg, it)
+        for group in opt.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        batch = sample_minibatch(windows, cfg, gen)
+        # Dropout draws from torch's global RNG: fork it, seeded per iteration, so runs repeat
+        # exactly and the caller's RNG state is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            feats, labels = [], []
+            for i, idx in batch:
+                boxes = torch.from_numpy(windows[i].boxes[idx])
+                feats.append(pooled_fn(i, boxes, gen))
+                labels.append(torch.from_numpy(windows[i].labels[idx]))
+            x = torch.cat(feats).float()
+            y = torch.cat(labels)
+            loss = nn.functional.cross_entropy(head(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise DetectionError(f"fine-tuning diverged at iteration {it} (loss {value}); lower finetune.lr")
+        losses.append(value)
+        if progress is not None:
+            progress(it, value)
+        done = it + 1
+        if checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
+            state = {"head": head.state_dict(), "optimizer": opt.state_dict(), "iteration": done, "key": key}
+            if cfg.finetune_conv:
+                state["trunk"] = trunk.state_dict()
+            with atomic_path(checkpoint) as tmp:
+                torch.save(state, tmp)
+    head.eval()
+    if trunk is not None:
+        trunk.eval()
+    return losses

@@ -1,0 +1,79 @@
+"""The one model file: tensors + JSON-able metadata, loadable with ``weights_only=True``.
+
+Layout (a ``torch.save`` of plain containers, no pickled classes)::
+
+    {"format": "detection-model", "version": 1,
+     "meta": "<JSON text>",                  # classes, backbone, weights hash, pyramid, scales, ...
+     "tensors": {"trunk.<name>": Tensor,     # conv layers (self-contained: no weights file needed)
+                 "head.<name>": Tensor,      # fc6 / fc7
+                 "svm.weight": [K, D], "svm.bias": [K],
+                 "bbox.weight": [K, D, 4], "bbox.bias": [K, 4], ...}}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+from .io import atomic_path
+
+__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "save_model", "load_model", "prefixed", "unprefixed"]
+
+MODEL_FORMAT = "detection-model"
+MODEL_VERSION = 1
+
+
+def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().cpu() for k, v in tensors.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def save_model(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write the model file atomically. ``meta`` must be JSON-able."""
+    blob = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "meta": json.dumps(meta, sort_keys=True),
+            "tensors": {k: v.detach().cpu().contiguous() for k, v in tensors.items()}}
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a model file written by :func:`save_model` (never unpickles arbitrary objects).
+
+    Raises:
+        ModelError: missing, damaged, or not a model file of this format/version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    # Fix: catch every error. torch.load of arbitrary bytes also raises IndexError (empty file),
+    # KeyError (a text file read as a legacy pickle), OSError (unreadable file), ... and a user
+    # must get a ModelError naming the file, not a traceback. weights_only=True means nothing of
+    # the file ran, whatever failed.
+    except Exception as e:  # noqa: BLE001
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ModelError(f"model file {path} cannot be read safely: {type(e).__name__}: {reason}") from None
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise ModelError(f"{path} is not a detection model file")
+    if blob.get("version") != MODEL_VERSION:
+        raise ModelError(f"model file {path} has version {blob.get('version')}; this code reads {MODEL_VERSION}")
+    try:
+        meta = json.loads(blob["meta"])
+        tensors = dict(blob["tensors"])
+    except (KeyError, TypeError, ValueError) as e:   # ValueError covers JSONDecodeError and dict()
+        raise ModelError(f"model file {path} is damaged: {e}") from None
+    # Fix: validate the content, not only the container (weights_only also admits lists, ints...).
+    if not isinstance(meta, dict):
+        raise ModelError(f"model file {path} is damaged: its metadata is not a JSON object")
+    bad = [str(k) for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelError(f"model file {path} is damaged: entries that are not named tensors: {', '.join(bad[:5])}")
+    return tensors, meta

@@ -1,0 +1,80 @@
+"""``OUT/report.md``: per-class AP, the timing table, PR curves and a few detected images."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from .io import atomic_path, atomic_write_text
+
+__all__ = ["write_report", "timing_table", "ap_table"]
+
+log = logging.getLogger(__name__)
+
+
+def ap_table(metrics: dict[str, Any]) -> str:
+    lines = ["| class | AP |", "| --- | --- |"]
+    for name, ap in metrics["AP"].items():
+        lines.append(f"| {name} | {ap:.3f} |" if ap == ap else f"| {name} | n/a (no ground truth) |")
+    lines.append(f"| **mAP ({metrics['metric']})** | **{metrics['mAP']:.3f}** |")
+    return "\n".join(lines)
+
+
+def timing_table(timing: dict[str, Any]) -> str:
+    """The paper's Table 10 layout: seconds per image per stage, both methods, speed-ups."""
+    rows = ["| stage | SPP-net (s/img) | R-CNN (s/img) | speed-up | FLOP ratio |", "| --- | --- | --- | --- | --- |"]
+    flops = timing.get("flops", {})
+    for stage in ("conv", "pool", "fc", "svm", "nms", "total"):
+        s, r = timing["spp"][stage], timing["rcnn"][stage]
+        speed = f"{r / s:.1f}x" if s > 0 else "-"
+        fr = "-"
+        if flops and flops["spp"].get(stage):
+            fr = f"{flops['rcnn'][stage] / flops['spp'][stage]:.1f}x"
+        rows.append(f"| {stage} | {s:.4f} | {r:.4f} | {speed} | {fr} |")
+    rows.append("")
+    rows.append(f"{timing['num_images']} images, {timing['num_windows']} windows per image, device: "
+                f"{timing['device']}; `pool` is window pooling for SPP-net and crop + warp for R-CNN; "
+                "proposals excluded, as in the paper.")
+    return "\n".join(rows)
+
+
+def write_report(out: Path, metrics: dict[str, Any], timing: dict[str, Any] | None, dataset: Any, detector: Any,
+                 proposals_fn: Callable, num_images: int = 4) -> Path:
+    from .data.voc import load_image
+    from .visualize import draw_detections
+
+    out = Path(out)
+    parts = ["# SPP-net detection report", "",
+             f"Data: `{dataset.root}` split `{dataset.split}` ({len(dataset)} images), classes: "
+             f"{', '.join(dataset.classes)}. Method: `{detector.settings.method}`, backbone "
+             f"`{detector.backbone.name}` ({detector.backbone.weights_id}), scales {list(detector.settings.scales)}, "
+             f"SVMs on `{detector.settings.feature_layer}`.", "",
+             "## Accuracy", "", ap_table(metrics), ""]
+    if "coco" in metrics:
+        parts += [f"COCO-style: AP@[.5:.95] {metrics['coco']['AP']:.3f}, AP50 {metrics['coco']['AP50']:.3f}, "
+                  f"AP75 {metrics['coco']['AP75']:.3f}", ""]
+    curves = sorted((out / "pr_curves").glob("*.png")) if (out / "pr_curves").is_dir() else []
+    if curves:
+        parts += ["## Precision / recall", ""] + [f"![{p.stem}](pr_curves/{p.name})" for p in curves] + [""]
+    if timing:
+        parts += ["## Speed: SPP-net against R-CNN", "", timing_table(timing), ""]
+    if "stage_seconds" in metrics:
+        parts += ["## Stage times (s, this run)", "", "| stage | s |", "| --- | --- |"]
+        parts += [f"| {k} | {v} |" for k, v in metrics["stage_seconds"].items()] + [""]
+    pics = out / "detections"
+    pics.mkdir(exist_ok=True)
+    parts += ["## Detections (score > 0)", ""]
+    for record in dataset.records[:num_images]:
+        image = load_image(record)
+        dets = detector.detect(image, proposals_fn(record))
+        drawn = draw_detections(image, dets.boxes, dets.labels, dets.scores, detector.classes, 0.0)
+        path = pics / f"{record.image_id}.png"
+        with atomic_path(path, suffix=".png") as tmp:
+            ok, buf = cv2.imencode(".png", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+            tmp.write_bytes(buf.tobytes())
+        parts.append(f"![{record.image_id}](detections/{path.name})")
+    atomic_write_text(out / "report.md", "\n".join(parts) + "\n")
+    return out / "report.md"

@@ -1,0 +1,173 @@
+"""Training a detector from pooled window features: (fc fine-tuning) -> SVMs -> box regressors.
+
+The features of a window are always computed from the conv-map cache (SPP-net) or from warped
+crops (R-CNN) when they are needed, one image at a time, so memory is bounded by one image's
+windows plus the SVMs' hard-negative cache, never by the size of the dataset.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .backbones import Backbone
+from .bbox_regression import BBoxRegressionConfig, train_box_regressors
+from .data.records import ImageRecord
+from .detector import DetectorSettings, SPPDetector
+from .errors import DetectionError
+from .finetune import FinetuneConfig, finetune, label_windows
+from .heads import FCHead
+from .svm import ImageSample, SVMConfig, train_svms
+
+__all__ = ["TrainConfig", "WindowFeatureSource", "spp_pool5_fn", "rcnn_pool5_fn", "train_detector"]
+
+log = logging.getLogger(__name__)
+
+#: pool5_fn(record, boxes Tensor[N, 4] internal, original pixels) -> Tensor[N, D]
+Pool5Fn = Callable[[ImageRecord, torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    finetune: FinetuneConfig = FinetuneConfig(enabled=False)
+    svm: SVMConfig = SVMConfig()
+    bbox: BBoxRegressionConfig = BBoxRegressionConfig()
+    bbox_regression: bool = True
+    #: Cap on proposals per training image used for the SVMs (None: all). R-CNN's crops are costly.
+    max_train_windows: int | None = None
+    seed: int = 0
+
+
+def spp_pool5_fn(cache, levels: Sequence[int], rule: str) -> Pool5Fn:
+    """pool5 features from a :class:`~detection.features.ConvMapCache` at each window's best scale."""
+    def fn(record: ImageRecord, boxes: torch.Tensor) -> torch.Tensor:
+        return cache.window_features(record, boxes, levels=levels, rule=rule, scale_rule="area")
+    return fn
+
+
+def rcnn_pool5_fn(backbone: Backbone, levels: Sequence[int], batch_size: int = 128,
+                  device: str | torch.device = "cpu") -> Pool5Fn:
+    """pool5 features of warped crops (R-CNN), computed on the fly."""
+    from .data.voc import load_image
+    from .rcnn import rcnn_window_features
+
+    def fn(record: ImageRecord, boxes: torch.Tensor) -> torch.Tensor:
+        image = load_image(record)
+        with torch.inference_mode():
+            x = backbone.preprocess(image, 1.0).to(device)
+            return rcnn_window_features(backbone.trunk, x, boxes.to(device), backbone.input_size, levels,
+                                        batch_size).cpu()
+    return fn
+
+
+class WindowFeatureSource:
+    """The :class:`detection.svm.FeatureSource` of a training split: for image ``i``, the
+    features (at ``layer``) of its ground truth and its proposals."""
+
+    def __init__(self, records: Sequence[ImageRecord], proposals: Callable[[ImageRecord], np.ndarray],
+                 pool5_fn: Pool5Fn, head: FCHead | None, layer: str, dim: int,
+                 max_windows: int | None = None) -> None:
+        self.records = list(records)
+        self.proposals = proposals
+        self.pool5_fn = pool5_fn
+        self.head = head
+        self.layer = layer
+        self.dim = dim
+        self.max_windows = max_windows
+
+    def num_images(self) -> int:
+        return len(self.records)
+
+    def _boxes(self, record: ImageRecord) -> np.ndarray:
+        boxes = np.asarray(self.proposals(record), dtype=np.float32).reshape(-1, 4)
+        if self.max_windows is not None and len(boxes) > self.max_windows:
+            # Selective search returns boxes in its priority order: keep the first ones.
+            boxes = boxes[: self.max_windows]
+        return boxes
+
+    @torch.inference_mode()
+    def image(self, index: int, *, with_proposals: bool = True) -> ImageSample:
+        r = self.records[index]
+        boxes = self._boxes(r) if with_proposals else np.zeros((0, 4), np.float32)
+        all_boxes = np.concatenate([r.boxes, boxes]).astype(np.float32)
+        feats = self.pool5_fn(r, torch.from_numpy(all_boxes)) if len(all_boxes) else torch.zeros((0, self.dim))
+        if self.head is not None and self.layer != "pool5":
+            feats = self.head.features(feats, self.layer)
+        feats = feats.float().cpu().numpy()
+        g = len(r.boxes)
+        return ImageSample(key=r.key, gt_boxes=r.boxes, gt_labels=r.labels, gt_features=feats[:g],
+                           boxes=boxes, features=feats[g:], gt_difficult=r.difficult)
+
+
+def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
+                   proposals: Callable[[ImageRecord], np.ndarray], backbone: Backbone, pool5_fn: Pool5Fn,
+                   pool5_dim: int, settings: DetectorSettings, cfg: TrainConfig,
+                   out_dir: str | Path | None = None, progress: bool = True,
+                   finetune_pool5_fn: Callable[[int, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                   ) -> SPPDetector:
+    """(fc fine-tuning) -> SVMs on ``settings.feature_layer`` -> box regressors on pool5.
+
+    Args:
+        records: training images (flipped ones included when wanted).
+        classes: class names (labels index them).
+        proposals: proposals of a record (internal boxes in its pixels).
+        backbone: the conv trunk the features come from (stored in the model).
+        pool5_fn: pooled features of windows of a record (best scale).
+        pool5_dim: length of a pooled vector.
+        settings: detector settings stored in the model.
+        cfg: training settings.
+        out_dir: where fine-tuning checkpoints go (resumable).
+        finetune_pool5_fn: pooled features for fine-tuning (random scale per window); defaults
+            to ``pool5_fn``.
+    Returns:
+        The trained detector (not yet saved).
+    """
+    k = len(classes)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    head = FCHead(pool5_dim, cfg.finetune.hidden, num_classes=k, dropout=cfg.finetune.dropout, generator=gen)
+    if backbone.head is not None:
+        head.load_pretrained(backbone.head)
+    if settings.feature_layer != "pool5" and cfg.finetune.enabled:
+        windows = [label_windows(r, proposals(r), cfg.finetune) for r in records]
+        fn = finetune_pool5_fn
+        if fn is None:
+            def fn(i: int, boxes: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+                return pool5_fn(records[i], boxes)
+        ckpt = Path(out_dir) / "finetune_checkpoint.pt" if out_dir is not None else None
+        bar = _progress_bar(cfg.finetune.iterations, "fine-tune fc", progress)
+        # Fix: key the resumable checkpoint on what the pooled features depend on too (it lives
+        # in out_dir, shared by runs with other backbones / scales / pyramids).
+        feature_key = json.dumps({"backbone": [backbone.name, backbone.weights_id],
+                                  "settings": dataclasses.asdict(settings)}, sort_keys=True, default=str)
+        losses = finetune(head, windows, fn, cfg.finetune, checkpoint=ckpt,
+                          progress=lambda it, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"),
+                          checkpoint_key=feature_key)
+        bar.close()
+        if losses:
+            log.info("fine-tuning: loss %.4f -> %.4f over %d iterations", losses[0], losses[-1], len(losses))
+    head.eval()
+    head.fc8 = None
+    layer_dim = pool5_dim if settings.feature_layer == "pool5" else head.hidden[1 if settings.feature_layer == "fc7" else 0]
+    source = WindowFeatureSource(records, proposals, pool5_fn, head, settings.feature_layer, layer_dim,
+                                 cfg.max_train_windows)
+    svms = train_svms(source, k, cfg.svm, class_names=classes, progress=progress)
+    regressors = None
+    if cfg.bbox_regression:
+        pool5_source = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim,
+                                           cfg.max_train_windows)
+        regressors = train_box_regressors(pool5_source, k, cfg.bbox, class_names=classes, progress=progress)
+    return SPPDetector(backbone, head, svms, regressors, classes, settings,
+                       meta={"train": {"num_images": len(records), "seed": cfg.seed,
+                                       "finetune": dataclasses.asdict(cfg.finetune),
+                                       "svm": dataclasses.asdict(cfg.svm),
+                                       "bbox": dataclasses.asdict(cfg.bbox) if cfg.bbox_regression else None}})
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled)

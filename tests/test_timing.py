@@ -1,0 +1,135 @@
+"""Tests of detection.timing: stage timers, FLOP counts against hand-computed ones, and the conv
+FLOP ratio of R-CNN to SPP-net against its arithmetic value."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from detection.backbones import build_backbone
+from detection.detector import DetectorSettings
+from detection.timing import STAGES, StageTimer, compare_methods, random_detector, time_detector
+
+LEVELS = (4, 2, 1)
+HIDDEN = (24, 16)
+NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The dev machine's 2 cores are shared: one intra-op thread avoids oversubscription stalls.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def detectors():
+    backbone = build_backbone("squeezenet1_1", seed=0)      # a small trunk: 512 channels, stride 16
+    settings = DetectorSettings(scales=(96,), levels=LEVELS)
+    spp = random_detector(backbone, NUM_CLASSES, settings, hidden=HIDDEN, seed=0)
+    rcnn = random_detector(backbone, NUM_CLASSES, dataclasses.replace(settings, method="rcnn"), hidden=HIDDEN, seed=0)
+    return spp, rcnn
+
+
+def _image(h: int = 72, w: int = 96) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _proposals(n: int = 6) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, [60, 40], (n, 2))
+    return np.concatenate([xy, xy + rng.uniform(10, 30, (n, 2))], axis=1).astype(np.float32)
+
+
+def test_stage_timer_accumulates_seconds_and_flops():
+    timer = StageTimer(torch.device("cpu"), count_flops=True)
+    a, b = torch.randn(8, 32), torch.randn(32, 5)
+    with timer.stage("fc"):
+        a @ b
+        time.sleep(0.01)
+    with timer.stage("fc"):
+        a @ b
+    with timer.stage("svm"):
+        pass
+    assert timer.flops == {"fc": 2 * (2 * 8 * 32 * 5), "svm": 0.0}      # a matmul is 2 M N K FLOPs
+    assert timer.seconds["fc"] >= 0.01 and timer.seconds["svm"] >= 0.0
+    plain = StageTimer(torch.device("cpu"))
+    with plain.stage("x"):
+        a @ b
+    assert plain.flops == {} and plain.seconds["x"] >= 0.0
+
+
+def test_time_detector_reports_every_stage(detectors):
+    spp, rcnn = detectors
+    images, props = [_image(), _image(60, 80)], [_proposals(3), _proposals(2)]
+    for det in (spp, rcnn):
+        out = time_detector(det, images, props, warmup=1)
+        assert set(out) == set(STAGES) | {"total", "flops"}
+        assert all(out[k] >= 0.0 for k in STAGES) and out["conv"] > 0.0
+        assert out["total"] == pytest.approx(sum(out[k] for k in STAGES))
+        assert set(out["flops"]) == set(STAGES) | {"total"}
+        assert all(v >= 0.0 for v in out["flops"].values()) and out["flops"]["conv"] > 0
+    no_flops = time_detector(spp, images[:1], props[:1], warmup=0, count_flops=False)
+    assert "flops" not in no_flops
+
+
+def test_fc_and_svm_flops_are_the_layer_arithmetic(detectors):
+    spp, rcnn = detectors
+    n = 6
+    pool5_dim = spp.backbone.out_channels * sum(k * k for k in LEVELS)
+    fc = 2 * n * (pool5_dim * HIDDEN[0] + HIDDEN[0] * HIDDEN[1])        # fc6 + fc7 multiply-adds x 2
+    svm = 2 * n * HIDDEN[1] * NUM_CLASSES
+    for det in (spp, rcnn):                                            # the same in both methods
+        out = time_detector(det, [_image()], [_proposals(n)], warmup=0)
+        assert out["flops"]["fc"] == fc
+        assert out["flops"]["svm"] == svm
+
+
+@pytest.mark.parametrize("scale", [96, 160])
+def test_conv_flop_ratio_is_the_arithmetic_ratio(detectors, scale):
+    spp, rcnn = detectors
+    spp = _with_scale(spp, scale)
+    rcnn = _with_scale(rcnn, scale)
+    image, props = _image(), _proposals(6)
+    f_spp = time_detector(spp, [image], [props], warmup=0)["flops"]["conv"]
+    f_rcnn = time_detector(rcnn, [image], [props], warmup=0)["flops"]["conv"]
+    # R-CNN runs the trunk on every window at 224 x 224; SPP-net once on the scaled image.
+    h, w = image.shape[:2]
+    f = scale / min(h, w)
+    arithmetic = len(props) * rcnn.backbone.input_size ** 2 / (round(h * f) * round(w * f))
+    assert arithmetic / 1.5 < f_rcnn / f_spp < arithmetic * 1.5
+
+
+def _with_scale(det, scale: int):
+    from detection.detector import SPPDetector
+    return SPPDetector(det.backbone, det.head, det.svms, det.regressors, det.classes,
+                       dataclasses.replace(det.settings, scales=(scale,)), det.device)
+
+
+def test_compare_methods_summary(detectors):
+    spp, rcnn = detectors
+    out = compare_methods(spp, rcnn, [_image()], [_proposals(6)], proposal_seconds=0.5, warmup=0)
+    assert out["num_images"] == 1 and out["num_windows"] == 6 and out["proposals_seconds_per_image"] == 0.5
+    for k in ("conv", "fc", "total"):
+        assert out["speedup"][k] == pytest.approx(out["rcnn"][k] / out["spp"][k])
+        assert out["flops"]["ratio"][k] == pytest.approx(out["flops"]["rcnn"][k] / out["flops"]["spp"][k])
+    assert out["flops"]["ratio"]["fc"] == 1.0
+    assert out["flops"]["ratio"]["conv"] > 10                          # 6 crops of 224^2 vs one 96x128 image
+    assert out["settings"]["rcnn"]["method"] == "rcnn" and out["settings"]["spp"]["method"] == "spp"
+    assert "flops" not in out["spp"] and "flops" not in out["rcnn"]
+
+
+def test_timed_run_detects_like_the_detector(detectors):
+    # The timed path re-implements detect() stage by stage: its window features must be the
+    # detector's (the same projection and pooling), so what it times is what detect() does.
+    from detection.timing import _run_once
+    spp, _ = detectors
+    image, props = _image(), _proposals(6)
+    timer = StageTimer(torch.device("cpu"))
+    n = _run_once(spp, image, props, timer)
+    assert n == len(spp.detect(image, props))

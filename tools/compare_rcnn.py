@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Time SPP-net against R-CNN on the same backbone, proposals and hardware (the paper's Table 10).
+
+Per-stage seconds per image (conv, pool = window pooling or crop + warp, fc, svm + box
+regression, nms) after a warm-up image, FLOPs per stage, speed-ups; proposals are timed apart
+and excluded from `total`, as in the paper. Without --model, the fc layers, SVMs and regressors
+are random (they cost the same as trained ones).
+
+    python tools/compare_rcnn.py --data ../shared/data/raccoon --split test --num-images 3 --out timing.json
+"""
+import argparse
+import dataclasses
+import sys
+import time
+
+import numpy as np
+import torch
+
+from detection.cli import run_tool
+from detection.io import write_json
+
+
+def main(args: argparse.Namespace) -> int:
+    from detection.backbones import build_backbone
+    from detection.data.voc import VOCDataset, load_image
+    from detection.detector import DetectorSettings, SPPDetector
+    from detection.proposals import selective_search
+    from detection.report import timing_table
+    from detection.timing import compare_methods, random_detector
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds = VOCDataset(args.data, args.split)
+    records = ds.records[: args.num_images]
+    images = [load_image(r) for r in records]
+    t0 = time.perf_counter()
+    props = [selective_search(im, mode="fast", max_boxes=args.windows) for im in images]
+    proposal_seconds = (time.perf_counter() - t0) / max(1, len(images))
+    if args.model:
+        spp = SPPDetector.from_file(args.model, device=args.device)
+    else:
+        scales = (688,) if args.scales == "1" else (480, 576, 688, 864, 1200)
+        settings = DetectorSettings(scales=scales, feature_layer=args.feature_layer)
+        backbone = build_backbone(args.backbone, weights=args.weights)
+        spp = random_detector(backbone, len(ds.classes), settings, device=args.device)
+    if args.svd:
+        r6, r7 = args.svd
+        spp.head.compress(r6, r7)
+    rcnn = SPPDetector(spp.backbone, spp.head, spp.svms, spp.regressors, spp.classes,
+                       dataclasses.replace(spp.settings, method="rcnn"), spp.device)
+    timing = compare_methods(spp, rcnn, images, props, proposal_seconds)
+    timing["svd"] = list(args.svd) if args.svd else None
+    timing["command"] = " ".join(sys.argv)
+    write_json(args.out, timing)
+    print(timing_table(timing))
+    print(f"speed-up: conv {timing['speedup']['conv']:.1f}x, total {timing['speedup']['total']:.1f}x "
+          f"(FLOP ratios {timing['flops']['ratio']['conv']:.1f}x / {timing['flops']['ratio']['total']:.1f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--num-images", type=int, default=3)
+    p.add_argument("--out", required=True, help="timing.json")
+    p.add_argument("--backbone", default="zf5")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--scales", choices=["1", "5"], default="1")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", help="a trained model file (its backbone, head and SVMs are timed)")
+    p.add_argument("--windows", type=int, default=2000, help="selective-search windows per image")
+    p.add_argument("--feature-layer", default="fc7", choices=["pool5", "fc6", "fc7"])
+    p.add_argument("--svd", type=int, nargs=2, metavar=("RANK6", "RANK7"),
+                   help="truncate fc6/fc7 by SVD to these ranks (Fast R-CNN), e.g. 1024 256")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sys.exit(run_tool(main, p))
