@@ -1,0 +1,437 @@
+"""PASCAL VOC-layout datasets -> :class:`~detection.data.records.ImageRecord` lists.
+
+Layout read (the devkit's): ``Annotations/<id>.xml``, ``JPEGImages/<id>.jpg`` (``.jpeg`` and
+``.png`` are accepted when the ``.jpg`` is missing) and ``ImageSets/Main/<split>.txt`` (one id
+per line; a second column, as in VOC's per-class lists, is ignored).
+
+The XML boxes are 1-based inclusive pixel indices; they are converted ONCE here with
+:func:`detection.boxes.voc_to_internal` and every later stage works in the internal convention.
+
+Real datasets are messy (see ``/work/shared/data/README.md``): the XML ``<size>`` may be 0x0 or
+wrong, files named ``.jpg`` may be PNGs with alpha or palettes, boxes may poke out of the image.
+Policy: the image header (read lazily, no decode) is the truth for the size; boxes hanging over
+the border are clipped with a warning; anything that cannot be fixed without guessing (a
+non-numeric or inverted box, a box wholly outside the image, a corrupt file) is a
+:class:`~detection.errors.DatasetError` that names the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import re
+import struct
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Sequence
+from xml.etree.ElementTree import Element, ParseError
+
+import defusedxml.ElementTree as DET
+import numpy as np
+from defusedxml import DefusedXmlException
+from PIL import Image, UnidentifiedImageError
+
+from ..boxes import flip_boxes, voc_to_internal
+from ..errors import DatasetError
+from .records import ImageRecord
+
+__all__ = ["VOC_CLASSES", "MAX_IMAGE_PIXELS", "VOCDataset", "load_image", "read_image", "flip_record",
+           "image_size"]
+
+log = logging.getLogger(__name__)
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+
+#: Largest image accepted, in pixels: 64 MP (8000x8000, ~190 MB decoded RGB) is 4x the largest
+#: photo in the shared data (3160x4605 = 14.6 MP) and stays below Pillow's own
+#: decompression-bomb warning threshold (~89 MP), so an accepted image never trips it; anything
+#: larger is far beyond what SPP-net's scales (<= 1200 px) use and is refused as a likely bomb.
+MAX_IMAGE_PIXELS = 64_000_000
+
+#: Image suffixes tried, in order, for ``JPEGImages/<id>``.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+#: Bump when parsing rules change (clipping, class inference...): part of the fingerprint, so
+#: caches keyed on it are rebuilt.
+_FORMAT_VERSION = 1
+
+#: VOC folder names (VOC2007, VOC2012, VOCdevkit/VOC2007...): use the devkit's class order.
+_VOC_ROOT = re.compile(r"^VOC\d{4}$", re.IGNORECASE)
+
+#: Errors Pillow raises for unreadable, truncated or hostile files.
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, IndexError,
+                 Image.DecompressionBombError, UnidentifiedImageError)
+
+
+@dataclasses.dataclass
+class _Annotation:
+    """The raw content of one XML file (VOC 1-based boxes as floats)."""
+
+    names: list[str]
+    boxes: np.ndarray  # float64 [N, 4], VOC 1-based inclusive
+    difficult: list[bool]
+    truncated: list[bool]
+    size: tuple[int, int] | None  # (width, height) from <size>, None when missing or unparsable
+
+
+# --------------------------------------------------------------------------------------------
+# images
+
+
+def _open_checked(path: Path) -> Image.Image:
+    """``Image.open`` (lazy: header only) with the pixel limit; errors -> DatasetError."""
+    try:
+        # No warnings filter here (it is process-global state): our limit is below Pillow's
+        # warning threshold, so Pillow only warns about images we refuse anyway.
+        img = Image.open(path)
+    except FileNotFoundError:
+        raise DatasetError(f"image {path} does not exist") from None
+    except _IMAGE_ERRORS as e:
+        raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        img.close()
+        raise DatasetError(f"image {path} has an empty size {w}x{h}")
+    if w * h > MAX_IMAGE_PIXELS:
+        img.close()
+        raise DatasetError(f"image {path} is {w}x{h} = {w * h} pixels, above the limit of "
+                           f"{MAX_IMAGE_PIXELS} (detection.data.voc.MAX_IMAGE_PIXELS); refusing a "
+                           f"possible decompression bomb")
+    return img
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image from its header, without decoding the pixels."""
+    with _open_checked(Path(path)) as img:
+        return img.size
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> uint8 array[H, W, 3] RGB."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale (Pillow opens 16-bit PNGs as I;16 or I): scale 0..65535 to 0..255
+        # instead of Pillow's convert, which clips everything above 255 to white.
+        a = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.round(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "F":  # float greyscale: assume 0..255 like Pillow's own "F" -> "L"
+        grey = np.clip(np.round(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        # Transparent pixels: composite over white, as image viewers (and annotation tools
+        # displaying the file) show them; the colour stored under alpha 0 is arbitrary (in the
+        # shared fruit data some files store black there, others white).
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    # L, 1, P, CMYK (Pillow undoes Adobe's inverted CMYK), YCbCr, LAB, HSV, RGB.
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file into uint8 array[H, W, 3] RGB, whatever the file holds.
+
+    Pillow sniffs the content, so a PNG named ``.jpg`` reads fine. EXIF orientation is NOT
+    applied: VOC boxes (and the sizes in the XML) refer to the stored pixel grid, and
+    annotation tools such as labelImg draw on that grid; rotating would misplace every box.
+
+    Raises:
+        DatasetError: missing, corrupt, truncated or over-large file (the message names it).
+    """
+    path = Path(path)
+    img = _open_checked(path)
+    try:
+        with img:
+            img.load()
+            return np.ascontiguousarray(_to_rgb(img))
+    except _IMAGE_ERRORS as e:
+        raise DatasetError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+
+
+def load_image(record: ImageRecord) -> np.ndarray:
+    """The pixels of a record: uint8 array[H, W, 3] RGB, mirrored when ``record.flipped``.
+
+    Raises:
+        DatasetError: unreadable file, or its size differs from the record's (the file changed
+            since the dataset was read).
+    """
+    img = read_image(record.path)
+    h, w = img.shape[:2]
+    if (w, h) != (record.width, record.height):
+        raise DatasetError(f"image {record.path} is {w}x{h} but its record says "
+                           f"{record.width}x{record.height}; did the file change?")
+    if record.flipped:
+        img = np.ascontiguousarray(img[:, ::-1])
+    return img
+
+
+def flip_record(record: ImageRecord) -> ImageRecord:
+    """The record of the horizontally mirrored image (boxes mirrored; pixels on load)."""
+    return dataclasses.replace(record, boxes=flip_boxes(record.boxes, record.width).astype(np.float32),
+                               flipped=not record.flipped)
+
+
+# --------------------------------------------------------------------------------------------
+# annotations
+
+
+def _check_name(value: str, what: str, source: Path) -> None:
+    """Refuse ids/split names that could address files outside the dataset."""
+    bad = (not value or "/" in value or "\\" in value or "\x00" in value or value in (".", "..")
+           or ".." in value or os.path.isabs(value) or re.match(r"^[A-Za-z]:", value) is not None)
+    if bad:
+        raise DatasetError(f"{source}: invalid {what} {value!r} (ids must be plain file stems)")
+
+
+def _text(elem: Element | None) -> str | None:
+    if elem is None or elem.text is None:
+        return None
+    return elem.text.strip()
+
+
+def _flag(obj: Element, tag: str, xml_path: Path) -> bool:
+    """A 0/1 flag (difficult, truncated); a missing or empty tag means False."""
+    text = _text(obj.find(tag))
+    if not text:
+        return False
+    try:
+        return float(text) != 0
+    except ValueError:
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        raise DatasetError(f"{xml_path}: <{tag}> is {text!r}, expected 0 or 1") from None
+
+
+def _parse_xml(xml_path: Path) -> Element:
+    if not xml_path.is_file():
+        raise DatasetError(f"annotation {xml_path} does not exist")
+    try:
+        # defusedxml refuses entity expansion (billion laughs) and external entities.
+        return DET.parse(str(xml_path)).getroot()
+    except (ParseError, DefusedXmlException) as e:
+        raise DatasetError(f"malformed annotation {xml_path}: {e}") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read annotation {xml_path}: {e}") from None
+
+
+def _object_names(xml_path: Path) -> list[str]:
+    return [(_text(o.find("name")) or "") for o in _parse_xml(xml_path).iter("object")]
+
+
+def _read_annotation(xml_path: Path) -> _Annotation:
+    root = _parse_xml(xml_path)
+    size = None
+    w_text, h_text = _text(root.find("size/width")), _text(root.find("size/height"))
+    if w_text is not None and h_text is not None:
+        try:
+            size = (int(float(w_text)), int(float(h_text)))
+        except ValueError:
+            size = None  # unparsable size: the image header decides anyway
+    names, boxes, difficult, truncated = [], [], [], []
+    for obj in root.iter("object"):
+        name = _text(obj.find("name"))
+        if not name:
+            raise DatasetError(f"{xml_path}: an <object> has no <name>")
+        coords = []
+        for tag in ("xmin", "ymin", "xmax", "ymax"):
+            text = _text(obj.find(f"bndbox/{tag}"))
+            try:
+                value = float(text)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise DatasetError(f"{xml_path}: object {name!r} has a missing or non-numeric "
+                                   f"<{tag}> {text!r}") from None
+            if not math.isfinite(value):
+                raise DatasetError(f"{xml_path}: object {name!r} has a non-finite <{tag}> {text!r}")
+            coords.append(value)
+        if coords[0] > coords[2] or coords[1] > coords[3]:
+            raise DatasetError(f"{xml_path}: object {name!r} has an inverted box "
+                               f"(xmin, ymin, xmax, ymax) = {tuple(coords)}")
+        names.append(name)
+        boxes.append(coords)
+        difficult.append(_flag(obj, "difficult", xml_path))
+        truncated.append(_flag(obj, "truncated", xml_path))
+    return _Annotation(names, np.asarray(boxes, np.float64).reshape(-1, 4), difficult, truncated, size)
+
+
+def _find_image(image_dir: Path, image_id: str) -> Path:
+    for suffix in IMAGE_SUFFIXES:
+        path = image_dir / f"{image_id}{suffix}"
+        if path.is_file():
+            return path
+    raise DatasetError(f"image {image_dir / image_id}.jpg does not exist (also tried "
+                       f"{', '.join(IMAGE_SUFFIXES[1:])})")
+
+
+# --------------------------------------------------------------------------------------------
+# the dataset
+
+
+class VOCDataset:
+    """The records of one split of a VOC-layout dataset.
+
+    Args:
+        root: dataset folder (holding ``Annotations``, ``JPEGImages``, ``ImageSets/Main``).
+        split: name of ``ImageSets/Main/<split>.txt``.
+        classes: class names (label i = classes[i]); objects of other classes are skipped (one
+            warning with the count). ``None``: :data:`VOC_CLASSES` when ``root`` is named like
+            ``VOC2007`` and every object of the split is a VOC class; otherwise the sorted set
+            of names over ALL XML files in ``Annotations`` (so every split of a folder gets the
+            same list).
+        use_flipped: append a horizontally mirrored record after the originals (same order).
+
+    Attributes:
+        root, split, classes, records (list[ImageRecord]); ``size_from_image`` and
+        ``size_mismatch``: ids whose XML size was missing/0 or disagreed with the image header.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, classes: Sequence[str] | None = None,
+                 use_flipped: bool = False) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.use_flipped = bool(use_flipped)
+        if not self.root.is_dir():
+            raise DatasetError(f"dataset folder {self.root} does not exist")
+        split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
+        _check_name(split, "split name", split_file)
+        ids = self._read_split(split_file)
+        ann_dir, image_dir = self.root / "Annotations", self.root / "JPEGImages"
+        annotations = {i: _read_annotation(ann_dir / f"{i}.xml") for i in ids}
+        self.classes = self._resolve_classes(classes, annotations, ann_dir)
+        index = {c: k for k, c in enumerate(self.classes)}
+
+        records: list[ImageRecord] = []
+        stamp: list[str] = []
+        skipped: Counter[str] = Counter()
+        size_from_image, size_mismatch, clipped = [], [], 0
+        for image_id in ids:
+            ann = annotations[image_id]
+            xml_path = ann_dir / f"{image_id}.xml"
+            path = _find_image(image_dir, image_id)
+            width, height = image_size(path)  # header only: cheap, and always the truth
+            if ann.size is None or ann.size[0] <= 0 or ann.size[1] <= 0:
+                size_from_image.append(image_id)
+                log.debug("%s: no usable <size>; image header says %dx%d", xml_path, width, height)
+            elif ann.size != (width, height):
+                size_mismatch.append(image_id)
+                log.debug("%s: <size> %dx%d disagrees with image %s (%dx%d); trusting the image",
+                          xml_path, *ann.size, path, width, height)
+            keep = [k for k, n in enumerate(ann.names) if n in index]
+            skipped.update(n for n in ann.names if n not in index)
+            # VOC 1-based inclusive -> internal 0-based continuous: the one conversion.
+            boxes = voc_to_internal(ann.boxes[keep], dtype=np.float64)
+            inside = boxes.copy()
+            np.clip(inside[:, 0::2], 0, width, out=inside[:, 0::2])
+            np.clip(inside[:, 1::2], 0, height, out=inside[:, 1::2])
+            for k in np.nonzero((inside != boxes).any(axis=1))[0]:
+                if inside[k, 2] <= inside[k, 0] or inside[k, 3] <= inside[k, 1]:
+                    raise DatasetError(f"{xml_path}: box {ann.boxes[keep][k].tolist()} "
+                                       f"({ann.names[keep[k]]!r}) lies outside the {width}x{height} "
+                                       f"image {path}")
+                clipped += 1
+                log.debug("%s: box %s clipped to the %dx%d image", xml_path,
+                          ann.boxes[keep][k].tolist(), width, height)
+            records.append(ImageRecord(
+                image_id=image_id, path=path, width=width, height=height,
+                boxes=inside.astype(np.float32),
+                labels=np.array([index[ann.names[k]] for k in keep], np.int64),
+                difficult=np.array([ann.difficult[k] for k in keep], bool),
+                truncated=np.array([ann.truncated[k] for k in keep], bool),
+            ))
+            xs, ims = xml_path.stat(), path.stat()
+            stamp.append(f"{image_id}:{xs.st_size}:{xs.st_mtime_ns}:{path.name}:{ims.st_size}:{ims.st_mtime_ns}")
+
+        if size_from_image:
+            log.warning("%s/%s: %d annotation(s) give no or a zero <size>; sizes read from the "
+                        "image headers (e.g. %s)", self.root, split, len(size_from_image),
+                        ", ".join(size_from_image[:3]))
+        if size_mismatch:
+            log.warning("%s/%s: %d annotation(s) give a <size> that disagrees with the image; "
+                        "trusting the image (e.g. %s)", self.root, split, len(size_mismatch),
+                        ", ".join(size_mismatch[:3]))
+        if clipped:
+            log.warning("%s/%s: %d box(es) reach outside their image and were clipped to it",
+                        self.root, split, clipped)
+        if skipped:
+            log.warning("%s/%s: skipped %d object(s) of classes not in the class list: %s",
+                        self.root, split, sum(skipped.values()), dict(sorted(skipped.items())))
+        self.size_from_image: tuple[str, ...] = tuple(size_from_image)
+        self.size_mismatch: tuple[str, ...] = tuple(size_mismatch)
+        if self.use_flipped:
+            records += [flip_record(r) for r in records]
+        self.records: list[ImageRecord] = records
+        blob = "\n".join([f"v{_FORMAT_VERSION}", str(self.root.resolve()), split, ",".join(self.classes),
+                          *stamp])
+        self._fingerprint = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+    @staticmethod
+    def _read_split(split_file: Path) -> list[str]:
+        if not split_file.is_file():
+            raise DatasetError(f"split file {split_file} does not exist")
+        try:
+            lines = split_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetError(f"cannot read split file {split_file}: {e}") from None
+        ids: list[str] = []
+        seen: set[str] = set()
+        duplicates = 0
+        for line in lines:
+            fields = line.split()
+            if not fields:
+                continue
+            image_id = fields[0]  # a second column (VOC per-class lists: 1 / -1 / 0) is ignored
+            _check_name(image_id, "image id", split_file)
+            if image_id in seen:
+                duplicates += 1
+                continue
+            seen.add(image_id)
+            ids.append(image_id)
+        if duplicates:
+            log.warning("%s: %d duplicate id(s) ignored", split_file, duplicates)
+        if not ids:
+            raise DatasetError(f"split file {split_file} lists no images")
+        return ids
+
+    def _resolve_classes(self, classes: Sequence[str] | None, annotations: dict[str, _Annotation],
+                         ann_dir: Path) -> tuple[str, ...]:
+        if classes is not None:
+            out = tuple(str(c) for c in classes)
+            if not out or len(set(out)) != len(out) or not all(out):
+                raise DatasetError(f"{self.root}: classes must be non-empty and unique, got {out}")
+            return out
+        split_names = {n for a in annotations.values() for n in a.names}
+        if _VOC_ROOT.match(self.root.resolve().name) and split_names <= set(VOC_CLASSES):
+            return VOC_CLASSES
+        # Infer from every XML of the folder so that trainval and test agree on label indices.
+        names = set(split_names)
+        for xml_path in sorted(ann_dir.glob("*.xml")):
+            if xml_path.stem not in annotations:
+                names.update(n for n in _object_names(xml_path) if n)
+        if not names:  # images without annotations (e.g. to run a detector on): no classes
+            log.warning("%s: no annotated objects anywhere; the class list is empty", ann_dir)
+        return tuple(sorted(names))
+
+    def fingerprint(self) -> str:
+        """Hash of root path, split, class list, image ids and the sizes/mtimes of their
+        annotation and image files (plus the parsing-rules version): keys caches."""
+        return self._fingerprint
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> ImageRecord:
+        return self.records[i]
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        return iter(self.records)
+
+    def __repr__(self) -> str:
+        return (f"VOCDataset(root={str(self.root)!r}, split={self.split!r}, images={len(self.records)}, "
+                f"classes={len(self.classes)}, use_flipped={self.use_flipped})")

@@ -1,0 +1,716 @@
+"""PASCAL VOC detection evaluation: the devkit's matching and AP, vectorised, and result files.
+
+The protocol is the widely used Python port of the devkit (py-faster-rcnn
+``lib/datasets/voc_eval.py``), see docs/sppnet-reference.md, "PASCAL VOC evaluation":
+
+* per class, ``npos`` = the non-difficult ground truths of the class;
+* detections are sorted by descending score. Ties keep their input order (a *stable* sort;
+  the port's ``np.argsort(-confidence)`` leaves the order of equal scores to the sort
+  algorithm), so a result is reproducible;
+* each detection is matched to the ground truth of its class in its image with the highest
+  IoU (first one on equal IoU, difficult ones included); with the devkit's "+1" areas on 1-based
+  inclusive pixels, which in our internal convention (``x1 = xmin - 1``, ``x2 = xmax``) is the
+  plain continuous IoU;
+* IoU > 0.5 strictly (the Python port; the MATLAB devkit uses >=): matched to a difficult
+  ground truth -> ignored (neither TP nor FP); to an unclaimed one -> TP, which claims it; to a
+  claimed one -> FP (duplicate); otherwise FP;
+* precision = tp / max(tp + fp, eps): the later py-faster-rcnn fix for the first detections
+  being ignored ones (0 / 0); they sit at recall 0, so AP is unchanged by it;
+* AP: ``voc07`` 11-point (thresholds ``np.arange(0, 1.1, 0.1)`` exactly as the port, so
+  0.3 is 0.30000000000000004; the 11 maxima are summed exactly and divided once, where the port
+  adds ``p / 11`` term by term -- equal up to float rounding, but a perfect curve gives exactly
+  1.0) or ``voc10`` area under the monotone precision envelope.
+
+Classes without a non-difficult ground truth get AP = NaN (the devkit divides 0 by 0) and are
+left out of the mAP, with a warning. A class with ground truth and no detections has AP 0.
+Flipped records (training augmentation; they share their image id) are not evaluated.
+
+The matching is vectorised: since a detection is assigned to its max-IoU ground truth whatever
+was claimed before, a detection is a TP exactly when it is the first detection (in score order)
+assigned to that non-difficult ground truth with IoU > threshold. That is an argmax per
+(detection, ground truths of its image) block plus a first-occurrence test (``np.unique``
+``return_index``) -- no Python loop over detections.
+
+Result files (``comp4_det_<split>_<class>.txt``): one line per detection,
+``<image_id> <score> <xmin> <ymin> <xmax> <ymax>`` in 1-based VOC pixels; converted at the edge
+with :func:`detection.boxes.voc_to_internal` / :func:`~detection.boxes.internal_to_voc`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..boxes import internal_to_voc, voc_to_internal
+from ..data.records import ImageRecord
+from ..errors import DatasetError, DetectionError
+from ..io import atomic_write_text
+
+__all__ = [
+    "METRICS",
+    "ClassDetections",
+    "ClassEvaluation",
+    "VOCEvaluator",
+    "default_metric",
+    "detections_by_class",
+    "evaluate_class",
+    "evaluate_class_flat",
+    "evaluate_detections",
+    "evaluate_result_dir",
+    "read_result_dir",
+    "read_result_file",
+    "result_file_name",
+    "voc_ap",
+    "write_result_files",
+]
+
+log = logging.getLogger(__name__)
+
+#: AP definitions: "voc07" 11-point interpolation (VOC2007 and before), "voc10" area under the
+#: monotone precision envelope (VOC2010 and later).
+METRICS = ("voc07", "voc10")
+
+#: Score format of result files: 9 significant digits round-trip a float32 score (what the
+#: detector makes) exactly, so writing and reading back never creates ties the detector did not
+#: make; float64 scores keep their order (rounding is monotone). Boxes get one decimal (0.1 px),
+#: the usual devkit format.
+_SCORE_FORMAT = "{:.9g}"
+_BOX_FORMAT = "{:.1f}"
+_DEFAULT_PREFIX = "comp4_det_"
+
+
+# ------------------------------------------------------------------------------------------------
+# Detections of one class over a split
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClassDetections:
+    """Every detection of one class over a split.
+
+    Attributes:
+        image_ids: str array[D], the image id (``ImageRecord.image_id``) of each detection.
+        scores: float64 array[D].
+        boxes: float64 array[D, 4], internal convention (0-based continuous x1, y1, x2, y2).
+    """
+
+    image_ids: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray
+
+    def __post_init__(self) -> None:
+        ids = np.asarray(self.image_ids, dtype=np.str_).reshape(-1)
+        scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
+        boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+        if not (len(ids) == len(scores) == len(boxes)):
+            raise ValueError(f"ClassDetections: {len(ids)} image ids, {len(scores)} scores, {len(boxes)} boxes")
+        object.__setattr__(self, "image_ids", ids)
+        object.__setattr__(self, "scores", scores)
+        object.__setattr__(self, "boxes", boxes)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def empty(cls) -> "ClassDetections":
+        return cls(np.zeros(0, np.str_), np.zeros(0), np.zeros((0, 4)))
+
+
+def detections_by_class(image_ids: Sequence[str], per_image: Sequence[Any], num_classes: int) -> list[ClassDetections]:
+    """Per-image detector outputs -> one :class:`ClassDetections` per class.
+
+    Args:
+        image_ids: the image id of each entry of ``per_image``.
+        per_image: objects with ``boxes`` [K, 4] (internal), ``scores`` [K] and ``labels`` [K]
+            (0-based class indices), e.g. :class:`detection.detector.Detections`.
+        num_classes: number of classes (labels must be in ``[0, num_classes)``).
+    Returns:
+        list of ``num_classes`` ClassDetections, detections in image order.
+    """
+    if len(image_ids) != len(per_image):
+        raise ValueError(f"{len(image_ids)} image ids for {len(per_image)} detection sets")
+    counts = np.array([len(np.asarray(d.scores).reshape(-1)) for d in per_image], dtype=np.int64)
+    if counts.sum() == 0:
+        return [ClassDetections.empty() for _ in range(num_classes)]
+    labels = np.concatenate([np.asarray(d.labels, dtype=np.int64).reshape(-1) for d in per_image])
+    scores = np.concatenate([np.asarray(d.scores, dtype=np.float64).reshape(-1) for d in per_image])
+    boxes = np.concatenate([np.asarray(d.boxes, dtype=np.float64).reshape(-1, 4) for d in per_image])
+    if len(labels) != len(scores) or len(boxes) != len(scores):
+        raise ValueError("detections: boxes, scores and labels differ in length")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"detection labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    ids = np.repeat(np.asarray(list(image_ids), dtype=np.str_), counts)
+    return [ClassDetections(ids[labels == c], scores[labels == c], boxes[labels == c]) for c in range(num_classes)]
+
+
+# ------------------------------------------------------------------------------------------------
+# AP
+# ------------------------------------------------------------------------------------------------
+def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "voc07") -> float:
+    """Average precision of a precision/recall curve, exactly as the devkit port's ``voc_ap``.
+
+    Args:
+        recall, precision: float arrays[D], the curve at each detection in score order.
+        metric: "voc07": mean over t in ``np.arange(0., 1.1, 0.1)`` of the max precision at
+            recall >= t (0 when none); "voc10": area under the monotone (non-increasing)
+            envelope of precision, summed where recall changes.
+    Returns:
+        AP in [0, 1] (0 for an empty curve).
+    """
+    rec = np.asarray(recall, dtype=np.float64).reshape(-1)
+    prec = np.asarray(precision, dtype=np.float64).reshape(-1)
+    if metric == "voc07":
+        # np.arange, not np.linspace: the port's thresholds, 0.30000000000000004 included.
+        maxima = []
+        for t in np.arange(0.0, 1.1, 0.1):
+            above = rec >= t
+            maxima.append(float(np.max(prec[above])) if above.any() else 0.0)
+        # The port adds p / 11 term by term, which gives 1.0000000000000002 for a perfect curve;
+        # an exactly rounded sum divided once stays in [0, 1] (same value up to rounding).
+        return math.fsum(maxima) / 11.0
+    if metric == "voc10":
+        mrec = np.concatenate(([0.0], rec, [1.0]))
+        mpre = np.concatenate(([0.0], prec, [0.0]))
+        # Envelope: each precision becomes the max of itself and everything to its right.
+        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+        i = np.where(mrec[1:] != mrec[:-1])[0]
+        return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+    raise DetectionError(f"unknown AP metric {metric!r}: use one of {', '.join(METRICS)}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClassEvaluation:
+    """The evaluation of one class.
+
+    Attributes:
+        ap: average precision (NaN when ``npos == 0``).
+        precision, recall: float64 arrays[D] at each detection in score order (recall is NaN
+            when ``npos == 0``).
+        order: int64 array[D], the detections' input indices in score order.
+        tp, fp: bool arrays[D] in score order; a detection matched to a difficult ground truth
+            is neither.
+        npos: number of non-difficult ground truths.
+    """
+
+    ap: float
+    precision: np.ndarray
+    recall: np.ndarray
+    order: np.ndarray
+    tp: np.ndarray
+    fp: np.ndarray
+    npos: int
+
+    @property
+    def num_detections(self) -> int:
+        return len(self.order)
+
+    def curve_corners(self) -> tuple[np.ndarray, np.ndarray]:
+        """(recall, precision) at each true positive: the corners of the PR curve. Every point
+        between two corners has lower precision at the same recall, so both AP definitions
+        computed from the corners alone equal :attr:`ap`."""
+        return self.recall[self.tp], self.precision[self.tp]
+
+
+def evaluate_class_flat(gt_image: np.ndarray, gt_boxes: np.ndarray, gt_difficult: np.ndarray, num_images: int,
+                        det_image: np.ndarray, det_scores: np.ndarray, det_boxes: np.ndarray,
+                        iou_threshold: float = 0.5, metric: str = "voc07") -> ClassEvaluation:
+    """Devkit matching and AP of one class, on flat arrays (the fast core).
+
+    Args:
+        gt_image: int array[G], image index of each ground truth, non-decreasing (ground truths
+            of one image are contiguous, in annotation order: the argmax takes the first one on
+            equal IoU, as the devkit does).
+        gt_boxes: float array[G, 4], internal convention.
+        gt_difficult: bool array[G].
+        num_images: number of images (indices are in ``[0, num_images)``).
+        det_image: int array[D], image index of each detection.
+        det_scores: float array[D].
+        det_boxes: float array[D, 4], internal convention.
+        iou_threshold: a match needs IoU strictly greater than this.
+        metric: "voc07" or "voc10" (see :func:`voc_ap`).
+    Returns:
+        :class:`ClassEvaluation`.
+    """
+    if metric not in METRICS:
+        raise DetectionError(f"unknown AP metric {metric!r}: use one of {', '.join(METRICS)}")
+    gt_image = np.asarray(gt_image, dtype=np.int64).reshape(-1)
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    gt_difficult = np.asarray(gt_difficult, dtype=bool).reshape(-1)
+    det_image = np.asarray(det_image, dtype=np.int64).reshape(-1)
+    det_scores = np.asarray(det_scores, dtype=np.float64).reshape(-1)
+    det_boxes = np.asarray(det_boxes, dtype=np.float64).reshape(-1, 4)
+    if not (len(gt_image) == len(gt_boxes) == len(gt_difficult)):
+        raise ValueError("ground truth arrays differ in length")
+    if not (len(det_image) == len(det_scores) == len(det_boxes)):
+        raise ValueError("detection arrays differ in length")
+    if len(gt_image) and (np.any(np.diff(gt_image) < 0) or gt_image[0] < 0 or gt_image[-1] >= num_images):
+        raise ValueError("gt_image must be non-decreasing and in [0, num_images)")
+    if len(det_image) and (det_image.min() < 0 or det_image.max() >= num_images):
+        raise ValueError("det_image must be in [0, num_images)")
+
+    npos = int(np.count_nonzero(~gt_difficult))
+    num_det = len(det_scores)
+    # Descending score; equal scores keep their input order (stable sort, documented above).
+    order = np.argsort(-det_scores, kind="stable")
+    d_img = det_image[order]
+    d_box = det_boxes[order]
+
+    # Ground truths of image i are gt[starts[i] : starts[i] + counts[i]].
+    counts = np.bincount(gt_image, minlength=num_images)
+    starts = np.cumsum(counts) - counts
+    cnt = counts[d_img]                                   # [D] ground truths facing each detection
+    seg_start = np.cumsum(cnt) - cnt                      # [D] first pair of each detection
+    num_pairs = int(cnt.sum())
+    pair_det = np.repeat(np.arange(num_det), cnt)         # [P]
+    local = np.arange(num_pairs) - seg_start[pair_det]    # [P] index of the gt within its image
+    pair_gt = starts[d_img][pair_det] + local             # [P] global gt index
+
+    # IoU per pair, the devkit's formula (areas not clipped) in internal coordinates.
+    b = d_box[pair_det]
+    g = gt_boxes[pair_gt]
+    iw = np.maximum(np.minimum(b[:, 2], g[:, 2]) - np.maximum(b[:, 0], g[:, 0]), 0.0)
+    ih = np.maximum(np.minimum(b[:, 3], g[:, 3]) - np.maximum(b[:, 1], g[:, 1]), 0.0)
+    inter = iw * ih
+    union = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) + (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1]) - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = inter / union
+
+    has = cnt > 0
+    ovmax = np.full(num_det, -np.inf)
+    jmax = np.zeros(num_det, dtype=np.int64)
+    if num_pairs:
+        seg = seg_start[has]
+        # np.maximum propagates NaN like the port's np.max; NaN > threshold is False -> FP.
+        ovmax[has] = np.maximum.reduceat(iou, seg)
+        # First gt reaching the max (np.argmax semantics).
+        first_local = np.where(iou == ovmax[pair_det], local, np.iinfo(np.int64).max)
+        jloc = np.minimum.reduceat(first_local, seg)
+        jloc[jloc == np.iinfo(np.int64).max] = 0          # NaN segments: unused (not valid)
+        jmax[has] = starts[d_img[has]] + jloc
+
+    valid = ovmax > iou_threshold
+    ignored = valid & gt_difficult[jmax] if len(gt_difficult) else np.zeros(num_det, bool)
+    candidate = valid & ~ignored
+    tp = np.zeros(num_det, dtype=bool)
+    if candidate.any():
+        cand_idx = np.flatnonzero(candidate)
+        # return_index gives the first occurrence: the highest-scoring claim of each gt.
+        _, first = np.unique(jmax[cand_idx], return_index=True)
+        tp[cand_idx[first]] = True
+    fp = ~(tp | ignored)
+
+    tp_cum = np.cumsum(tp, dtype=np.float64)
+    fp_cum = np.cumsum(fp, dtype=np.float64)
+    # eps instead of 0 / 0 when the first detections are all ignored (precision 0 at recall 0).
+    precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
+    if npos == 0:
+        recall = np.full(num_det, np.nan)
+        ap = math.nan
+    else:
+        recall = tp_cum / float(npos)
+        ap = voc_ap(recall, precision, metric)
+    return ClassEvaluation(ap=ap, precision=precision, recall=recall, order=order, tp=tp, fp=fp, npos=npos)
+
+
+def evaluate_class(gt_boxes: Sequence[np.ndarray], gt_difficult: Sequence[np.ndarray], det_image: np.ndarray,
+                   det_scores: np.ndarray, det_boxes: np.ndarray, iou_threshold: float = 0.5,
+                   metric: str = "voc07") -> ClassEvaluation:
+    """Devkit matching and AP of one class, ground truth given per image.
+
+    Args:
+        gt_boxes: one float array[G_i, 4] per image: the ground truths *of this class*, internal
+            convention.
+        gt_difficult: one bool array[G_i] per image.
+        det_image: int array[D], index into the per-image lists of each detection.
+        det_scores: float array[D].
+        det_boxes: float array[D, 4], internal convention.
+        iou_threshold, metric: see :func:`evaluate_class_flat`.
+    Returns:
+        :class:`ClassEvaluation` (``.ap``, ``.precision``, ``.recall``, ...).
+    """
+    if len(gt_boxes) != len(gt_difficult):
+        raise ValueError(f"{len(gt_boxes)} ground-truth box arrays but {len(gt_difficult)} difficult arrays")
+    sizes = [len(np.asarray(b).reshape(-1, 4)) for b in gt_boxes]
+    gt_image = np.repeat(np.arange(len(gt_boxes)), sizes)
+    flat_boxes = (np.concatenate([np.asarray(b, np.float64).reshape(-1, 4) for b in gt_boxes])
+                  if gt_boxes else np.zeros((0, 4)))
+    flat_diff = (np.concatenate([np.asarray(d, bool).reshape(-1) for d in gt_difficult])
+                 if gt_difficult else np.zeros(0, bool))
+    return evaluate_class_flat(gt_image, flat_boxes, flat_diff, len(gt_boxes), det_image, det_scores, det_boxes,
+                               iou_threshold, metric)
+
+
+# ------------------------------------------------------------------------------------------------
+# A split's ground truth + detections -> metrics
+# ------------------------------------------------------------------------------------------------
+def _eval_records(records: Sequence[ImageRecord]) -> list[ImageRecord]:
+    """The records evaluated: the original images (flipped copies are training augmentation and
+    share their image id)."""
+    out = [r for r in records if not r.flipped]
+    if len(out) != len(records):
+        log.info("evaluation: ignoring %d flipped records", len(records) - len(out))
+    ids = [r.image_id for r in out]
+    if len(set(ids)) != len(ids):
+        raise DatasetError("evaluation: the split lists an image id more than once")
+    return out
+
+
+def _as_list(classes: Sequence[str], detections: Sequence[ClassDetections] | Mapping[str, ClassDetections]
+             ) -> list[ClassDetections]:
+    if isinstance(detections, Mapping):
+        unknown = set(detections) - set(classes)
+        if unknown:
+            raise DetectionError(f"detections for unknown classes: {sorted(unknown)}")
+        return [detections.get(c, ClassDetections.empty()) for c in classes]
+    if len(detections) != len(classes):
+        raise DetectionError(f"{len(detections)} detection sets for {len(classes)} classes")
+    return list(detections)
+
+
+class _IdIndex:
+    """Image id -> record index for whole arrays at once (a sorted-array search in numpy: a
+    Python dict lookup per detection costs ~0.5 s for a VOC2007-sized result set)."""
+
+    def __init__(self, image_ids: Sequence[str]) -> None:
+        ids = np.asarray(list(image_ids), dtype=np.str_)
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+
+    def __call__(self, ids: np.ndarray, what: str) -> np.ndarray:
+        """int64 array[D] of record indices; DetectionError naming the first unknown id."""
+        if len(ids) == 0:
+            return np.zeros(0, dtype=np.int64)
+        if len(self._sorted) == 0:
+            raise DetectionError(f"{what}: image id {ids[0]!r} is not in the evaluated split")
+        pos = np.minimum(np.searchsorted(self._sorted, ids), len(self._sorted) - 1)
+        known = self._sorted[pos] == ids
+        if not known.all():
+            bad = ids[np.flatnonzero(~known)[0]]
+            raise DetectionError(f"{what}: image id {str(bad)!r} is not in the evaluated split")
+        return self._order[pos].astype(np.int64)
+
+
+def _round_list(a: np.ndarray, decimals: int = 6) -> list[float]:
+    return [float(x) for x in np.round(a, decimals)]
+
+
+def evaluate_detections(records: Sequence[ImageRecord], classes: Sequence[str],
+                        detections: Sequence[ClassDetections] | Mapping[str, ClassDetections],
+                        metric: str = "voc07", iou_threshold: float = 0.5) -> dict[str, Any]:
+    """Devkit AP of every class and the mAP.
+
+    Args:
+        records: the split's image records (ground truth; labels index ``classes``). Flipped
+            records are ignored.
+        classes: class names in label order.
+        detections: one :class:`ClassDetections` per class (list in class order, or a mapping
+            class name -> detections; a missing class has no detections).
+        metric: "voc07" or "voc10".
+        iou_threshold: IoU a match must exceed.
+    Returns:
+        JSON-able dict: ``metric``, ``iou_threshold``, ``mAP`` (mean over classes with ground
+        truth; NaN when none has), ``AP`` {class: AP, NaN without ground truth}, ``num_images``,
+        ``num_positives`` {class: non-difficult ground truths}, ``num_detections`` {class: n},
+        ``classes_without_ground_truth`` [names], ``pr_curves`` {class: {"recall": [...],
+        "precision": [...]}} at each true positive, rounded to 1e-6 (enough to redraw the
+        curve and recompute AP). All fractions are in [0, 1].
+    """
+    if metric not in METRICS:
+        raise DetectionError(f"unknown AP metric {metric!r}: use one of {', '.join(METRICS)}")
+    records = _eval_records(records)
+    classes = list(classes)
+    dets = _as_list(classes, detections)
+    index = _IdIndex([r.image_id for r in records])
+    num_images = len(records)
+
+    # All ground truth once, flat and in record order; per class a boolean selection keeps
+    # each image's ground truths contiguous and in annotation order.
+    sizes = [len(r.labels) for r in records]
+    gt_image = np.repeat(np.arange(num_images), sizes)
+    gt_boxes = np.concatenate([np.asarray(r.boxes, np.float64).reshape(-1, 4) for r in records]) if records else np.zeros((0, 4))
+    gt_labels = np.concatenate([np.asarray(r.labels, np.int64).reshape(-1) for r in records]) if records else np.zeros(0, np.int64)
+    gt_diff = np.concatenate([np.asarray(r.difficult, bool).reshape(-1) for r in records]) if records else np.zeros(0, bool)
+
+    ap: dict[str, float] = {}
+    npos: dict[str, int] = {}
+    ndet: dict[str, int] = {}
+    curves: dict[str, dict[str, list[float]]] = {}
+    for c, (name, d) in enumerate(zip(classes, dets)):
+        sel = gt_labels == c
+        det_image = index(d.image_ids, f"detections of class {name!r}")
+        res = evaluate_class_flat(gt_image[sel], gt_boxes[sel], gt_diff[sel], num_images,
+                                  det_image, d.scores, d.boxes, iou_threshold, metric)
+        ap[name], npos[name], ndet[name] = res.ap, res.npos, res.num_detections
+        r, p = res.curve_corners()
+        curves[name] = {"recall": _round_list(r), "precision": _round_list(p)}
+
+    no_gt = [n for n in classes if npos[n] == 0]
+    if no_gt:
+        log.warning("classes without (non-difficult) ground truth, AP = NaN, left out of the mAP: %s", ", ".join(no_gt))
+    scored = [ap[n] for n in classes if npos[n] > 0]
+    mean_ap = float(np.mean(scored)) if scored else math.nan
+    log.info("mAP (%s, IoU > %g) = %.4f over %d classes, %d images", metric, iou_threshold, mean_ap, len(scored), num_images)
+    return {
+        "metric": metric,
+        "iou_threshold": iou_threshold,
+        "mAP": mean_ap,
+        "AP": ap,
+        "num_images": num_images,
+        "num_positives": npos,
+        "num_detections": ndet,
+        "classes_without_ground_truth": no_gt,
+        "pr_curves": curves,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Result files
+# ------------------------------------------------------------------------------------------------
+def result_file_name(split: str, class_name: str, prefix: str = _DEFAULT_PREFIX) -> str:
+    """``comp4_det_<split>_<class>.txt``, the devkit's name for a class's result file."""
+    return f"{prefix}{split}_{class_name}.txt"
+
+
+def write_result_files(out_dir: str | Path, split: str, classes: Sequence[str],
+                       detections: Sequence[ClassDetections] | Mapping[str, ClassDetections],
+                       prefix: str = _DEFAULT_PREFIX) -> list[Path]:
+    """Write one devkit result file per class, atomically.
+
+    Lines are ``<image_id> <score> <xmin> <ymin> <xmax> <ymax>``: scores with 9 significant
+    digits (exact for float32), boxes converted to 1-based VOC pixels with one decimal.
+
+    Args:
+        out_dir: folder (created).
+        split: split name used in the file names.
+        classes: class names in label order.
+        detections: per class (list or mapping, see :func:`evaluate_detections`).
+        prefix: file-name prefix.
+    Returns:
+        the written paths, in class order (a class without detections gets an empty file).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, d in zip(classes, _as_list(classes, detections)):
+        if not np.isfinite(d.scores).all() or not np.isfinite(d.boxes).all():
+            raise DetectionError(f"detections of class {name!r} contain NaN or infinite values")
+        ids = d.image_ids.tolist()
+        if any(not s or any(ch.isspace() for ch in s) for s in set(ids)):
+            raise DetectionError(f"class {name!r}: an image id is empty or contains whitespace")
+        voc = internal_to_voc(d.boxes)
+        fmt = f"{{}} {_SCORE_FORMAT} {_BOX_FORMAT} {_BOX_FORMAT} {_BOX_FORMAT} {_BOX_FORMAT}\n"
+        text = "".join(fmt.format(i, s, a, b, c, e)
+                       for i, s, a, b, c, e in zip(ids, d.scores.tolist(), *voc.T.tolist()))
+        path = out_dir / result_file_name(split, name, prefix)
+        atomic_write_text(path, text)
+        paths.append(path)
+    log.info("wrote %d result files to %s", len(paths), out_dir)
+    return paths
+
+
+def _line_error(path: Path, text: str, index: Mapping[str, int]) -> DatasetError:
+    """The first offending line, found slowly (only called once the fast path has failed)."""
+    for k, line in enumerate(text.splitlines(), start=1):
+        row = line.split()
+        if not row:
+            continue
+        where = f"{path}:{k}"
+        if len(row) != 6:
+            return DatasetError(f"{where}: expected '<image_id> <score> <xmin> <ymin> <xmax> <ymax>', "
+                                f"got {len(row)} fields: {line.strip()[:120]!r}")
+        if row[0] not in index:
+            return DatasetError(f"{where}: image id {row[0]!r} is not in the split")
+        try:
+            values = [float(x) for x in row[1:]]
+        except ValueError:
+            return DatasetError(f"{where}: not a number in {line.strip()[:120]!r}")
+        if not all(math.isfinite(v) for v in values):
+            return DatasetError(f"{where}: NaN or infinite score or coordinate in {line.strip()[:120]!r}")
+    return DatasetError(f"{path}: malformed result file")  # not reached when called after a failure
+
+
+# Bytes that are whitespace or line breaks for str.split / str.splitlines other than
+# space, tab, CR, LF: their presence sends a file to the slow, per-line structure check.
+_RARE_SEPARATORS = np.array([0x0B, 0x0C, 0x1C, 0x1D, 0x1E, 0x1F], dtype=np.uint8)
+
+
+def _six_fields_per_line(data: bytes) -> bool:
+    """True when every non-blank line has exactly 6 whitespace-separated fields, checked on the
+    raw bytes with numpy (O(bytes), no per-line Python work). False also means "cannot tell
+    cheaply" (non-ASCII or rare separators): the caller then checks line by line."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if buf.size == 0:
+        return True
+    if buf.max() >= 0x80 or np.isin(buf, _RARE_SEPARATORS).any():
+        return False
+    newline = (buf == 0x0A) | (buf == 0x0D)
+    space = newline | (buf == 0x20) | (buf == 0x09)
+    token_start = ~space
+    token_start[1:] &= space[:-1]                          # a field begins after whitespace
+    per_line = np.bincount(np.cumsum(newline)[token_start])  # fields on each line
+    return bool(np.all((per_line == 0) | (per_line == 6)))
+
+
+def read_result_file(path: str | Path, image_ids: Sequence[str] | Mapping[str, int]) -> ClassDetections:
+    """Read one devkit result file.
+
+    Args:
+        path: ``<image_id> <score> <xmin> <ymin> <xmax> <ymax>`` per line, 1-based VOC pixels;
+            blank lines are skipped.
+        image_ids: the split's image ids (or a mapping id -> index, to reuse across files).
+    Returns:
+        :class:`ClassDetections` (boxes in the internal convention, float64).
+    Raises:
+        DatasetError naming the file and line: wrong number of fields, a field that is not a
+        number, a NaN/infinite value, an image id not in the split; or an unreadable file.
+    """
+    path = Path(path)
+    index = image_ids if isinstance(image_ids, Mapping) else {s: i for i, s in enumerate(image_ids)}
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read result file ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not a UTF-8 text file ({e})") from e
+    # Fast path: structure checked on the bytes, then one split of the whole text; every id must
+    # be known, every number parse and be finite. Any failure -> the slow scan that names the
+    # first offending line.
+    if not _six_fields_per_line(data):
+        if any(len(line.split()) not in (0, 6) for line in text.splitlines()):
+            raise _line_error(path, text, index)
+    tokens = text.split()
+    ids = tokens[0::6]
+    if any(s not in index for s in ids):
+        raise _line_error(path, text, index)
+    try:
+        cols = [np.fromiter(map(float, tokens[k::6]), dtype=np.float64, count=len(ids)) for k in range(1, 6)]
+    except ValueError:
+        raise _line_error(path, text, index) from None
+    values = np.stack(cols, axis=1) if ids else np.zeros((0, 5))
+    if not np.isfinite(values).all():
+        raise _line_error(path, text, index)
+    return ClassDetections(np.asarray(ids, dtype=np.str_), values[:, 0], voc_to_internal(values[:, 1:], np.float64))
+
+
+def read_result_dir(results_dir: str | Path, split: str, classes: Sequence[str], image_ids: Sequence[str],
+                    prefix: str = _DEFAULT_PREFIX, progress: bool = False) -> list[ClassDetections]:
+    """Read every class's result file from a folder; a missing file means no detections (logged).
+
+    Returns:
+        one :class:`ClassDetections` per class, in class order.
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise DatasetError(f"{results_dir}: results folder does not exist")
+    index = {s: i for i, s in enumerate(image_ids)}
+    out = []
+    it: Iterable[str] = classes
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(classes, desc="read results", unit="class")
+    for name in it:
+        path = results_dir / result_file_name(split, name, prefix)
+        if not path.is_file():
+            log.warning("%s: missing, class %r has no detections (AP 0)", path, name)
+            out.append(ClassDetections.empty())
+            continue
+        out.append(read_result_file(path, index))
+    return out
+
+
+_YEAR = re.compile(r"voc\D?(\d{4})", re.IGNORECASE)
+
+
+def default_metric(root: str | Path) -> str:
+    """The AP definition for a dataset root: "voc07" (11-point) when the folder or its parent is
+    named like a VOC year before 2010 (``VOC2007``, ``voc_2007``, ``VOCdevkit/VOC2007``: the
+    devkit switched to area under the curve in 2010), "voc10" for any other dataset."""
+    root = Path(root)
+    for name in (root.name, root.parent.name):
+        m = _YEAR.search(name)
+        if m:
+            return "voc07" if int(m.group(1)) < 2010 else "voc10"
+    return "voc10"
+
+
+def evaluate_result_dir(dataset: Any, results_dir: str | Path, metric: str | None = None, iou_threshold: float = 0.5,
+                        coco: bool = False, prefix: str = _DEFAULT_PREFIX, progress: bool = False) -> dict[str, Any]:
+    """Score a folder of devkit result files against a dataset split.
+
+    Args:
+        dataset: a :class:`detection.data.voc.VOCDataset` (anything with ``root``, ``split``,
+            ``classes`` and ``records``).
+        results_dir: folder with ``comp4_det_<split>_<class>.txt`` files.
+        metric: "voc07", "voc10" or None (:func:`default_metric` of the dataset root).
+        iou_threshold: IoU a match must exceed.
+        coco: also run pycocotools' COCOeval (adds ``metrics["coco"]``).
+        prefix: result file-name prefix.
+        progress: show a tqdm bar while reading.
+    Returns:
+        the dict of :func:`evaluate_detections` plus ``split`` (and ``coco``).
+    """
+    metric = metric or default_metric(dataset.root)
+    records = _eval_records(dataset.records)
+    dets = read_result_dir(results_dir, dataset.split, dataset.classes, [r.image_id for r in records], prefix, progress)
+    metrics = evaluate_detections(records, dataset.classes, dets, metric, iou_threshold)
+    metrics["split"] = dataset.split
+    if coco:
+        from .coco import evaluate_coco
+        metrics["coco"] = evaluate_coco(records, dataset.classes, dets)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# detectron2-style evaluator
+# ------------------------------------------------------------------------------------------------
+class VOCEvaluator:
+    """Collects per-image detector outputs and evaluates them (``reset / process / evaluate``).
+
+    Args:
+        records: the split's image records.
+        classes: class names in label order.
+        metric: "voc07" or "voc10".
+        iou_threshold: IoU a match must exceed.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], classes: Sequence[str], metric: str = "voc07",
+                 iou_threshold: float = 0.5) -> None:
+        if metric not in METRICS:
+            raise DetectionError(f"unknown AP metric {metric!r}: use one of {', '.join(METRICS)}")
+        self.records = _eval_records(records)
+        self.classes = tuple(classes)
+        self.metric = metric
+        self.iou_threshold = iou_threshold
+        self._known = {r.image_id for r in self.records}
+        self.reset()
+
+    def reset(self) -> None:
+        self._ids: list[str] = []
+        self._dets: list[Any] = []
+
+    def process(self, image_id: str, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> None:
+        """Add one image's detections: boxes float [K, 4] (internal), scores [K], labels int [K]."""
+        if image_id not in self._known:
+            raise DetectionError(f"image id {image_id!r} is not in the evaluated split")
+        self._ids.append(image_id)
+        self._dets.append(_Dets(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(scores, np.float64).reshape(-1),
+                                np.asarray(labels, np.int64).reshape(-1)))
+
+    def detections(self) -> list[ClassDetections]:
+        """Everything processed so far, per class (for :func:`write_result_files`)."""
+        return detections_by_class(self._ids, self._dets, len(self.classes))
+
+    def evaluate(self) -> dict[str, Any]:
+        """The metrics dict of :func:`evaluate_detections` (unprocessed images have no detections)."""
+        return evaluate_detections(self.records, self.classes, self.detections(), self.metric, self.iou_threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dets:
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray

@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Score detections on a VOC-layout split with the PASCAL VOC devkit protocol (and optionally
+pycocotools' COCO metrics), and write metrics.json.
+
+Either score existing result files (``comp4_det_<split>_<class>.txt``, no model needed):
+
+    python tools/eval_voc.py --data VOCdevkit/VOC2007 --split test --results runs/voc07/results --out metrics.json
+
+or run a trained detector first (writes the result files into --results, then scores them):
+
+    python tools/eval_voc.py --data VOCdevkit/VOC2007 --split test --model runs/voc07/model.pt \\
+        --results runs/voc07/results --out metrics.json
+
+The AP definition defaults to VOC2007's 11-point interpolation when the data folder or its
+parent is named like a VOC year before 2010 (e.g. VOC2007), and to VOC2010's area under the
+precision envelope for any other dataset; --metric overrides it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from detection.cli import run_tool
+from detection.errors import DetectionError
+from detection.io import write_json
+
+
+def _detect(args: argparse.Namespace, dataset) -> None:
+    """Run the detector on the split and write its result files into --results."""
+    try:
+        from detection.detector import detect_dataset
+    except ImportError as e:
+        raise DetectionError(f"--model: detection.detector is not available ({e}); "
+                             "score existing result files with --results instead") from None
+    from detection.evaluation.voc import detections_by_class, write_result_files
+
+    per_image = detect_dataset(args.model, dataset, progress=not args.quiet)
+    write_result_files(args.results, dataset.split, dataset.classes,
+                       detections_by_class([r.image_id for r in dataset.records], per_image, len(dataset.classes)))
+
+
+def main(args: argparse.Namespace) -> int:
+    from detection.data.voc import VOCDataset
+    from detection.evaluation.voc import evaluate_result_dir
+
+    dataset = VOCDataset(args.data, args.split)
+    if args.model:
+        _detect(args, dataset)
+    metrics = evaluate_result_dir(dataset, args.results, metric=args.metric, coco=args.coco, progress=not args.quiet)
+    metrics["results_dir"] = str(args.results)
+    if args.plots:
+        from detection.evaluation.plots import plot_pr_curves
+        plot_pr_curves(metrics, args.plots)
+    write_json(args.out, metrics)
+
+    width = max([len(c) for c in dataset.classes] + [5])
+    print(f"{'class':<{width}}  {'AP':>6}  {'#gt':>6}  {'#det':>8}")
+    for name, ap in metrics["AP"].items():
+        ap_text = f"{ap:6.4f}" if not math.isnan(ap) else "   n/a"
+        print(f"{name:<{width}}  {ap_text}  {metrics['num_positives'][name]:>6}  {metrics['num_detections'][name]:>8}")
+    print(f"{'mAP':<{width}}  {metrics['mAP']:6.4f}  ({metrics['metric']}, {metrics['num_images']} images)")
+    if "coco" in metrics:
+        c = metrics["coco"]
+        print(f"COCO: AP@[.5:.95] {c['AP']:.4f}  AP50 {c['AP50']:.4f}  AP75 {c['AP75']:.4f}")
+    print(f"metrics: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="VOC-layout folder (Annotations/, ImageSets/Main/, ...)")
+    p.add_argument("--split", default="test", help="image set of ImageSets/Main (default: test)")
+    p.add_argument("--results", required=True, type=Path,
+                   help="folder of comp4_det_<split>_<class>.txt files (read; written first with --model)")
+    p.add_argument("--model", type=Path, help="trained detector: detect the split first, then score")
+    p.add_argument("--metric", choices=["voc07", "voc10"], default=None,
+                   help="AP definition (default: voc07 for VOC2007-like folders, voc10 otherwise)")
+    p.add_argument("--coco", action="store_true", help="also compute COCO AP@[.5:.95] / AP50 / AP75 (pycocotools)")
+    p.add_argument("--plots", type=Path, help="folder for per-class precision/recall PNGs")
+    p.add_argument("--out", required=True, type=Path, help="metrics JSON file to write")
+    sys.exit(run_tool(main, p))
