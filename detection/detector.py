@@ -222,3 +222,31 @@ def _plain(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
     return v
+
+
+def detect_dataset(model: str | Path | SPPDetector, dataset: Any, proposals_dir: str | Path | None = None,
+                   device: str | torch.device = "cpu", progress: bool = True) -> list[Detections]:
+    """Detections of every record of ``dataset`` (original images only), in record order.
+
+    Proposals come from the selective-search cache in ``proposals_dir`` (computed and cached
+    there when missing, with the model's settings), or are computed per image when it is None.
+    """
+    from tqdm.auto import tqdm
+
+    from .data.voc import load_image
+
+    detector = model if isinstance(model, SPPDetector) else SPPDetector.from_file(model, device=device)
+    if tuple(dataset.classes) != detector.classes:
+        raise ModelError(f"the model was trained for classes {list(detector.classes)}, the dataset "
+                         f"{dataset.root} has {list(dataset.classes)}")
+    records = [r for r in dataset.records if not r.flipped]
+    proposals_fn = None
+    if proposals_dir is not None:
+        from .proposals import compute_proposals
+        props = compute_proposals(dataset, proposals_dir, mode=detector.settings.proposal_mode,
+                                  max_boxes=detector.settings.max_proposals, progress=progress)
+        proposals_fn = props.proposals_for_record
+    out = []
+    for r in tqdm(records, desc="detect", unit="img", disable=not progress):
+        out.append(detector.detect(load_image(r), proposals_fn(r) if proposals_fn else None))
+    return out

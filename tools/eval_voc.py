@@ -36,7 +36,8 @@ def _detect(args: argparse.Namespace, dataset) -> None:
                              "score existing result files with --results instead") from None
     from detection.evaluation.voc import detections_by_class, write_result_files
 
-    per_image = detect_dataset(args.model, dataset, progress=not args.quiet)
+    proposals_dir = Path(args.results).parent / "proposals"
+    per_image = detect_dataset(args.model, dataset, proposals_dir=proposals_dir, progress=not args.quiet)
     write_result_files(args.results, dataset.split, dataset.classes,
                        detections_by_class([r.image_id for r in dataset.records], per_image, len(dataset.classes)))
 
@@ -45,7 +46,15 @@ def main(args: argparse.Namespace) -> int:
     from detection.data.voc import VOCDataset
     from detection.evaluation.voc import evaluate_result_dir
 
-    dataset = VOCDataset(args.data, args.split)
+    if args.results is None:
+        if not args.model:
+            raise DetectionError("give --results RESULTS_DIR (devkit result files) or --model MODEL")
+        args.results = Path(args.out).resolve().parent / "results"
+    classes = None
+    if args.model:
+        from detection.model import load_model
+        classes = load_model(args.model)[1].get("classes")
+    dataset = VOCDataset(args.data, args.split, classes=classes)
     if args.model:
         _detect(args, dataset)
     metrics = evaluate_result_dir(dataset, args.results, metric=args.metric, coco=args.coco, progress=not args.quiet)
@@ -72,8 +81,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="VOC-layout folder (Annotations/, ImageSets/Main/, ...)")
     p.add_argument("--split", default="test", help="image set of ImageSets/Main (default: test)")
-    p.add_argument("--results", required=True, type=Path,
-                   help="folder of comp4_det_<split>_<class>.txt files (read; written first with --model)")
+    p.add_argument("--results", type=Path, default=None,
+                   help="folder of comp4_det_<split>_<class>.txt files (read; written first with --model; "
+                        "default with --model: results/ beside --out)")
     p.add_argument("--model", type=Path, help="trained detector: detect the split first, then score")
     p.add_argument("--metric", choices=["voc07", "voc10"], default=None,
                    help="AP definition (default: voc07 for VOC2007-like folders, voc10 otherwise)")
