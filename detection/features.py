@@ -721,7 +721,11 @@ def _run_extraction(cache: ConvMapCache, records: list[ImageRecord], backbone: t
     # its parameters, so workers can call it wherever the trunk lives.
     images = _ResizedImages(records, backbone.preprocess, scales, max_size)
     loader = DataLoader(images, batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=_first,
-                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init if num_workers else None)
+                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init if num_workers else None,
+                        # spawn, not fork: a child forked from a parent whose OpenCV/OpenMP thread
+                        # pools already ran can deadlock (seen here in the test suite).
+                        multiprocessing_context="spawn" if num_workers else None,
+                        persistent_workers=False)
     was_training = backbone.training
     backbone.to(device).eval()
     t0, done = time.perf_counter(), 0
