@@ -119,6 +119,7 @@ def embedded_default_overrides() -> dict[str, Any]:
         "backbone": {"name": "alexnet", "weights": None},
         "features": {"scales": [400]},
         "conv_finetune": {"enabled": True},
+        "metric": "voc07",            # the issue and the paper report VOC2007 11-point AP
         "feature_layer": "pool5",
     }
 

@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     records = ds.records[: args.num_images]
     images = [load_image(r) for r in records]
     t0 = time.perf_counter()
-    props = [selective_search(im, mode="fast", max_boxes=args.windows) for im in images]
+    props = [selective_search(im, mode=args.proposal_mode, max_boxes=args.windows) for im in images]
     proposal_seconds = (time.perf_counter() - t0) / max(1, len(images))
     if args.model:
         spp = SPPDetector.from_file(args.model, device=args.device)
@@ -69,7 +69,9 @@ if __name__ == "__main__":
     p.add_argument("--scales", choices=["1", "5"], default="1")
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", help="a trained model file (its backbone, head and SVMs are timed)")
-    p.add_argument("--windows", type=int, default=2000, help="selective-search windows per image")
+    p.add_argument("--windows", type=int, default=2000, help="selective-search windows per image (at most)")
+    p.add_argument("--proposal-mode", choices=["fast", "quality"], default="fast",
+                   help="selective search mode (quality gives ~2,000 windows on small photos)")
     p.add_argument("--feature-layer", default="fc7", choices=["pool5", "fc6", "fc7"])
     p.add_argument("--svd", type=int, nargs=2, metavar=("RANK6", "RANK7"),
                    help="truncate fc6/fc7 by SVD to these ranks (Fast R-CNN), e.g. 1024 256")
