@@ -302,7 +302,8 @@ class Backbone(nn.Module):
                       new_w, new_h, self.receptive_field, self.name)
         if (new_h, new_w) != (h, w):
             image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        # np.array copies: decoded images may be read-only, which torch.from_numpy warns about.
+        x = torch.from_numpy(np.array(image, dtype=np.uint8, order="C")).permute(2, 0, 1).to(torch.float32).div_(255.0)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         return ((x - mean) / std).unsqueeze(0).contiguous()
