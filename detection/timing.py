@@ -106,30 +106,37 @@ def time_detector(detector: SPPDetector, images: Sequence[np.ndarray], proposals
                   warmup: int = 1, count_flops: bool = True) -> dict[str, float]:
     """Mean seconds per image of every stage (and ``total``), plus FLOPs per image.
 
-    The first ``warmup`` images are run once untimed (allocator, kernels, caches); FLOPs are
-    counted in a separate, untimed pass over the images (counting slows execution down).
+    With ``count_flops`` an untimed pass over all images counts the FLOPs (counting slows
+    execution down) and is also the warm-up (allocator, kernels, caches); without it the first
+    ``warmup`` images are run once untimed.
     """
-    for image, props in list(zip(images, proposals))[:warmup]:
-        _run_once(detector, image, props, StageTimer(detector.device))
-    timer = StageTimer(detector.device)
-    for image, props in zip(images, proposals):
-        _run_once(detector, image, props, timer)
     n = max(1, len(images))
-    out = {k: timer.seconds.get(k, 0.0) / n for k in STAGES}
-    out["total"] = sum(out[k] for k in STAGES)
+    out: dict = {}
     if count_flops:
         flop_timer = StageTimer(detector.device, count_flops=True)
         for image, props in zip(images, proposals):
             _run_once(detector, image, props, flop_timer)
         out["flops"] = {k: flop_timer.flops.get(k, 0.0) / n for k in STAGES}
         out["flops"]["total"] = sum(out["flops"][k] for k in STAGES)
+    else:
+        for image, props in list(zip(images, proposals))[:warmup]:
+            _run_once(detector, image, props, StageTimer(detector.device))
+    timer = StageTimer(detector.device)
+    for image, props in zip(images, proposals):
+        _run_once(detector, image, props, timer)
+    out.update({k: timer.seconds.get(k, 0.0) / n for k in STAGES})
+    out["total"] = sum(out[k] for k in STAGES)
     return out
 
 
 def compare_methods(spp: SPPDetector, rcnn: SPPDetector, images: Sequence[np.ndarray],
                     proposals: Sequence[np.ndarray], proposal_seconds: float | None = None,
-                    warmup: int = 1) -> dict:
-    """The timing comparison of ``tools/compare_rcnn.py`` (seconds per image)."""
+                    warmup: int = 1, spp_svd: SPPDetector | None = None) -> dict:
+    """The timing comparison of ``tools/compare_rcnn.py`` (seconds per image).
+
+    ``spp_svd``, if given, is SPP-net with SVD-truncated fc layers, timed in the same run and
+    compared with the same R-CNN pass (``spp_svd`` and ``speedup_svd`` in the result).
+    """
     t_spp = time_detector(spp, images, proposals, warmup)
     t_rcnn = time_detector(rcnn, images, proposals, warmup)
     flops = {"spp": t_spp.pop("flops"), "rcnn": t_rcnn.pop("flops")}
@@ -139,7 +146,7 @@ def compare_methods(spp: SPPDetector, rcnn: SPPDetector, images: Sequence[np.nda
 
     speedup = {k: ratio(t_rcnn[k], t_spp[k]) for k in ("conv", "fc", "total")}
     flop_ratio = {k: ratio(flops["rcnn"][k], flops["spp"][k]) for k in ("conv", "fc", "total")}
-    return {
+    result = {
         "spp": t_spp, "rcnn": t_rcnn, "speedup": speedup,
         "flops": {**flops, "ratio": flop_ratio},
         "device": _device_name(spp.device),
@@ -149,6 +156,14 @@ def compare_methods(spp: SPPDetector, rcnn: SPPDetector, images: Sequence[np.nda
         "settings": {"spp": dataclasses.asdict(spp.settings), "rcnn": dataclasses.asdict(rcnn.settings)},
         "torch_threads": torch.get_num_threads(),
     }
+    if spp_svd is not None:
+        t_svd = time_detector(spp_svd, images, proposals, warmup)
+        flops["spp_svd"] = t_svd.pop("flops")
+        result["spp_svd"] = t_svd
+        result["speedup_svd"] = {k: ratio(t_rcnn[k], t_svd[k]) for k in ("conv", "fc", "total")}
+        result["flops"]["ratio_svd"] = {k: ratio(flops["rcnn"][k], flops["spp_svd"][k])
+                                        for k in ("conv", "fc", "total")}
+    return result
 
 
 def _device_name(device: torch.device) -> str:

@@ -133,3 +133,18 @@ def test_timed_run_detects_like_the_detector(detectors):
     timer = StageTimer(torch.device("cpu"))
     n = _run_once(spp, image, props, timer)
     assert n == len(spp.detect(image, props))
+
+
+def test_compare_methods_times_svd_fc_in_the_same_run(detectors):
+    import copy
+
+    from detection.detector import SPPDetector
+    spp, rcnn = detectors
+    svd = SPPDetector(spp.backbone, copy.deepcopy(spp.head).compress(8, 4), spp.svms, spp.regressors, spp.classes,
+                      spp.settings, spp.device)
+    out = compare_methods(spp, rcnn, [_image()], [_proposals(6)], warmup=0, spp_svd=svd)
+    for k in ("conv", "fc", "total"):
+        assert out["speedup_svd"][k] == pytest.approx(out["rcnn"][k] / out["spp_svd"][k])
+    assert out["flops"]["spp_svd"]["conv"] == out["flops"]["spp"]["conv"]   # same trunk, same image
+    assert out["flops"]["spp_svd"]["fc"] < out["flops"]["spp"]["fc"]        # rank 8/4 fc is cheaper
+    assert out["flops"]["ratio_svd"]["fc"] > 1.0
