@@ -158,7 +158,7 @@ def compare_methods(spp: SPPDetector, rcnn: SPPDetector, images: Sequence[np.nda
     }
     if spp_svd is not None:
         t_svd = time_detector(spp_svd, images, proposals, warmup)
-        flops["spp_svd"] = t_svd.pop("flops")
+        flops["spp_svd"] = result["flops"]["spp_svd"] = t_svd.pop("flops")
         result["spp_svd"] = t_svd
         result["speedup_svd"] = {k: ratio(t_rcnn[k], t_svd[k]) for k in ("conv", "fc", "total")}
         result["flops"]["ratio_svd"] = {k: ratio(flops["rcnn"][k], flops["spp_svd"][k])
