@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -47,8 +48,21 @@ def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def _finite_or_null(obj: Any) -> Any:
+    """NaN and infinities become null: strict JSON has no NaN, and other readers reject it."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_json(dest: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Strict JSON (NaN / inf written as null), atomically."""
+    text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(dest, text + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

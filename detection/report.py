@@ -15,11 +15,18 @@ __all__ = ["write_report", "timing_table", "ap_table"]
 log = logging.getLogger(__name__)
 
 
+def _defined(value: Any) -> bool:
+    return value is not None and value == value
+
+
 def ap_table(metrics: dict[str, Any]) -> str:
     lines = ["| class | AP |", "| --- | --- |"]
+    # AP is NaN in memory and null in metrics.json for a class without ground truth.
     for name, ap in metrics["AP"].items():
-        lines.append(f"| {name} | {ap:.3f} |" if ap == ap else f"| {name} | n/a (no ground truth) |")
-    lines.append(f"| **mAP ({metrics['metric']})** | **{metrics['mAP']:.3f}** |")
+        lines.append(f"| {name} | {ap:.3f} |" if _defined(ap) else f"| {name} | n/a (no ground truth) |")
+    m = metrics["mAP"]
+    lines.append(f"| **mAP ({metrics['metric']})** | **{m:.3f}** |" if _defined(m) else
+                 f"| **mAP ({metrics['metric']})** | n/a |")
     return "\n".join(lines)
 
 
