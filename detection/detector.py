@@ -105,7 +105,8 @@ class SPPDetector:
                 "classes": list(self.classes),
                 "settings": _plain(dataclasses.asdict(self.settings)),
                 "backbone": {"name": self.backbone.name, "weights_id": self.backbone.weights_id},
-                "head": {"in_dim": self.head.in_dim, "hidden": list(self.head.hidden)},
+                "head": {"in_dim": self.head.in_dim, "hidden": list(self.head.hidden),
+                         "svd_ranks": dict(self.head.svd_ranks)},
                 "svm": self.svms.to_meta(),
                 "bbox": self.regressors.to_meta() if self.regressors is not None else None}
         save_model(path, tensors, meta)
@@ -121,6 +122,8 @@ class SPPDetector:
             backbone.trunk.load_state_dict(unprefixed("trunk", tensors), strict=True)
             backbone.weights_id = meta["backbone"]["weights_id"]
             head = FCHead(int(meta["head"]["in_dim"]), tuple(meta["head"]["hidden"]), num_classes=None, dropout=0.0)
+            for name, rank in (meta["head"].get("svd_ranks") or {}).items():
+                head.factorize(name, int(rank))     # the saved SVD-truncated layers' shapes
             head_state = {k: v for k, v in unprefixed("head", tensors).items() if not k.startswith("fc8.")}
             head.load_state_dict(head_state, strict=True)
             svms = LinearSVMs.from_state(unprefixed("svm", tensors), meta["svm"])

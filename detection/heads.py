@@ -43,6 +43,7 @@ class FCHead(nn.Module):
             self.fc7 = nn.Linear(hidden[0], hidden[1])
         self.dropout = nn.Dropout(dropout)
         self.fc8: nn.Linear | None = None
+        self.svd_ranks: dict[str, int] = {}     # layers truncated by compress(): {"fc6": rank, ...}
         self._init(generator)
         if num_classes is not None:
             self.reset_fc8(num_classes, generator)
@@ -117,17 +118,26 @@ class FCHead(nn.Module):
             if not isinstance(layer, nn.Linear) or rank >= min(layer.weight.shape):
                 continue
             u, s, vh = torch.linalg.svd(layer.weight.double(), full_matrices=False)
-            # Fix: the new layers live where the old one did (a head on CUDA stayed on CUDA but
-            # got CPU float32 layers before) and keep its dtype.
-            like = {"device": layer.weight.device, "dtype": layer.weight.dtype}
-            with torch.random.fork_rng(devices=[]):
-                first = nn.Linear(layer.in_features, rank, bias=False, **like)
-                second = nn.Linear(rank, layer.out_features, **like)
+            first, second = self.factorize(name, rank)
             first.weight.copy_(vh[:rank])
             second.weight.copy_(u[:, :rank] * s[:rank])
             second.bias.copy_(layer.bias)
-            setattr(self, name, nn.Sequential(first, second))
         return self
+
+    @torch.no_grad()
+    def factorize(self, name: str, rank: int) -> tuple[nn.Linear, nn.Linear]:
+        """Replace Linear ``name`` by an (uninitialised) rank-``rank`` pair of layers and return
+        them; :meth:`compress` fills them from the SVD, a model file's loader from its tensors."""
+        layer = getattr(self, name)
+        # Fix: the new layers live where the old one did (a head on CUDA stayed on CUDA but
+        # got CPU float32 layers before) and keep its dtype.
+        like = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+        with torch.random.fork_rng(devices=[]):
+            first = nn.Linear(layer.in_features, rank, bias=False, **like)
+            second = nn.Linear(rank, layer.out_features, **like)
+        setattr(self, name, nn.Sequential(first, second))
+        self.svd_ranks[name] = rank
+        return first, second
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, hidden={self.hidden}"

@@ -239,6 +239,23 @@ def test_saved_and_loaded_detector_gives_identical_detections(parts, tmp_path, m
         assert ka == kb and torch.equal(va, vb)
 
 
+def test_a_detector_with_svd_fc_layers_saves_and_loads(parts, tmp_path):
+    import copy
+    backbone, head, svms, regressors = parts
+    small = copy.deepcopy(head).compress(4, 3)
+    det = SPPDetector(backbone, small, svms, regressors, CLASSES, SETTINGS)
+    img, props = _image(), _proposals(n=24)
+    path = tmp_path / "model_svd.pt"
+    det.save(path)
+    loaded = SPPDetector.from_file(path)
+    assert loaded.head.svd_ranks == small.svd_ranks
+    for (ka, va), (kb, vb) in zip(small.state_dict().items(), loaded.head.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    before, after = det.detect(img, props), loaded.detect(img, props)
+    np.testing.assert_array_equal(after.boxes, before.boxes)
+    np.testing.assert_array_equal(after.scores, before.scores)
+
+
 def test_loaded_trunk_weights_come_from_the_file(tmp_path):
     parts = _parts(seed=5)                                    # a trunk that build_backbone(seed=0) is not
     det = SPPDetector(*parts, CLASSES, SETTINGS)
