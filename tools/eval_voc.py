@@ -36,8 +36,14 @@ def _detect(args: argparse.Namespace, dataset) -> None:
                              "score existing result files with --results instead") from None
     from detection.evaluation.voc import detections_by_class, write_result_files
 
+    from detection.detector import SPPDetector
+
+    detector = SPPDetector.from_file(args.model)
+    if args.svd:
+        # Measure the mAP cost of the SVD-truncated fc6/fc7 (Fast R-CNN's speed-up).
+        detector.head.compress(*args.svd)
     proposals_dir = Path(args.results).parent / "proposals"
-    per_image = detect_dataset(args.model, dataset, proposals_dir=proposals_dir, progress=not args.quiet)
+    per_image = detect_dataset(detector, dataset, proposals_dir=proposals_dir, progress=not args.quiet)
     write_result_files(args.results, dataset.split, dataset.classes,
                        detections_by_class([r.image_id for r in dataset.records], per_image, len(dataset.classes)))
 
@@ -59,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
         _detect(args, dataset)
     metrics = evaluate_result_dir(dataset, args.results, metric=args.metric, coco=args.coco, progress=not args.quiet)
     metrics["results_dir"] = str(args.results)
+    if args.svd:
+        metrics["svd"] = list(args.svd)
     if args.plots:
         from detection.evaluation.plots import plot_pr_curves
         plot_pr_curves(metrics, args.plots)
@@ -85,6 +93,8 @@ if __name__ == "__main__":
                    help="folder of comp4_det_<split>_<class>.txt files (read; written first with --model; "
                         "default with --model: results/ beside --out)")
     p.add_argument("--model", type=Path, help="trained detector: detect the split first, then score")
+    p.add_argument("--svd", type=int, nargs=2, metavar=("RANK6", "RANK7"),
+                   help="with --model: truncate fc6/fc7 by SVD to these ranks first (e.g. 1024 256)")
     p.add_argument("--metric", choices=["voc07", "voc10"], default=None,
                    help="AP definition (default: voc07 for VOC2007-like folders, voc10 otherwise)")
     p.add_argument("--coco", action="store_true", help="also compute COCO AP@[.5:.95] / AP50 / AP75 (pycocotools)")
