@@ -39,6 +39,8 @@ def _detect(args: argparse.Namespace, dataset) -> None:
     from detection.detector import SPPDetector
 
     detector = SPPDetector.from_file(args.model)
+    if args.svd and detector.settings.feature_layer == "pool5":
+        raise DetectionError(f"--svd: the SVMs of {args.model} read pool5 features, so fc6/fc7 are not used")
     if args.svd:
         # Measure the mAP cost of the SVD-truncated fc6/fc7 (Fast R-CNN's speed-up).
         detector.head.compress(*args.svd)
