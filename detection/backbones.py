@@ -334,14 +334,16 @@ def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> str:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for unreadable files
-        raise ModelError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+        # First line only: torch's weights_only refusal explains itself over a dozen lines.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"cannot read weights file {path}: {type(e).__name__}: {reason}") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]         # a training checkpoint wrapping the state dict
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = [str(k) for k in state if k not in expected]   # keys may be ints, ...
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if missing or unexpected or shapes:
@@ -353,7 +355,10 @@ def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> str:
         if shapes:
             parts.append(f"{len(shapes)} keys of another shape (file vs model: {_list(shapes, 3)})")
         raise ModelError(f"weights file {path} does not fit {name}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)   # casts e.g. fp16 files to the model's fp32
+    try:
+        model.load_state_dict(state, strict=True)   # casts e.g. fp16 files to the model's fp32
+    except RuntimeError as e:   # a sparse or meta tensor cannot be copied into a parameter
+        raise ModelError(f"weights file {path} does not fit {name}: {' '.join(str(e).split())[:300]}") from None
     return f"sha256:{file_sha256(path)}"
 
 

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -28,6 +29,21 @@ T = TypeVar("T")
 
 class ConfigError(DetectionError):
     """An unknown key, a value of the wrong type, or an unreadable config file."""
+
+
+#: Values in error messages are shown with reprlib: a YAML alias bomb (a few lines that expand
+#: to a list of 9**9 items when printed) gives a short message instead of hanging the tool.
+_REPR = reprlib.Repr()   # keyword arguments need Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 6, 6, 6
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def _short(value: Any) -> str:
+    return _REPR.repr(value)
+
+
+def _key(k: Any) -> str:
+    return k[:80] if isinstance(k, str) else _short(k)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -60,40 +76,40 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
+        raise ConfigError(f"{where}: {_short(value)} fits none of {tp}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+            raise ConfigError(f"{where}: {_short(value)} is not one of {list(args)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_short(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {_short(value)}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
         return from_dict(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {_short(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_short(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_short(value)}")
         return value
     raise ConfigError(f"{where}: unsupported config type {tp}")
 
@@ -102,9 +118,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build a config dataclass from a mapping; unknown keys are errors, missing keys keep defaults."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)   # YAML keys may be ints, None, ...
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join((where + '.' if where else '') + k for k in unknown)}; "
+        raise ConfigError(f"unknown config key(s) {', '.join((where + '.' if where else '') + _key(k) for k in unknown)}; "
                           f"known: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
@@ -117,7 +133,7 @@ def merge(cfg: T, updates: dict[str, Any]) -> T:
     def deep(dst: dict, src: dict, where: str) -> None:
         for k, v in src.items():
             if k not in dst:
-                raise ConfigError(f"unknown config key {where}{k}")
+                raise ConfigError(f"unknown config key {where}{_key(k)}")
             if isinstance(dst[k], dict) and isinstance(v, dict):
                 deep(dst[k], v, f"{where}{k}.")
             else:
@@ -136,8 +152,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse value ({e})") from None
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"override {item!r}: cannot parse value ({' '.join(str(e).split())})") from None
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -152,8 +168,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file (an empty file is an empty mapping)."""
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    # Fix (tests/test_fuzz.py): a file that is not UTF-8 (UnicodeDecodeError) or nests
+    # thousands of levels deep (RecursionError in PyYAML's composer) leaked a traceback.
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        reason = " ".join(str(e).split())   # PyYAML's messages span lines
+        raise ConfigError(f"cannot read config file {path}: {type(e).__name__}: {reason}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} does not hold a mapping")
     return data

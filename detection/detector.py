@@ -22,6 +22,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from .backbones import Backbone, build_backbone
 from .bbox_regression import BoxRegressors
+from .config import from_dict
 from .errors import DetectionError, ModelError
 from .features import conv_maps_for_image, pooled_window_features
 from .heads import FCHead
@@ -116,22 +117,38 @@ class SPPDetector:
         """Load a model file written by :meth:`save` (``weights_only`` loading, no pickles)."""
         tensors, meta = load_model(path)
         try:
-            settings = DetectorSettings(**{k: tuple(v) if isinstance(v, list) else v
-                                           for k, v in meta["settings"].items()})
+            if not isinstance(meta.get("settings"), dict):
+                raise TypeError("no settings mapping")
+            # Fix (tests/test_fuzz.py): type-check the settings (a list where ints belong made
+            # detect() fail later with a traceback).
+            settings = from_dict(DetectorSettings, meta["settings"], "settings")
+            classes = meta["classes"]
+            if not (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)
+                    and len(set(classes)) == len(classes)):
+                raise ValueError(f"classes must be a list of unique names, got {str(classes)[:80]}")
             backbone = build_backbone(meta["backbone"]["name"], weights=None)
             backbone.trunk.load_state_dict(unprefixed("trunk", tensors), strict=True)
             backbone.weights_id = meta["backbone"]["weights_id"]
-            head = FCHead(int(meta["head"]["in_dim"]), tuple(meta["head"]["hidden"]), num_classes=None, dropout=0.0)
-            for name, rank in (meta["head"].get("svd_ranks") or {}).items():
-                head.factorize(name, int(rank))     # the saved SVD-truncated layers' shapes
-            head_state = {k: v for k, v in unprefixed("head", tensors).items() if not k.startswith("fc8.")}
-            head.load_state_dict(head_state, strict=True)
+            # Fix (tests/test_fuzz.py): build the head on the meta device and take the file's
+            # tensors (shape-checked by load_state_dict): sizes in the metadata (in_dim, hidden,
+            # SVD ranks) never allocate memory, so a hostile file cannot ask for terabytes.
+            with torch.device("meta"):
+                head = FCHead(int(meta["head"]["in_dim"]), tuple(meta["head"]["hidden"]), num_classes=None,
+                              dropout=0.0)
+                for name, rank in (meta["head"].get("svd_ranks") or {}).items():
+                    head.factorize(name, int(rank))     # the saved SVD-truncated layers' shapes
+            head_state = {k: v.float() for k, v in unprefixed("head", tensors).items() if not k.startswith("fc8.")}
+            head.load_state_dict(head_state, strict=True, assign=True)
             svms = LinearSVMs.from_state(unprefixed("svm", tensors), meta["svm"])
             regressors = (BoxRegressors.from_state(unprefixed("bbox", tensors), meta["bbox"])
                           if meta.get("bbox") else None)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            _check_consistent(backbone, head, svms, regressors, settings)
+            detector = cls(backbone, head, svms, regressors, classes, settings, device, meta)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError, DetectionError) as e:
+            if isinstance(e, ModelError) and str(path) in str(e):
+                raise
             raise ModelError(f"model file {path} does not describe a detector: {str(e).splitlines()[0]}") from None
-        return cls(backbone, head, svms, regressors, meta["classes"], settings, device, meta)
+        return detector
 
     # ---- features -------------------------------------------------------------------------------
 
@@ -213,6 +230,21 @@ class SPPDetector:
         return Detections(boxes[cap].cpu().numpy().astype(np.float32),
                           flat_scores[cap].cpu().numpy().astype(np.float32),
                           flat_labels[cap].cpu().numpy().astype(np.int64))
+
+
+def _check_consistent(backbone: Backbone, head: FCHead, svms: LinearSVMs, regressors: BoxRegressors | None,
+                      s: DetectorSettings) -> None:
+    """Raise ValueError unless the parts of a loaded model fit each other and its settings."""
+    if s.method not in ("spp", "rcnn") or s.feature_layer not in ("pool5", "fc6", "fc7"):
+        raise ValueError(f"unknown method {s.method!r} or feature layer {s.feature_layer!r}")
+    if not (s.scales and s.levels and min(s.scales) > 0 and min(s.levels) > 0 and s.max_size > 0):
+        raise ValueError(f"scales {s.scales}, levels {s.levels} and max_size {s.max_size} must be positive")
+    pool5 = backbone.out_channels * sum(n * n for n in s.levels)
+    dims = {"pool5": pool5, "fc6": head.hidden[0], "fc7": head.hidden[1]}
+    if head.in_dim != pool5 or svms.dim != dims[s.feature_layer] or (regressors is not None and regressors.dim != pool5):
+        raise ValueError(f"dimensions do not fit: pool5 {pool5} (trunk x levels), fc input {head.in_dim}, "
+                         f"SVMs on {s.feature_layer} {svms.dim}"
+                         + (f", box regressors {regressors.dim}" if regressors is not None else ""))
 
 
 def _empty() -> Detections:

@@ -479,8 +479,12 @@ class ConvMapCache:
             info = read_json(path)
         except (ValueError, OSError):
             return None
-        ok = (isinstance(info, dict) and len(info.get("factors", ())) == len(self.scales)
-              and len(info.get("map_shapes", ())) == len(self.scales))
+        try:  # a damaged marker means "not done" (tests/test_fuzz.py: null or 5 leaked a TypeError)
+            ok = (isinstance(info, dict) and len(info["factors"]) == len(info["map_shapes"]) == len(self.scales)
+                  and all(float(f) > 0 for f in info["factors"])
+                  and all(len(s) == 3 and all(type(d) is int for d in s) for s in info["map_shapes"]))
+        except (KeyError, TypeError, ValueError):
+            ok = False
         return info if ok else None
 
     def is_complete(self, key: str, check_files: bool = True) -> bool:
@@ -505,8 +509,10 @@ class ConvMapCache:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
             raise CacheError(f"{path}: conv map file is missing") from None
-        except (ValueError, OSError, EOFError) as e:
-            raise CacheError(f"{path}: corrupt conv map file ({str(e).splitlines()[0]})") from None
+        # Exception: numpy parses a damaged header with Python's tokenizer, which raises
+        # SyntaxError, tokenize.TokenError, ... (tests/test_fuzz.py); allow_pickle=False: no code ran.
+        except Exception as e:  # noqa: BLE001
+            raise CacheError(f"{path}: corrupt conv map file ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
         if arr.dtype != self.dtype or arr.ndim != 3 or (shape is not None and tuple(arr.shape) != shape):
             raise CacheError(f"{path}: conv map has dtype {arr.dtype} shape {tuple(arr.shape)}, expected "
                              f"{self.dtype} {shape}")

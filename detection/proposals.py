@@ -639,7 +639,10 @@ def load_rcnn_mat(path: str | os.PathLike, dataset: "VOCDataset") -> ProposalSet
     for record in records:
         if record.image_id not in index:
             raise DatasetError(f"{path}: no boxes for image {record.image_id!r} of {dataset.root} ({dataset.split})")
-        raw = np.asarray(cells[index[record.image_id]], dtype=np.float64)
+        try:
+            raw = np.asarray(cells[index[record.image_id]], dtype=np.float64)
+        except (ValueError, TypeError):  # text, a struct or a nested cell (tests/test_fuzz.py)
+            raise DatasetError(f"{path}: boxes of {record.image_id!r} are not a numeric array") from None
         if raw.size == 0:
             all_boxes.append(np.zeros((0, 4), np.float32))
             continue

@@ -13,7 +13,7 @@ import json
 import sys
 
 from detection.cli import run_tool
-from detection.config import merge, parse_overrides, read_yaml_mapping
+from detection.config import ConfigError, merge, parse_overrides, read_yaml_mapping
 from detection.pipeline import PipelineConfig, embedded_default_overrides, run_pipeline
 
 
@@ -22,7 +22,11 @@ def main(args: argparse.Namespace) -> int:
     if args.data is None:
         cfg = merge(cfg, embedded_default_overrides())
     if args.config:
-        cfg = merge(cfg, read_yaml_mapping(args.config))
+        data = read_yaml_mapping(args.config)
+        try:
+            cfg = merge(cfg, data)
+        except ConfigError as e:   # say which file holds the unknown key or wrong value
+            raise ConfigError(f"config file {args.config}: {e}") from None
     flags = {"data": {"root": args.data} if args.data else {},
              "backbone": {k: v for k, v in (("name", args.backbone), ("weights", args.weights)) if v is not None},
              "features": {"scales": [688] if args.scales == "1" else [480, 576, 688, 864, 1200]} if args.scales else {},

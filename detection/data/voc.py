@@ -55,6 +55,15 @@ VOC_CLASSES: tuple[str, ...] = (
 #: larger is far beyond what SPP-net's scales (<= 1200 px) use and is refused as a likely bomb.
 MAX_IMAGE_PIXELS = 64_000_000
 
+#: Formats Pillow may open (it sniffs the content, whatever the suffix): the raster formats
+#: photos come in. Anything else is refused as unreadable -- in particular EPS, whose loader
+#: runs Ghostscript on the file, and the rarely used decoders that see little fuzzing.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+
+#: Longest image id or split name, in UTF-8 bytes: file names (``<id>.xml``, cache shards) must
+#: stay under the usual 255-byte limit, else the OS raises "File name too long".
+MAX_NAME_BYTES = 200
+
 #: Image suffixes tried, in order, for ``JPEGImages/<id>``.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 
@@ -90,7 +99,7 @@ def _open_checked(path: Path) -> Image.Image:
     try:
         # No warnings filter here (it is process-global state): our limit is below Pillow's
         # warning threshold, so Pillow only warns about images we refuse anyway.
-        img = Image.open(path)
+        img = Image.open(path, formats=IMAGE_FORMATS)
     except FileNotFoundError:
         raise DatasetError(f"image {path} does not exist") from None
     except _IMAGE_ERRORS as e:
@@ -189,6 +198,8 @@ def _check_name(value: str, what: str, source: Path) -> None:
            or ".." in value or os.path.isabs(value) or re.match(r"^[A-Za-z]:", value) is not None)
     if bad:
         raise DatasetError(f"{source}: invalid {what} {value!r} (ids must be plain file stems)")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise DatasetError(f"{source}: {what} {value[:40]!r}... is longer than {MAX_NAME_BYTES} bytes")
 
 
 def _text(elem: Element | None) -> str | None:
@@ -233,7 +244,7 @@ def _read_annotation(xml_path: Path) -> _Annotation:
     if w_text is not None and h_text is not None:
         try:
             size = (int(float(w_text)), int(float(h_text)))
-        except ValueError:
+        except (ValueError, OverflowError):  # "abc", or "inf" (found by tests/test_fuzz.py)
             size = None  # unparsable size: the image header decides anyway
     names, boxes, difficult, truncated = [], [], [], []
     for obj in root.iter("object"):
