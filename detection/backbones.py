@@ -334,9 +334,8 @@ def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> str:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for unreadable files
-        # First line only: torch's weights_only refusal explains itself over a dozen lines.
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ModelError(f"cannot read weights file {path}: {type(e).__name__}: {reason}") from None
+        from .model import torch_load_reason
+        raise ModelError(f"cannot read weights file {path}: {torch_load_reason(e)}") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]         # a training checkpoint wrapping the state dict
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

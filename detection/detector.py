@@ -147,7 +147,8 @@ class SPPDetector:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError, DetectionError) as e:
             if isinstance(e, ModelError) and str(path) in str(e):
                 raise
-            raise ModelError(f"model file {path} does not describe a detector: {str(e).splitlines()[0]}") from None
+            reason = " ".join(str(e).split())[:300]   # torch's state-dict errors span lines
+            raise ModelError(f"model file {path} does not describe a detector: {reason}") from None
         return detector
 
     # ---- features -------------------------------------------------------------------------------

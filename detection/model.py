@@ -20,7 +20,8 @@ import torch
 from .errors import ModelError
 from .io import atomic_path
 
-__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "save_model", "load_model", "prefixed", "unprefixed"]
+__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "save_model", "load_model", "prefixed", "unprefixed",
+           "torch_load_reason"]
 
 MODEL_FORMAT = "detection-model"
 MODEL_VERSION = 1
@@ -43,6 +44,22 @@ def save_model(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[st
         torch.save(blob, tmp)
 
 
+def torch_load_reason(e: BaseException) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` failed. torch's own refusal
+    spans a dozen lines and suggests ``weights_only=False``, which would run the file's code."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        # The detail ("Unsupported operand 149", "Trying to load unsupported GLOBAL posix.system
+        # ...") sits between torch's boilerplate lines.
+        lines = [line.replace("WeightsUnpickler error:", "").strip() for line in text.splitlines()[1:]]
+        detail = next((line for line in lines if line and not line.startswith(("Please file", "Check the doc"))), "")
+        detail = detail.split(". ")[0][:160]
+        return ("refused by weights-only loading: it holds something other than tensors and plain containers, "
+                "or is not a PyTorch file" + (f" ({detail})" if detail else ""))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a model file written by :func:`save_model` (never unpickles arbitrary objects).
 
@@ -59,8 +76,7 @@ def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     # must get a ModelError naming the file, not a traceback. weights_only=True means nothing of
     # the file ran, whatever failed.
     except Exception as e:  # noqa: BLE001
-        reason = str(e).splitlines()[0] if str(e) else ""
-        raise ModelError(f"model file {path} cannot be read safely: {type(e).__name__}: {reason}") from None
+        raise ModelError(f"model file {path} cannot be read safely: {torch_load_reason(e)}") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise ModelError(f"{path} is not a detection model file")
     if blob.get("version") != MODEL_VERSION:
