@@ -16,3 +16,8 @@ class CacheError(DetectionError):
 
 class ModelError(DetectionError):
     """A weights or model file does not fit what it is loaded into."""
+
+
+class StorageError(DetectionError, OSError):
+    """An output file or folder cannot be written: disk full, file size limit, read-only folder, a
+    regular file where a folder should be. Also an OSError, for callers that catch those."""

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from .boxes import flip_boxes
 from .data.records import ImageRecord
 from .errors import CacheError, DetectionError
-from .io import atomic_path, read_json, settings_key, write_json
+from .io import atomic_path, make_dirs, read_json, settings_key, write_json
 
 __all__ = [
     "CONVMAP_FORMAT_VERSION",
@@ -361,10 +361,12 @@ class ConvMapCache:
         if meta_path.exists():
             cls._check_meta(meta_path, settings)
         else:
-            if root.exists() and any(root.iterdir()):
+            # A run killed while writing meta.json leaves only its temporary file: not a reason
+            # to refuse the folder (the next write_json makes a new one).
+            if root.exists() and any(not _is_temp(p) for p in root.iterdir()):
                 raise CacheError(f"{root} holds files but no {cls.META}: not a conv-map cache of this "
                                  "version (delete it or pass rebuild=True)")
-            root.mkdir(parents=True, exist_ok=True)
+            make_dirs(root)
             write_json(meta_path, {
                 "format": "convmap-cache",
                 "version": CONVMAP_FORMAT_VERSION,
@@ -603,6 +605,11 @@ class _LazyMaps(Sequence):
         if k not in self._loaded:
             self._loaded[k] = self.cache._load_map(self.key, k, self.shapes[k])
         return self._loaded[k]
+
+
+def _is_temp(path: Path) -> bool:
+    """A temporary file of ``detection.io.atomic_path`` (``.<name>.<pid>.<random>.tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def _key(record_or_key: ImageRecord | str) -> str:

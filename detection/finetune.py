@@ -24,7 +24,7 @@ from .boxes import box_iou_numpy
 from .data.records import ImageRecord
 from .errors import DetectionError
 from .heads import FCHead
-from .io import atomic_path
+from .io import atomic_torch_save
 
 __all__ = ["FinetuneConfig", "WindowLabels", "label_windows", "sample_minibatch", "finetune"]
 
@@ -221,8 +221,7 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
             state = {"head": head.state_dict(), "optimizer": opt.state_dict(), "iteration": done, "key": key}
             if cfg.finetune_conv:
                 state["trunk"] = trunk.state_dict()
-            with atomic_path(checkpoint) as tmp:
-                torch.save(state, tmp)
+            atomic_torch_save(checkpoint, state)
     head.eval()
     if trunk is not None:
         trunk.eval()

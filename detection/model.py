@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import ModelError
-from .io import atomic_path
+from .io import atomic_torch_save
 
 __all__ = ["MODEL_FORMAT", "MODEL_VERSION", "save_model", "load_model", "prefixed", "unprefixed",
            "torch_load_reason"]
@@ -40,8 +40,7 @@ def save_model(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[st
     """Write the model file atomically. ``meta`` must be JSON-able."""
     blob = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "meta": json.dumps(meta, sort_keys=True),
             "tensors": {k: v.detach().cpu().contiguous() for k, v in tensors.items()}}
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    atomic_torch_save(path, blob)
 
 
 def torch_load_reason(e: BaseException) -> str:

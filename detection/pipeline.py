@@ -21,7 +21,7 @@ from .config import save_config, to_dict
 from .detector import DetectorSettings, SPPDetector
 from .errors import DetectionError
 from .finetune import FinetuneConfig
-from .io import read_json, settings_key, write_json
+from .io import make_dirs, read_json, settings_key, write_json
 from .svm import SVMConfig
 
 __all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "FeatureConfig", "ConvFinetuneConfig",
@@ -160,7 +160,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     from .train import TrainConfig, rcnn_pool5_fn, spp_pool5_fn, train_detector
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     save_config(cfg, out / "config.yaml")
     stages = _Stages(out)
     timings: dict[str, float] = {}
@@ -318,7 +318,7 @@ def _finetune_conv(cfg: PipelineConfig, backbone, train_ds, train_props, work: P
     from .features import pooled_window_features
     from .finetune import finetune, label_windows
     from .heads import FCHead
-    from .io import atomic_path
+    from .io import atomic_torch_save
     from .spp import scale_factors
 
     c = cfg.conv_finetune
@@ -352,14 +352,13 @@ def _finetune_conv(cfg: PipelineConfig, backbone, train_ds, train_props, work: P
     gen = torch.Generator().manual_seed(c.seed)
     head = FCHead(backbone.out_channels * sum(n * n for n in levels), c.hidden, num_classes=len(train_ds.classes),
                   dropout=0.5, generator=gen)
-    work.mkdir(parents=True, exist_ok=True)
+    make_dirs(work)
     bar = tqdm(total=c.iterations, desc="fine-tune conv", disable=not progress)
     losses = finetune(head, windows, pooled, fcfg, checkpoint=work / "checkpoint.pt", trunk=backbone.trunk,
                       checkpoint_key=f"conv:{key}:{backbone.name}:{backbone.weights_id}",
                       progress=lambda it, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"))
     bar.close()
-    with atomic_path(trunk_path) as tmp:
-        torch.save(backbone.trunk.state_dict(), tmp)
+    atomic_torch_save(trunk_path, backbone.trunk.state_dict())
     backbone.weights_id = f"finetuned:{key}"
     stages.mark("conv_finetune", key, time.perf_counter() - t0,
                 first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)

@@ -62,7 +62,7 @@ import numpy as np
 
 from .boxes import box_iou_numpy, flip_boxes
 from .errors import CacheError, DatasetError, DetectionError
-from .io import atomic_path, atomic_save_npz, load_npz, settings_key
+from .io import atomic_path, atomic_save_npz, load_npz, make_dirs, settings_key
 
 if TYPE_CHECKING:
     from .data.records import ImageRecord
@@ -554,7 +554,7 @@ def compute_proposals(
         except CacheError as e:
             logger.warning("%s; rebuilding it from the shards", e)
 
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(shard_dir)  # a StorageError naming the folder when it cannot be made
     shards = [shard_dir / _shard_name(i) for i in image_ids]
     todo = [(r, s) for r, s in zip(records, shards) if _read_shard(s) is None]
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
