@@ -11,12 +11,14 @@ pickles with a malicious ``__reduce__``, YAML object tags and alias bombs, decom
 must be refused without running or expanding anything.
 
 Hypothesis runs derandomized (the same examples on every run: reproducible in CI, no example
-database), with a bounded number of examples and a per-example deadline.
+database), with a bounded number of examples and a per-example deadline. For a deeper run, scale
+the example counts: ``SPP_FUZZ_SCALE=20 python -m pytest tests/test_fuzz.py``.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import struct
 import tempfile
@@ -51,9 +53,12 @@ from detection.proposals import ProposalSet, load_rcnn_mat
 from detection.timing import random_detector
 
 
+FUZZ_SCALE = max(1, int(os.environ.get("SPP_FUZZ_SCALE", "1")))
+
+
 def fuzz(max_examples: int = 40, seconds: float = 5.0):
     """Hypothesis settings: derandomized, no example database, bounded examples and time."""
-    return settings(max_examples=max_examples, derandomize=True, database=None,
+    return settings(max_examples=max_examples * FUZZ_SCALE, derandomize=True, database=None,
                     deadline=timedelta(seconds=seconds), print_blob=False,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                            HealthCheck.data_too_large, HealthCheck.filter_too_much])

@@ -7,10 +7,14 @@ saying 0x0) just work.
 Cost control: every bad case runs against one cheap tool (compute_proposals.py, in-process
 selective search on two images), and every tool runs against two cases -- one caught while the
 dataset is read (random bytes instead of a JPEG) and one caught only when the pixels are decoded
-(a truncated JPEG). Splits are cut to two images so the reading step comes within seconds.
+(a truncated JPEG). Splits are cut to two images so the reading step comes within seconds. The
+tool runs (their start-up dominates) are all started by one fixture, two at a time with one
+thread each, and each test checks its run's outcome.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import shutil
 import subprocess
 import sys
@@ -30,9 +34,13 @@ from detection.timing import random_detector
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
+# Two tools run at a time: one thread each, or torch starts a thread per core in both.
+CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
 def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOLS / tool), *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=CHILD_ENV)
 
 
 def assert_refused(proc: subprocess.CompletedProcess, needle: str) -> str:
@@ -139,43 +147,7 @@ def broken(base: Path, tmp_path: Path, case, split: str = "trainval") -> tuple[P
 
 
 # --------------------------------------------------------------------------------------------
-# every bad case against one tool
-
-
-@pytest.mark.parametrize("case", BAD_CASES, ids=lambda c: c.__name__)
-def test_compute_proposals_names_the_bad_input(base, tmp_path, case):
-    root, needle = broken(base, tmp_path, case)
-    proc = run_tool("compute_proposals.py", "--data", root, "--split", "trainval", "--out", tmp_path / "props",
-                    "--workers", "1", "--no-progress")
-    assert_refused(proc, needle)
-
-
-def test_files_real_datasets_get_wrong_but_are_fine(base, tmp_path, tiny_model):
-    """A PNG named .jpg, a greyscale JPEG and an XML saying 0x0: every tool that reads them works."""
-    root = tmp_path / "data"
-    shutil.copytree(base, root)
-    a, b = (root / "ImageSets" / "Main" / "trainval.txt").read_text().split()
-    t = first_id(root, "test")
-    with Image.open(root / "JPEGImages" / f"{a}.jpg") as im:
-        im.save(root / "JPEGImages" / f"{a}.jpg", format="PNG")
-    with Image.open(root / "JPEGImages" / f"{b}.jpg") as im:
-        im.convert("L").save(root / "JPEGImages" / f"{b}.jpg", format="JPEG")
-    _edit_xml(root, t, "width", "0")
-    _edit_xml(root, t, "height", "0")
-    assert_ok(run_tool("compute_proposals.py", "--data", root, "--split", "trainval", "--out", tmp_path / "props",
-                       "--workers", "1", "--no-progress"))
-    results = tmp_path / "results"
-    results.mkdir()
-    assert_ok(run_tool("eval_voc.py", "--data", root, "--split", "test", "--results", results,
-                       "--out", tmp_path / "metrics.json", "--quiet"))
-    proc = run_tool("demo.py", "--model", tiny_model, "--images", root / "JPEGImages" / f"{a}.jpg",
-                    root / "JPEGImages" / f"{b}.jpg", "--out", tmp_path / "demo", "--quiet")
-    assert_ok(proc)
-    assert len(list((tmp_path / "demo").glob("*_det.png"))) == 2
-
-
-# --------------------------------------------------------------------------------------------
-# every tool against a case caught while reading the dataset and one caught while decoding
+# the tool runs
 
 
 @pytest.fixture(scope="module")
@@ -230,18 +202,93 @@ TOOL_RUNS = {
 DECODING_TOOLS = [t for t in TOOL_RUNS if t not in ("eval_voc_results", "train_svm", "eval_voc_model")]
 
 
+def _fine_dataset(base: Path, tmp: Path) -> tuple[Path, list[str]]:
+    """A PNG named .jpg and a greyscale JPEG (the training images), an XML saying 0x0 (the
+    first test image)."""
+    root = tmp / "data"
+    shutil.copytree(base, root)
+    a, b = (root / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    with Image.open(root / "JPEGImages" / f"{a}.jpg") as im:
+        im.save(root / "JPEGImages" / f"{a}.jpg", format="PNG")
+    with Image.open(root / "JPEGImages" / f"{b}.jpg") as im:
+        im.convert("L").save(root / "JPEGImages" / f"{b}.jpg", format="JPEG")
+    t = first_id(root, "test")
+    _edit_xml(root, t, "width", "0")
+    _edit_xml(root, t, "height", "0")
+    return root, [a, b]
+
+
+def _jobs(base: Path, tmp_path_factory, model: Path) -> dict[str, tuple[tuple, str | None]]:
+    """name -> (tool command, what its error line must contain; None: it must succeed)."""
+    jobs = {}
+    for case in BAD_CASES:
+        tmp = tmp_path_factory.mktemp(case.__name__)
+        root, needle = broken(base, tmp, case)
+        jobs[f"compute_proposals/{case.__name__}"] = (
+            ("compute_proposals.py", "--data", root, "--split", "trainval", "--out", tmp / "props",
+             "--workers", "1", "--no-progress"), needle)
+    for case, tools in ((random_bytes, list(TOOL_RUNS)), (truncated_jpeg, DECODING_TOOLS)):
+        for tool in tools:
+            tmp = tmp_path_factory.mktemp(tool)
+            root, needle = broken(base, tmp, case)
+            jobs[f"{tool}/{case.__name__}"] = (TOOL_RUNS[tool](root, tmp, model), needle)
+    tmp = tmp_path_factory.mktemp("missing")
+    jobs["demo/missing_file"] = (("demo.py", "--model", model, "--images", tmp / "nosuch.jpg", "--out", tmp / "demo"),
+                                 "nosuch.jpg")
+    tmp = tmp_path_factory.mktemp("fine")
+    root, ids = _fine_dataset(base, tmp)
+    (tmp / "results").mkdir()
+    jobs["fine/compute_proposals"] = (("compute_proposals.py", "--data", root, "--split", "trainval", "--out",
+                                       tmp / "props", "--workers", "1", "--no-progress"), None)
+    jobs["fine/eval_voc"] = (("eval_voc.py", "--data", root, "--split", "test", "--results", tmp / "results",
+                              "--out", tmp / "metrics.json", "--quiet"), None)
+    jobs["fine/demo"] = (("demo.py", "--model", model, "--images", *(root / "JPEGImages" / f"{i}.jpg" for i in ids),
+                          "--out", tmp / "demo", "--quiet"), None)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def runs(base, tiny_model, tmp_path_factory):
+    """Every tool run of this file, started at once, two at a time (slowest first): name ->
+    (future of the CompletedProcess, needle)."""
+    jobs = _jobs(base, tmp_path_factory, tiny_model)
+    order = sorted(jobs, key=lambda n: not n.startswith(("fine", "run_pipeline", "eval_voc_model")))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        yield {name: (pool.submit(run_tool, *jobs[name][0]), jobs[name][1]) for name in order}
+
+
+def outcome(runs, name: str) -> tuple[subprocess.CompletedProcess, str | None]:
+    future, needle = runs[name]
+    return future.result(), needle
+
+
+# --------------------------------------------------------------------------------------------
+# every bad case against one tool; every tool against an unreadable and a truncated image
+
+
+@pytest.mark.parametrize("case", BAD_CASES, ids=lambda c: c.__name__)
+def test_compute_proposals_names_the_bad_input(runs, case):
+    assert_refused(*outcome(runs, f"compute_proposals/{case.__name__}"))
+
+
 @pytest.mark.parametrize("tool", sorted(TOOL_RUNS))
-def test_every_tool_names_an_unreadable_image(base, tmp_path, tiny_model, tool):
-    root, needle = broken(base, tmp_path, random_bytes)
-    assert_refused(run_tool(*TOOL_RUNS[tool](root, tmp_path, tiny_model)), needle)
+def test_every_tool_names_an_unreadable_image(runs, tool):
+    assert_refused(*outcome(runs, f"{tool}/random_bytes"))
 
 
 @pytest.mark.parametrize("tool", DECODING_TOOLS)
-def test_every_tool_names_a_truncated_image(base, tmp_path, tiny_model, tool):
-    root, needle = broken(base, tmp_path, truncated_jpeg)
-    assert_refused(run_tool(*TOOL_RUNS[tool](root, tmp_path, tiny_model)), needle)
+def test_every_tool_names_a_truncated_image(runs, tool):
+    assert_refused(*outcome(runs, f"{tool}/truncated_jpeg"))
 
 
-def test_demo_names_a_missing_image(tmp_path, tiny_model):
-    proc = run_tool("demo.py", "--model", tiny_model, "--images", tmp_path / "nosuch.jpg", "--out", tmp_path / "demo")
-    assert_refused(proc, "nosuch.jpg")
+def test_demo_names_a_missing_image(runs):
+    assert_refused(*outcome(runs, "demo/missing_file"))
+
+
+@pytest.mark.parametrize("tool", ["compute_proposals", "eval_voc", "demo"])
+def test_files_real_datasets_get_wrong_but_are_fine(runs, tool):
+    """A PNG named .jpg, a greyscale JPEG and an XML saying 0x0: every tool that reads them works."""
+    proc, _ = outcome(runs, f"fine/{tool}")
+    assert_ok(proc)
+    if tool == "demo":
+        assert proc.stdout.count("_det.png") == 2
