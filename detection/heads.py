@@ -7,6 +7,7 @@ SVMs are then trained on fc7 (or pool5 / fc6) features. :class:`FCHead` computes
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -38,7 +39,9 @@ class FCHead(nn.Module):
         # Fix (tests/test_heads.py): nn.Linear's default init draws from torch's global RNG; fork
         # it so building a head really leaves the caller's random stream untouched (every weight
         # is overwritten from ``generator`` below anyway).
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # hidden (0, 0) is the empty head of a pool5 detector (no fc layer used or stored).
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
             self.fc6 = nn.Linear(in_dim, hidden[0])
             self.fc7 = nn.Linear(hidden[0], hidden[1])
         self.dropout = nn.Dropout(dropout)
@@ -51,6 +54,8 @@ class FCHead(nn.Module):
     @torch.no_grad()
     def _init(self, generator: torch.Generator | None) -> None:
         for layer in (self.fc6, self.fc7):
+            if layer.weight.numel() == 0:
+                continue
             # He-style init keeps activations of a randomly initialised head in a usable range.
             std = (2.0 / layer.in_features) ** 0.5
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)

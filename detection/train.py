@@ -129,8 +129,11 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
     """
     k = len(classes)
     gen = torch.Generator().manual_seed(cfg.seed)
-    head = FCHead(pool5_dim, cfg.finetune.hidden, num_classes=k, dropout=cfg.finetune.dropout, generator=gen)
-    if backbone.head is not None:
+    # SVMs on pool5 use no fc layer: an empty head keeps ~400 MB of unused fc6/fc7 out of the
+    # model file (and out of memory).
+    hidden = (0, 0) if settings.feature_layer == "pool5" else cfg.finetune.hidden
+    head = FCHead(pool5_dim, hidden, num_classes=k, dropout=cfg.finetune.dropout, generator=gen)
+    if backbone.head is not None and settings.feature_layer != "pool5":
         head.load_pretrained(backbone.head)
     if settings.feature_layer != "pool5" and cfg.finetune.enabled:
         windows = [label_windows(r, proposals(r), cfg.finetune) for r in records]

@@ -224,3 +224,10 @@ def test_compress_on_cuda_stays_on_cuda():
     head.compress(3, 2)
     assert all(p.is_cuda for p in head.parameters())
     assert head(x).is_cuda
+
+
+def test_empty_head_of_a_pool5_detector_passes_pool5_through():
+    head = FCHead(40, (0, 0), num_classes=None)
+    assert sum(t.numel() for t in head.state_dict().values()) == 0
+    x = torch.randn(3, 40)
+    assert torch.equal(head.features(x, "pool5"), x)
