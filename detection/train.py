@@ -22,7 +22,7 @@ from .detector import DetectorSettings, SPPDetector
 from .errors import DetectionError
 from .finetune import FinetuneConfig, finetune, label_windows
 from .heads import FCHead
-from .svm import ImageSample, SVMConfig, train_svms
+from .svm import ImageSample, SVMConfig, compute_feature_scale, train_svms
 
 __all__ = ["TrainConfig", "WindowFeatureSource", "spp_pool5_fn", "rcnn_pool5_fn", "train_detector"]
 
@@ -71,8 +71,12 @@ class WindowFeatureSource:
 
     def __init__(self, records: Sequence[ImageRecord], proposals: Callable[[ImageRecord], np.ndarray],
                  pool5_fn: Pool5Fn, head: FCHead | None, layer: str, dim: int,
-                 max_windows: int | None = None) -> None:
+                 max_windows: int | None = None,
+                 keep_proposals: Callable[[ImageRecord, np.ndarray], np.ndarray] | None = None) -> None:
         self.records = list(records)
+        # Optional filter (record, boxes) -> boxes, applied before any feature is computed: the
+        # box regressors only need proposals that overlap a ground truth.
+        self.keep_proposals = keep_proposals
         self.proposals = proposals
         self.pool5_fn = pool5_fn
         self.head = head
@@ -88,6 +92,8 @@ class WindowFeatureSource:
         if self.max_windows is not None and len(boxes) > self.max_windows:
             # Selective search returns boxes in its priority order: keep the first ones.
             boxes = boxes[: self.max_windows]
+        if self.keep_proposals is not None:
+            boxes = np.asarray(self.keep_proposals(record, boxes), dtype=np.float32).reshape(-1, 4)
         return boxes
 
     @torch.inference_mode()
@@ -163,12 +169,38 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
     if cfg.bbox_regression:
         pool5_source = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim,
                                            cfg.max_train_windows)
-        regressors = train_box_regressors(pool5_source, k, cfg.bbox, class_names=classes, progress=progress)
+        if settings.feature_layer == "pool5" and _same_norm_sample(cfg.svm, cfg.bbox):
+            scale = svms.feature_scale        # the same features, sampled the same way
+        else:
+            scale = compute_feature_scale(pool5_source, cfg.bbox.target_norm, cfg.bbox.norm_images,
+                                          cfg.bbox.norm_boxes_per_image, cfg.bbox.seed, progress)[0]
+        # With the scale known, only proposals that can become samples need features (a few
+        # percent of them): the same samples, in the same order, as reading every proposal.
+        near_gt = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim, cfg.max_train_windows,
+                                      keep_proposals=lambda r, b: _near_ground_truth(r, b, cfg.bbox))
+        regressors = train_box_regressors(near_gt, k, cfg.bbox, class_names=classes, feature_scale=scale,
+                                          progress=progress)
     return SPPDetector(backbone, head, svms, regressors, classes, settings,
                        meta={"train": {"num_images": len(records), "seed": cfg.seed,
                                        "finetune": dataclasses.asdict(cfg.finetune),
                                        "svm": dataclasses.asdict(cfg.svm),
                                        "bbox": dataclasses.asdict(cfg.bbox) if cfg.bbox_regression else None}})
+
+
+def _same_norm_sample(a: SVMConfig, b: BBoxRegressionConfig) -> bool:
+    return (a.target_norm, a.norm_images, a.norm_boxes_per_image, a.seed) == \
+        (b.target_norm, b.norm_images, b.norm_boxes_per_image, b.seed)
+
+
+def _near_ground_truth(record: ImageRecord, boxes: np.ndarray, cfg: BBoxRegressionConfig) -> np.ndarray:
+    """The proposals whose best IoU with a (non-difficult) ground truth exceeds ``cfg.min_iou``."""
+    from .boxes import box_iou_numpy
+
+    keep = np.ones(len(record.boxes), bool) if cfg.use_difficult else ~np.asarray(record.difficult, bool)
+    gt = record.boxes[keep]
+    if len(gt) == 0 or len(boxes) == 0:
+        return boxes[:0]
+    return boxes[box_iou_numpy(boxes, gt).max(axis=1) > cfg.min_iou]
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

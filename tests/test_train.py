@@ -1,0 +1,54 @@
+"""detection.train: the box regressors read features only of proposals near a ground truth, and
+get exactly the model that reading every proposal gives."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detection.bbox_regression import BBoxRegressionConfig, train_box_regressors
+from detection.data.records import ImageRecord
+from detection.train import WindowFeatureSource, _near_ground_truth
+
+DIM = 12
+
+
+def _record(i: int, rng: np.random.Generator) -> ImageRecord:
+    xy = rng.uniform(0, 60, (2, 2))
+    gt = np.concatenate([xy, xy + rng.uniform(20, 40, (2, 2))], axis=1).astype(np.float32)
+    return ImageRecord(image_id=f"im{i}", path=Path(f"im{i}.jpg"), width=120, height=120, boxes=gt,
+                       labels=np.array([0, 1]), difficult=np.array([False, i % 3 == 0]),
+                       truncated=np.zeros(2, bool))
+
+
+def _proposals(record: ImageRecord) -> np.ndarray:
+    rng = np.random.default_rng(int(record.image_id[2:]))
+    jitter = np.repeat(record.boxes, 30, axis=0) + rng.normal(0, 6, (60, 4)).astype(np.float32)
+    xy = rng.uniform(0, 80, (60, 2))
+    far = np.concatenate([xy, xy + rng.uniform(5, 40, (60, 2))], axis=1).astype(np.float32)
+    boxes = np.concatenate([jitter, far])
+    boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+    return boxes
+
+
+def _pool5(record: ImageRecord, boxes: torch.Tensor) -> torch.Tensor:
+    # A deterministic per-window feature (what pooling a cached map is): depends on the box only.
+    b = boxes.double()
+    basis = torch.arange(1, DIM + 1, dtype=torch.float64)
+    return torch.relu(torch.sin(b[:, :1] * basis / 40) + torch.cos(b[:, 2:3] * basis / 50) + b[:, 1:2] / 100).float()
+
+
+def test_regressors_from_near_ground_truth_proposals_equal_those_from_all():
+    rng = np.random.default_rng(0)
+    records = [_record(i, rng) for i in range(12)]
+    cfg = BBoxRegressionConfig(lam=10.0)
+    every = WindowFeatureSource(records, _proposals, _pool5, None, "pool5", DIM)
+    near = WindowFeatureSource(records, _proposals, _pool5, None, "pool5", DIM,
+                               keep_proposals=lambda r, b: _near_ground_truth(r, b, cfg))
+    assert 0 < len(near.image(0).boxes) < len(every.image(0).boxes)
+    a = train_box_regressors(every, 2, cfg, feature_scale=0.5)
+    b = train_box_regressors(near, 2, cfg, feature_scale=0.5)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    np.testing.assert_array_equal(a.biases, b.biases)
+    assert a.meta["stats"] == b.meta["stats"]
