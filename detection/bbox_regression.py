@@ -38,7 +38,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import Ridge
 from tqdm import tqdm
 
 from .boxes import box_iou_numpy
@@ -287,6 +286,60 @@ def collect_regression_samples(source: FeatureSource, num_classes: int, cfg: BBo
     return out
 
 
+#: Rows / columns converted to float64 at a time by the ridge solver.
+_CHUNK = 2048
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, lam: float, regularize_bias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``min ||A b - y||^2 + lam ||b||^2`` with ``A = [x, 1]`` (``regularize_bias``: the bias
+    column is penalised, as SPP-net's code does) or an unpenalised intercept (x and y centred).
+
+    Memory is ``min(N, D)^2`` float64 plus one float64 chunk of ``x``, never a float64 copy of
+    ``x``: pool5 features are 25,600 wide, and sklearn's Ridge on a float64 copy of 9,000 of them
+    (copied again for centring) took ~6 GB. The Gram matrix is accumulated in float64 (the normal
+    equations lose digits in float32): ``(A'A + lam I) b = A'y`` when N > D, else the kernel
+    form ``b = A' (A A' + lam I)^-1 y``.
+
+    Returns ``(weight [D, k], bias [k])``.
+    """
+    n, d = x.shape
+    x_mean = np.zeros(d) if regularize_bias else x.mean(axis=0, dtype=np.float64)
+    y_mean = np.zeros(y.shape[1]) if regularize_bias else y.mean(axis=0)
+    yc = y - y_mean
+
+    def cols(lo: int, hi: int) -> np.ndarray:      # float64 (centred) columns lo:hi of A
+        return x[:, lo:hi].astype(np.float64) - x_mean[lo:hi]
+
+    def rows(lo: int, hi: int) -> np.ndarray:      # float64 (centred) rows lo:hi of A
+        return x[lo:hi].astype(np.float64) - x_mean
+
+    ones = 1.0 if regularize_bias else 0.0         # the bias column of A (absent: centred)
+    if n > d:
+        gram = np.zeros((d + 1, d + 1))
+        rhs = np.zeros((d + 1, y.shape[1]))
+        for lo in range(0, n, _CHUNK):
+            a = np.concatenate([rows(lo, lo + _CHUNK), np.full((min(_CHUNK, n - lo), 1), ones)], axis=1)
+            gram += a.T @ a
+            rhs += a.T @ yc[lo:lo + _CHUNK]
+        gram[np.diag_indices_from(gram)] += lam
+        if not regularize_bias:
+            gram[d, d] = 1.0                       # no bias column: a dummy unknown fixed at 0
+        beta = np.linalg.solve(gram, rhs)
+        weight, b = beta[:d], beta[d]
+    else:
+        kernel = np.full((n, n), ones)
+        for lo in range(0, d, _CHUNK):
+            a = cols(lo, lo + _CHUNK)
+            kernel += a @ a.T
+        kernel[np.diag_indices_from(kernel)] += lam
+        alpha = np.linalg.solve(kernel, yc)
+        weight = np.concatenate([cols(lo, lo + _CHUNK).T @ alpha for lo in range(0, d, _CHUNK)])
+        b = ones * alpha.sum(axis=0)
+    if not regularize_bias:
+        b = y_mean - x_mean @ weight
+    return weight, b
+
+
 def _fit_class(x: np.ndarray, y: np.ndarray, cfg: BBoxRegressionConfig) -> tuple[np.ndarray, ...]:
     """Ridge fit of one class. x: [N, D] scaled features; y: [N, 4] raw targets.
 
@@ -300,16 +353,10 @@ def _fit_class(x: np.ndarray, y: np.ndarray, cfg: BBoxRegressionConfig) -> tuple
     whiten = evecs @ np.diag(1.0 / np.sqrt(evals)) @ evecs.T
     unwhiten = evecs @ np.diag(np.sqrt(evals)) @ evecs.T
     yn = yc @ whiten
-    # float64 for the solve: a per-class copy, and the normal equations lose digits in float32.
-    if cfg.regularize_bias:
-        a = np.concatenate([x, np.ones((len(x), 1))], axis=1, dtype=np.float64)
-        ridge = Ridge(alpha=cfg.lam, fit_intercept=False).fit(a, yn)
-        weight, bias = ridge.coef_[:, :-1].T, ridge.coef_[:, -1]
-    else:
-        a = np.asarray(x, dtype=np.float64)
-        ridge = Ridge(alpha=cfg.lam, fit_intercept=True).fit(a, yn)
-        weight, bias = ridge.coef_.T, ridge.intercept_
-    pred = (a @ ridge.coef_.T + (0.0 if cfg.regularize_bias else ridge.intercept_)) @ unwhiten + mean
+    weight, bias = _ridge(x, yn, cfg.lam, cfg.regularize_bias)
+    pred = (x.astype(np.float64) @ weight + bias) @ unwhiten + mean if len(x) <= _CHUNK else \
+        np.concatenate([(x[i:i + _CHUNK].astype(np.float64) @ weight + bias) @ unwhiten + mean
+                        for i in range(0, len(x), _CHUNK)])
     mse = ((pred - y) ** 2).mean(axis=0)
     return weight, bias, mean, unwhiten, mse
 

@@ -210,3 +210,20 @@ def test_default_config_is_spp_net():
     cfg = BBoxRegressionConfig()
     assert (cfg.lam, cfg.min_iou, cfg.target_norm) == (4000.0, 0.5, 20.0)
     assert dataclasses.asdict(cfg)["regularize_bias"] is True
+
+
+@pytest.mark.parametrize("regularize_bias", [True, False])
+@pytest.mark.parametrize("n", [40, 9])
+def test_fit_in_chunks_equals_the_closed_form(monkeypatch, regularize_bias, n):
+    # Chunks of 5 rows / columns: the float64 accumulation across chunks must give the same fit.
+    import detection.bbox_regression as bbr
+    monkeypatch.setattr(bbr, "_CHUNK", 5)
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(n, 12)) + 0.5).astype(np.float32)
+    y = rng.normal(scale=0.1, size=(n, 4))
+    w, b, mean, unwhiten, mse = _fit_class(x, y, BBoxRegressionConfig(lam=2.0, regularize_bias=regularize_bias))
+    f = rng.normal(size=(6, 12)) + 0.5
+    want = ridge_slow(x.astype(np.float64), y, 2.0, regularize_bias)(f)
+    np.testing.assert_allclose((f @ w + b) @ unwhiten + mean, want, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(mse, ((ridge_slow(x.astype(np.float64), y, 2.0, regularize_bias)(x) - y) ** 2).mean(0),
+                               rtol=1e-6, atol=1e-10)
