@@ -6,6 +6,7 @@ and was made with the same settings (each stage records a hash of the settings i
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -325,9 +326,16 @@ def _finetune_conv(cfg: PipelineConfig, backbone, train_ds, train_props, work: P
     key = _key(cfg.data, cfg.proposals, cfg.backbone, cfg.features, c)
     trunk_path = work / "trunk.pt"
     if stages.done("conv_finetune", key, trunk_path):
-        backbone.trunk.load_state_dict(torch.load(trunk_path, map_location="cpu", weights_only=True))
-        backbone.weights_id = f"finetuned:{key}"
-        return
+        try:
+            state = torch.load(trunk_path, map_location="cpu", weights_only=True)
+            copy.deepcopy(backbone.trunk).load_state_dict(state)   # check it fits before touching the trunk
+        except Exception as e:  # noqa: BLE001 - any unreadable file: redo the stage, do not crash
+            log.warning("%s cannot be read (%s): training the conv layers again", trunk_path,
+                        " ".join(str(e).split())[:200] or type(e).__name__)
+        else:
+            backbone.trunk.load_state_dict(state)
+            backbone.weights_id = f"finetuned:{key}"
+            return
     t0 = time.perf_counter()
     fcfg = FinetuneConfig(iterations=c.iterations, lr=c.lr, lr_steps=c.lr_steps, batch_size=c.batch_size,
                           images_per_batch=c.images_per_batch, hidden=c.hidden, finetune_conv=True,
