@@ -502,3 +502,16 @@ def test_eval_tool_end_to_end(tmp_path, capsys):
     code, stdout, stderr = _run_tool(tool, [*argv, "--model", str(tmp_path / "model.pt")], capsys)
     # Until detect_dataset exists: a clear error; afterwards: the missing model file is named.
     assert code == 2 and ("detection.detector is not available" in stderr or "model.pt" in stderr)
+
+
+def test_rewriting_result_files_never_leaves_a_mix_of_runs(tmp_path):
+    old = [ClassDetections(["x"], [0.5], [[0, 0, 9, 9]]), ClassDetections(["x"], [0.4], [[1, 1, 9, 9]])]
+    write_result_files(tmp_path, "t", ["a", "b"], old)
+    # A new run that fails part-way (class b's detections are invalid): class a's old file must
+    # not survive beside it as if it were part of the new run.
+    bad = [ClassDetections(["x"], [0.9], [[0, 0, 5, 5]]), ClassDetections(["x"], [math.nan], [[0, 0, 1, 1]])]
+    with pytest.raises(DetectionError):
+        write_result_files(tmp_path, "t", ["a", "b"], bad)
+    assert not (tmp_path / result_file_name("t", "b")).exists()
+    text = (tmp_path / result_file_name("t", "a")).read_text() if (tmp_path / result_file_name("t", "a")).exists() else ""
+    assert "0.5" not in text

@@ -493,8 +493,13 @@ def write_result_files(out_dir: str | Path, split: str, classes: Sequence[str],
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    per_class = _as_list(classes, detections)
+    # Remove the previous run's files first: a run killed part-way then leaves some classes
+    # missing (reported when scored), never a silent mix of old and new detections.
+    for name in classes:
+        (out_dir / result_file_name(split, name, prefix)).unlink(missing_ok=True)
     paths = []
-    for name, d in zip(classes, _as_list(classes, detections)):
+    for name, d in zip(classes, per_class):
         if not np.isfinite(d.scores).all() or not np.isfinite(d.boxes).all():
             raise DetectionError(f"detections of class {name!r} contain NaN or infinite values")
         ids = d.image_ids.tolist()
