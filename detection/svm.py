@@ -147,7 +147,9 @@ class FeatureSource(Protocol):
     called for the same ``i`` (the trainers read an image more than once: for the feature
     statistics, for the positives, for mining). With ``with_proposals=False`` the caller only needs
     the ground truth, so the source may return empty ``boxes``/``features`` and skip the
-    expensive proposal features.
+    expensive proposal features. A source may also offer ``sample_candidates(i, choose)``,
+    returning ``(key, features of candidate rows choose(num_candidates))`` computed for those
+    rows only; :func:`compute_feature_scale` then uses it.
     """
 
     dim: int
@@ -207,15 +209,22 @@ def compute_feature_scale(source: FeatureSource, target_norm: float, num_images:
         raise DetectionError("the feature source has no images")
     picks = np.sort(rng.choice(n, size=min(n, num_images), replace=False))
     norms: list[np.ndarray] = []
+    # A source that can pool chosen rows only (``sample_candidates``) saves pooling the rest:
+    # the rows drawn, and so the result, are the same.
+    sample = getattr(source, "sample_candidates", None)
     for i in tqdm(picks, desc="feature norm", disable=not progress):
-        s = source.image(int(i))
-        feats = s.candidate_features()
+        if sample is not None:
+            key, feats = sample(int(i), lambda n: rng.choice(n, size=min(n, boxes_per_image), replace=False))
+        else:
+            s = source.image(int(i))
+            key, feats = s.key, s.candidate_features()
+            if len(feats):
+                feats = feats[rng.choice(len(feats), size=min(len(feats), boxes_per_image), replace=False)]
         if len(feats) == 0:
             continue
         if not np.isfinite(feats).all():
-            raise DetectionError(f"image {s.key} (index {i}): features contain NaN or inf")
-        rows = rng.choice(len(feats), size=min(len(feats), boxes_per_image), replace=False)
-        norms.append(np.linalg.norm(feats[rows].astype(np.float64), axis=1))
+            raise DetectionError(f"image {key} (index {i}): features contain NaN or inf")
+        norms.append(np.linalg.norm(feats.astype(np.float64), axis=1))
     if not norms:
         raise DetectionError("the feature source returned no features (no GT boxes and no proposals)")
     mean_norm = float(np.concatenate(norms).mean())

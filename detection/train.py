@@ -97,6 +97,20 @@ class WindowFeatureSource:
         return boxes
 
     @torch.inference_mode()
+    def sample_candidates(self, index: int, choose: Callable[[int], np.ndarray]) -> tuple[str, np.ndarray]:
+        """Features of the candidates (GT, then proposals) at rows ``choose(num_candidates)``,
+        computing only those rows (for the feature-norm statistics)."""
+        r = self.records[index]
+        all_boxes = np.concatenate([r.boxes, self._boxes(r)]).astype(np.float32)
+        if len(all_boxes) == 0:
+            return r.key, np.zeros((0, self.dim), np.float32)
+        rows = np.asarray(choose(len(all_boxes)))
+        feats = self.pool5_fn(r, torch.from_numpy(all_boxes[rows]))
+        if self.head is not None and self.layer != "pool5":
+            feats = self.head.features(feats, self.layer)
+        return r.key, feats.float().cpu().numpy()
+
+    @torch.inference_mode()
     def image(self, index: int, *, with_proposals: bool = True) -> ImageSample:
         r = self.records[index]
         boxes = self._boxes(r) if with_proposals else np.zeros((0, 4), np.float32)

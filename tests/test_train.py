@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from detection.bbox_regression import BBoxRegressionConfig, train_box_regressors
@@ -52,3 +53,20 @@ def test_regressors_from_near_ground_truth_proposals_equal_those_from_all():
     np.testing.assert_array_equal(a.weights, b.weights)
     np.testing.assert_array_equal(a.biases, b.biases)
     assert a.meta["stats"] == b.meta["stats"]
+
+
+def test_feature_norm_from_sampled_rows_equals_the_norm_from_every_row():
+    # compute_feature_scale pools only the rows it draws when the source can; the same rows are
+    # drawn, so the scale is the one computed from every candidate's features.
+    from detection.svm import compute_feature_scale
+
+    class EveryRow(WindowFeatureSource):
+        sample_candidates = None        # hide the fast path
+
+    rng = np.random.default_rng(1)
+    records = [_record(i, rng) for i in range(6)]
+    fast = WindowFeatureSource(records, _proposals, _pool5, None, "pool5", DIM)
+    slow = EveryRow(records, _proposals, _pool5, None, "pool5", DIM)
+    a = compute_feature_scale(fast, 20.0, num_images=4, boxes_per_image=25, seed=3)
+    b = compute_feature_scale(slow, 20.0, num_images=4, boxes_per_image=25, seed=3)
+    assert a == pytest.approx(b, rel=1e-6) and a[0] > 0
