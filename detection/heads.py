@@ -44,6 +44,10 @@ class FCHead(nn.Module):
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
             self.fc6 = nn.Linear(in_dim, hidden[0])
             self.fc7 = nn.Linear(hidden[0], hidden[1])
+        # Multiplies pooled vectors before fc6. 1 for pretrained fc layers (trained on raw pool5);
+        # fc layers that start from scratch get a scale bringing pool5 to the size their init
+        # assumes (raw SqueezeNet pool5 has norm ~1e4: fine-tuning on it diverged).
+        self.register_buffer("input_scale", torch.ones(()))
         self.dropout = nn.Dropout(dropout)
         self.fc8: nn.Linear | None = None
         self.svd_ranks: dict[str, int] = {}     # layers truncated by compress(): {"fc6": rank, ...}
@@ -100,7 +104,7 @@ class FCHead(nn.Module):
         """
         if layer == "pool5":
             return pooled
-        x = torch.relu(self.fc6(pooled))
+        x = torch.relu(self.fc6(pooled * self.input_scale))
         if layer == "fc6":
             return x
         if layer != "fc7":

@@ -153,8 +153,15 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
     # model file (and out of memory).
     hidden = (0, 0) if settings.feature_layer == "pool5" else cfg.finetune.hidden
     head = FCHead(pool5_dim, hidden, num_classes=k, dropout=cfg.finetune.dropout, generator=gen)
-    if backbone.head is not None and settings.feature_layer != "pool5":
-        head.load_pretrained(backbone.head)
+    pretrained = backbone.head is not None and settings.feature_layer != "pool5" and head.load_pretrained(backbone.head)
+    if settings.feature_layer != "pool5" and not pretrained:
+        # fc layers from scratch: scale pool5 to mean norm sqrt(D), i.e. unit-size elements, as
+        # their He initialisation assumes.
+        pool5_only = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim, cfg.max_train_windows)
+        scale = compute_feature_scale(pool5_only, float(pool5_dim) ** 0.5, cfg.svm.norm_images,
+                                      cfg.svm.norm_boxes_per_image, cfg.svm.seed, progress)[0]
+        head.input_scale.fill_(scale)
+        log.info("fc layers from scratch: pool5 scaled by %.4g before fc6", scale)
     if settings.feature_layer != "pool5" and cfg.finetune.enabled:
         windows = [label_windows(r, proposals(r), cfg.finetune) for r in records]
         fn = finetune_pool5_fn

@@ -228,6 +228,16 @@ def test_compress_on_cuda_stays_on_cuda():
 
 def test_empty_head_of_a_pool5_detector_passes_pool5_through():
     head = FCHead(40, (0, 0), num_classes=None)
-    assert sum(t.numel() for t in head.state_dict().values()) == 0
+    assert sum(t.numel() for k, t in head.state_dict().items() if k != "input_scale") == 0
     x = torch.randn(3, 40)
     assert torch.equal(head.features(x, "pool5"), x)
+
+
+def test_input_scale_multiplies_pool5_before_fc6_and_is_saved():
+    head = FCHead(6, (5, 4), num_classes=None, dropout=0.0, generator=torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(3, 6)
+    unscaled = head.features(x * 3.0, "fc7")
+    head.input_scale.fill_(3.0)
+    torch.testing.assert_close(head.features(x, "fc7"), unscaled)
+    assert torch.equal(head.features(x, "pool5"), x)                  # pool5 stays raw (the SVMs scale it)
+    assert float(head.state_dict()["input_scale"]) == 3.0
