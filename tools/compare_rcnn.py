@@ -5,7 +5,7 @@ With --svd, SPP-net is timed twice in the same run, with full and with SVD-trunc
 against one R-CNN pass (full fc).
 
 Per-stage seconds per image (conv, pool = window pooling or crop + warp, fc, svm + box
-regression, nms) after a warm-up image, FLOPs per stage, speed-ups; proposals are timed apart
+regression, nms) after an untimed pass that counts FLOPs and warms up, FLOPs per stage, speed-ups; proposals are timed apart
 and excluded from `total`, as in the paper. Without --model, the fc layers, SVMs and regressors
 are random (they cost the same as trained ones).
 

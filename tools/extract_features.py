@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
+from detection.cli import run_tool
 from detection.errors import DetectionError
 
 
@@ -34,7 +34,44 @@ def _parse_scales(text: str, spp: object) -> tuple[int, ...]:
     return scales
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(args: argparse.Namespace) -> int:
+    from detection import spp
+    from detection.backbones import build_backbone
+    from detection.data.voc import VOCDataset
+    from detection.features import extract_conv_maps
+
+    scales = _parse_scales(args.scales, spp)
+    dataset = VOCDataset(args.data, args.split, use_flipped=args.flip)
+    if not args.no_proposals:
+        from detection.proposals import compute_proposals
+
+        # Proposals are computed on the original images (flipped records mirror them); an
+        # existing complete cache is reused, a partial one resumed.
+        compute_proposals(dataset, args.out / "proposals", num_workers=args.workers, progress=not args.quiet)
+    backbone = build_backbone(args.backbone, weights=args.weights, seed=args.seed)
+    t0 = time.perf_counter()
+    cache = extract_conv_maps(dataset, backbone, args.out, scales=scales, max_size=args.max_size,
+                              fp16=args.fp16, include_flipped=args.flip, device=args.device,
+                              num_workers=args.workers, progress=not args.quiet, rebuild=args.rebuild)
+    seconds = time.perf_counter() - t0
+    nbytes = cache.nbytes()
+    n = int(cache.settings["num_records"])
+    summary = {
+        "cache": str(cache.root),
+        "num_images": n,
+        "seconds": round(seconds, 3),
+        "bytes_on_disk": nbytes,
+        "bytes_per_image": round(nbytes / max(n, 1)),
+        "settings": cache.settings,
+    }
+    from detection.io import write_json
+
+    write_json(args.out / "features_summary.json", summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="VOC-layout dataset folder")
     p.add_argument("--split", required=True, help="image set name (ImageSets/Main/<split>.txt)")
@@ -52,49 +89,4 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-proposals", action="store_true", help="do not compute proposals first")
     p.add_argument("--rebuild", action="store_true", help="delete an existing cache of these settings first")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    try:
-        from detection import spp
-        from detection.backbones import build_backbone
-        from detection.data.voc import VOCDataset
-        from detection.features import extract_conv_maps
-
-        scales = _parse_scales(args.scales, spp)
-        dataset = VOCDataset(args.data, args.split, use_flipped=args.flip)
-        if not args.no_proposals:
-            from detection.proposals import compute_proposals
-
-            # Proposals are computed on the original images (flipped records mirror them); an
-            # existing complete cache is reused, a partial one resumed.
-            compute_proposals(dataset, args.out / "proposals", num_workers=args.workers)
-        backbone = build_backbone(args.backbone, weights=args.weights, seed=args.seed)
-        t0 = time.perf_counter()
-        cache = extract_conv_maps(dataset, backbone, args.out, scales=scales, max_size=args.max_size,
-                                  fp16=args.fp16, include_flipped=args.flip, device=args.device,
-                                  num_workers=args.workers, progress=True, rebuild=args.rebuild)
-        seconds = time.perf_counter() - t0
-        nbytes = cache.nbytes()
-        n = int(cache.settings["num_records"])
-        summary = {
-            "cache": str(cache.root),
-            "num_images": n,
-            "seconds": round(seconds, 3),
-            "bytes_on_disk": nbytes,
-            "bytes_per_image": round(nbytes / max(n, 1)),
-            "settings": cache.settings,
-        }
-        args.out.mkdir(parents=True, exist_ok=True)
-        from detection.io import write_json
-
-        write_json(args.out / "features_summary.json", summary)
-        print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
-    except DetectionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, p))
