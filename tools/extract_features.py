@@ -34,7 +34,7 @@ def _parse_scales(text: str, spp: object) -> tuple[int, ...]:
     return scales
 
 
-def main(args: argparse.Namespace) -> int:
+def _extract(args: argparse.Namespace) -> int:
     from detection import spp
     from detection.backbones import build_backbone
     from detection.data.voc import VOCDataset
@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="VOC-layout dataset folder")
     p.add_argument("--split", required=True, help="image set name (ImageSets/Main/<split>.txt)")
@@ -89,4 +89,8 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-proposals", action="store_true", help="do not compute proposals first")
     p.add_argument("--rebuild", action="store_true", help="delete an existing cache of these settings first")
-    sys.exit(run_tool(main, p))
+    return run_tool(_extract, p, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
