@@ -127,6 +127,12 @@ class FCHead(nn.Module):
             if not isinstance(layer, nn.Linear) or rank >= min(layer.weight.shape):
                 continue
             u, s, vh = torch.linalg.svd(layer.weight.double(), full_matrices=False)
+            # The share of squared singular values kept (the Frobenius error is the rest): a
+            # layer trained briefly from scratch keeps its random init's flat spectrum, and a
+            # low rank then loses much of it (docs/benchmarks.md, "SVD fc").
+            energy = float((s[:rank] ** 2).sum() / (s ** 2).sum())
+            log.info("%s: SVD rank %d of %d keeps %.1f%% of the squared singular values",
+                     name, rank, min(layer.weight.shape), 100 * energy)
             first, second = self.factorize(name, rank)
             first.weight.copy_(vh[:rank])
             second.weight.copy_(u[:, :rank] * s[:rank])

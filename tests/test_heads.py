@@ -1,7 +1,10 @@
 """Tests of detection.heads.FCHead against plain matrix products (float64 where it matters)."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -179,6 +182,19 @@ def test_compress_of_exactly_low_rank_weights_is_exact():
     for layer in ("fc6", "fc7"):
         torch.testing.assert_close(head.features(x, layer), ref[layer], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(head(x), logits, rtol=1e-10, atol=1e-10)
+
+
+def test_compress_logs_the_energy_it_keeps(caplog):
+    g = torch.Generator().manual_seed(5)
+    head = _head(in_dim=10, hidden=(6, 5), num_classes=None)
+    with torch.no_grad():
+        head.fc6.weight.copy_(torch.randn(6, 10, generator=g, dtype=torch.float64))
+    sv = torch.linalg.svdvals(head.fc6.weight.detach())
+    kept = 100 * float((sv[:2] ** 2).sum() / (sv ** 2).sum())
+    with caplog.at_level(logging.INFO, logger="detection.heads"):
+        head.compress(2, 5)                                     # fc7 at full rank: not cut
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [f"fc6: SVD rank 2 of 6 keeps {kept:.1f}% of the squared singular values"]
 
 
 def test_compress_error_is_the_svd_truncation_error():
