@@ -27,7 +27,10 @@ Training (SPP-net ``spp_train_bbox_regressor.m``; reference doc section 8):
   R-CNN: 1,000). As in the reference the bias is a constant-1 feature and is regularised with
   the rest; ``regularize_bias=False`` fits an unpenalised intercept instead.
 
-Memory: only the selected samples are kept (a few per GT object per image), never all proposals.
+Memory: only the selected samples are kept (a few per GT object per image), never all proposals,
+and at most ``max_samples`` proposal samples per class (a seeded random subset beyond that: the
+solve holds an N x N float64 kernel). Given one feature source per class, only one class's
+samples are in memory at a time (:func:`train_box_regressors`).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+import scipy.linalg
 import torch
 from tqdm import tqdm
 
@@ -129,8 +133,13 @@ class BBoxRegressionConfig:
     target_norm: float = 20.0
     norm_images: int = 200
     norm_boxes_per_image: int = 200
-    #: Seed of the feature-norm sample.
+    #: Seed of the feature-norm sample and of the ``max_samples`` subset.
     seed: int = 0
+    #: At most this many proposal samples per class (GT boxes always count); a seeded random
+    #: subset when a class has more. With 25,600-d pool5 features 10,000 samples are 1 GB and
+    #: their kernel 0.8 GB; fruit with quality-mode proposals had ~25,000 per class and the
+    #: unbounded solve went past 19 GB. None: every sample.
+    max_samples: int | None = 10000
 
     def validate(self) -> None:
         if not (self.lam >= 0 and self.target_norm > 0):
@@ -139,6 +148,8 @@ class BBoxRegressionConfig:
             raise DetectionError(f"bbox_regression: min_iou must be in [0, 1), got {self.min_iou}")
         if self.norm_images < 1 or self.norm_boxes_per_image < 1:
             raise DetectionError("bbox_regression: norm_images and norm_boxes_per_image must be >= 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise DetectionError(f"bbox_regression: max_samples must be >= 1 or null, got {self.max_samples}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -246,13 +257,27 @@ class BoxRegressors:
         return cls(**arrays, feature_scale=scale, meta=rest)
 
 
+def proposal_subset(num: int, class_index: int, cfg: BBoxRegressionConfig) -> np.ndarray | None:
+    """Sorted indices of the proposal samples a class keeps when it has ``num`` of them (in
+    image order, then proposal order), or None when it keeps them all (``cfg.max_samples``)."""
+    if cfg.max_samples is None or num <= cfg.max_samples:
+        return None
+    rng = np.random.default_rng([cfg.seed, class_index])
+    return np.sort(rng.choice(num, cfg.max_samples, replace=False))
+
+
 def collect_regression_samples(source: FeatureSource, num_classes: int, cfg: BBoxRegressionConfig,
-                               feature_scale: float, progress: bool = False
-                               ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per class, the scaled features float32 [N_k, D] and targets float64 [N_k, 4] of its samples."""
+                               feature_scale: float, progress: bool = False,
+                               classes: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per class, the scaled features float32 [N_k, D] and targets float64 [N_k, 4] of its samples
+    (GT and proposal rows in image order; proposals capped by ``cfg.max_samples``). Only the
+    classes in ``classes`` (default: all) are collected; the others come back empty."""
     dim = int(source.dim)
+    wanted = np.zeros(num_classes, bool)
+    wanted[list(range(num_classes)) if classes is None else list(classes)] = True
     feats: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     targets: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    is_gt: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     for i in tqdm(range(source.num_images()), desc="bbox samples", disable=not progress):
         s = source.image(i)
         check_sample(s, i, dim, num_classes)
@@ -273,16 +298,26 @@ def collect_regression_samples(source: FeatureSource, num_classes: int, cfg: BBo
             continue
         t = encode(cand[sel], gt[best[sel]])
         cls = gt_labels[best[sel]]
+        from_gt = sel < (len(gt) if cfg.include_gt else 0)
         for c in np.unique(cls):
+            if not wanted[c]:
+                continue
             m = cls == c
             feats[c].append(cand_feats[sel[m]] * np.float32(feature_scale))
             targets[c].append(t[m])
+            is_gt[c].append(from_gt[m])
     out = []
     for c in range(num_classes):
-        if feats[c]:
-            out.append((np.concatenate(feats[c]), np.concatenate(targets[c])))
-        else:
+        if not feats[c]:
             out.append((np.zeros((0, dim), np.float32), np.zeros((0, 4))))
+            continue
+        x, y, gt_rows = np.concatenate(feats[c]), np.concatenate(targets[c]), np.concatenate(is_gt[c])
+        proposal_rows = np.flatnonzero(~gt_rows)
+        subset = proposal_subset(len(proposal_rows), c, cfg)
+        if subset is not None:
+            rows = np.sort(np.concatenate([np.flatnonzero(gt_rows), proposal_rows[subset]]))
+            x, y = x[rows], y[rows]
+        out.append((x, y))
     return out
 
 
@@ -290,15 +325,37 @@ def collect_regression_samples(source: FeatureSource, num_classes: int, cfg: BBo
 _CHUNK = 2048
 
 
+def _add_gram(out: np.ndarray, a: np.ndarray) -> None:
+    """``out += a.T @ a`` in place, a block of rows of ``out`` at a time: no second N x N
+    temporary beside ``out``."""
+    for lo in range(0, out.shape[0], _CHUNK):
+        out[lo:lo + _CHUNK] += a[:, lo:lo + _CHUNK].T @ a
+
+
+def _solve_spd(matrix: np.ndarray, rhs: np.ndarray, lam: float) -> np.ndarray:
+    """Solve ``matrix @ x = rhs``. With ``lam > 0`` the matrix is positive definite: Cholesky,
+    overwriting it (``np.linalg.solve`` would copy the N x N matrix first). With ``lam = 0`` it
+    may be singular: least squares."""
+    if lam == 0:
+        return np.linalg.lstsq(matrix, rhs, rcond=None)[0]
+    try:
+        factor = scipy.linalg.cho_factor(matrix, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        raise DetectionError(f"bbox_regression: the ridge system is not positive definite at lam={lam} "
+                             "(features too large for float64?); raise bbox.lam") from None
+    return scipy.linalg.cho_solve(factor, rhs, check_finite=False)
+
+
 def _ridge(x: np.ndarray, y: np.ndarray, lam: float, regularize_bias: bool) -> tuple[np.ndarray, np.ndarray]:
     """``min ||A b - y||^2 + lam ||b||^2`` with ``A = [x, 1]`` (``regularize_bias``: the bias
     column is penalised, as SPP-net's code does) or an unpenalised intercept (x and y centred).
 
-    Memory is ``min(N, D)^2`` float64 plus one float64 chunk of ``x``, never a float64 copy of
-    ``x``: pool5 features are 25,600 wide, and sklearn's Ridge on a float64 copy of 9,000 of them
-    (copied again for centring) took ~6 GB. The Gram matrix is accumulated in float64 (the normal
-    equations lose digits in float32): ``(A'A + lam I) b = A'y`` when N > D, else the kernel
-    form ``b = A' (A A' + lam I)^-1 y``.
+    Memory is one ``min(N, D)^2`` float64 matrix plus float64 chunks of ``x``, never a float64
+    copy of ``x``: pool5 features are 25,600 wide, and sklearn's Ridge on a float64 copy of 9,000
+    of them (copied again for centring) took ~6 GB. The Gram matrix is accumulated in float64
+    (the normal equations lose digits in float32) block by block in place, and solved by an
+    in-place Cholesky factorisation (it is positive definite for lam > 0): ``(A'A + lam I) b =
+    A'y`` when N > D, else the kernel form ``b = A' (A A' + lam I)^-1 y``.
 
     Returns ``(weight [D, k], bias [k])``.
     """
@@ -319,20 +376,19 @@ def _ridge(x: np.ndarray, y: np.ndarray, lam: float, regularize_bias: bool) -> t
         rhs = np.zeros((d + 1, y.shape[1]))
         for lo in range(0, n, _CHUNK):
             a = np.concatenate([rows(lo, lo + _CHUNK), np.full((min(_CHUNK, n - lo), 1), ones)], axis=1)
-            gram += a.T @ a
+            _add_gram(gram, a)
             rhs += a.T @ yc[lo:lo + _CHUNK]
         gram[np.diag_indices_from(gram)] += lam
         if not regularize_bias:
             gram[d, d] = 1.0                       # no bias column: a dummy unknown fixed at 0
-        beta = np.linalg.solve(gram, rhs)
+        beta = _solve_spd(gram, rhs, lam)
         weight, b = beta[:d], beta[d]
     else:
         kernel = np.full((n, n), ones)
         for lo in range(0, d, _CHUNK):
-            a = cols(lo, lo + _CHUNK)
-            kernel += a @ a.T
+            _add_gram(kernel, cols(lo, lo + _CHUNK).T)
         kernel[np.diag_indices_from(kernel)] += lam
-        alpha = np.linalg.solve(kernel, yc)
+        alpha = _solve_spd(kernel, yc, lam)
         weight = np.concatenate([cols(lo, lo + _CHUNK).T @ alpha for lo in range(0, d, _CHUNK)])
         b = ones * alpha.sum(axis=0)
     if not regularize_bias:
@@ -361,13 +417,16 @@ def _fit_class(x: np.ndarray, y: np.ndarray, cfg: BBoxRegressionConfig) -> tuple
     return weight, bias, mean, unwhiten, mse
 
 
-def train_box_regressors(source: FeatureSource, num_classes: int, cfg: BBoxRegressionConfig = BBoxRegressionConfig(),
+def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_classes: int,
+                         cfg: BBoxRegressionConfig = BBoxRegressionConfig(),
                          *, class_names: Sequence[str] | None = None, feature_scale: float | None = None,
                          progress: bool = False) -> BoxRegressors:
     """Train one box regressor per class (see the module docstring).
 
     Args:
-        source: pool5 (SPP) features of GT boxes and proposals of the training images.
+        source: pool5 (SPP) features of GT boxes and proposals of the training images; or one
+            source per class, class k's samples read from ``source[k]`` only (then only one
+            class's samples are in memory at a time; needs ``feature_scale``).
         num_classes: K.
         cfg: settings (defaults: SPP-net's).
         class_names: K names for messages and metadata.
@@ -383,26 +442,47 @@ def train_box_regressors(source: FeatureSource, num_classes: int, cfg: BBoxRegre
         raise DetectionError(f"bbox_regression: {len(names)} class names for {num_classes} classes")
     if feature_scale is not None and not (math.isfinite(feature_scale) and feature_scale > 0):
         raise DetectionError(f"bbox_regression: feature_scale must be a positive number, got {feature_scale}")
-    logger.info("training %d box regressors on %d images: %s", num_classes, source.num_images(), cfg)
+    per_class = isinstance(source, (list, tuple))
+    if per_class and len(source) != num_classes:
+        raise DetectionError(f"bbox_regression: {len(source)} feature sources for {num_classes} classes")
+    if per_class:
+        logger.info("training %d box regressors, one class at a time on %s images: %s", num_classes,
+                    "/".join(str(s.num_images()) for s in source), cfg)
+    else:
+        logger.info("training %d box regressors on %d images: %s", num_classes, source.num_images(), cfg)
     mean_norm: float | None = None
     if feature_scale is None:
+        if per_class:
+            raise DetectionError("bbox_regression: per-class feature sources need feature_scale")
         feature_scale, mean_norm = compute_feature_scale(source, cfg.target_norm, cfg.norm_images,
                                                          cfg.norm_boxes_per_image, cfg.seed, progress)
         logger.info("mean feature norm %.4g -> feature scale %.6g", mean_norm, feature_scale)
-    samples = collect_regression_samples(source, num_classes, cfg, feature_scale, progress)
-    empty = [names[c] for c, (x, _) in enumerate(samples) if len(x) == 0]
-    if empty:
-        raise DetectionError(f"bbox_regression: no training samples (IoU > {cfg.min_iou} with a non-difficult GT) "
-                             f"for class(es) {', '.join(empty)}")
-    dim = int(source.dim)
+
+    def class_samples(c: int) -> tuple[np.ndarray, np.ndarray]:
+        if per_class:
+            return collect_regression_samples(source[c], num_classes, cfg, feature_scale, progress, classes=[c])[c]
+        return samples[c]
+
+    samples = None if per_class else collect_regression_samples(source, num_classes, cfg, feature_scale, progress)
+    if samples is not None:
+        empty = [names[c] for c, (x, _) in enumerate(samples) if len(x) == 0]
+        if empty:
+            raise DetectionError(f"bbox_regression: no training samples (IoU > {cfg.min_iou} with a non-difficult "
+                                 f"GT) for class(es) {', '.join(empty)}")
+    dim = int((source[0] if per_class else source).dim)
     weights = np.zeros((num_classes, dim, 4))
     biases, means = np.zeros((num_classes, 4)), np.zeros((num_classes, 4))
     unwhiten = np.zeros((num_classes, 4, 4))
     stats: dict[str, Any] = {}
     for c in range(num_classes):
-        x, y = samples[c]
-        samples[c] = (np.zeros((0, dim), np.float32), y)         # free the features as we go
+        x, y = class_samples(c)
+        if len(x) == 0:
+            raise DetectionError(f"bbox_regression: no training samples (IoU > {cfg.min_iou} with a non-difficult "
+                                 f"GT) for class {names[c]}")
+        if samples is not None:
+            samples[c] = (np.zeros((0, dim), np.float32), y)     # free the features as we go
         weights[c], biases[c], means[c], unwhiten[c], mse = _fit_class(x, y, cfg)
+        del x                                                     # before the next class's samples
         stats[names[c]] = {"num_samples": len(y), "train_mse": mse.tolist(),
                            "target_std": y.std(axis=0).tolist()}
         logger.info("%s: %d samples, train MSE %s (target variance %s)", names[c], len(y),

@@ -196,10 +196,9 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
             scale = compute_feature_scale(pool5_source, cfg.bbox.target_norm, cfg.bbox.norm_images,
                                           cfg.bbox.norm_boxes_per_image, cfg.bbox.seed, progress)[0]
         # With the scale known, only proposals that can become samples need features (a few
-        # percent of them): the same samples, in the same order, as reading every proposal.
-        near_gt = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim, cfg.max_train_windows,
-                                      keep_proposals=lambda r, b: _near_ground_truth(r, b, cfg.bbox))
-        regressors = train_box_regressors(near_gt, k, cfg.bbox, class_names=classes, feature_scale=scale,
+        # percent of them), and one class at a time: the same samples, in the same order, as
+        # reading every proposal, with one class's features in memory instead of all.
+        regressors = train_box_regressors(regression_sources(pool5_source, k, cfg.bbox), k, cfg.bbox, class_names=classes, feature_scale=scale,
                                           progress=progress)
     return SPPDetector(backbone, head, svms, regressors, classes, settings,
                        meta={"train": {"num_images": len(records), "seed": cfg.seed,
@@ -213,15 +212,56 @@ def _same_norm_sample(a: SVMConfig, b: BBoxRegressionConfig) -> bool:
         (b.target_norm, b.norm_images, b.norm_boxes_per_image, b.seed)
 
 
-def _near_ground_truth(record: ImageRecord, boxes: np.ndarray, cfg: BBoxRegressionConfig) -> np.ndarray:
-    """The proposals whose best IoU with a (non-difficult) ground truth exceeds ``cfg.min_iou``."""
+def regression_sources(source: WindowFeatureSource, num_classes: int, cfg: BBoxRegressionConfig
+                       ) -> list[WindowFeatureSource]:
+    """One pool5 source per class for :func:`train_box_regressors`: class k's source reads only
+    the images with a GT of class k and only their proposals that are class-k samples."""
+    plan = _regression_samples_plan(source.records, source, num_classes, cfg)
+    return [WindowFeatureSource([r for r in source.records if r.key in plan[c]], source.proposals,
+                                source.pool5_fn, None, "pool5", source.dim, source.max_windows,
+                                keep_proposals=lambda r, b, c=c: b[plan[c][r.key]])
+            for c in range(num_classes)]
+
+
+def _regression_samples_plan(records: Sequence[ImageRecord], source: WindowFeatureSource, num_classes: int,
+                             cfg: BBoxRegressionConfig) -> list[dict[str, np.ndarray]]:
+    """Per class: record key -> indices of the proposals that are its box-regression samples
+    (best IoU with a non-difficult GT above ``min_iou``, that GT of the class), capped as
+    :func:`detection.bbox_regression.collect_regression_samples` caps them. Records with a GT
+    of the class are listed even without proposal samples (the GT boxes are samples). Boxes
+    only, no features."""
+    from .bbox_regression import proposal_subset
     from .boxes import box_iou_numpy
 
-    keep = np.ones(len(record.boxes), bool) if cfg.use_difficult else ~np.asarray(record.difficult, bool)
-    gt = record.boxes[keep]
-    if len(gt) == 0 or len(boxes) == 0:
-        return boxes[:0]
-    return boxes[box_iou_numpy(boxes, gt).max(axis=1) > cfg.min_iou]
+    found: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(num_classes)]
+    for r in records:
+        keep = np.ones(len(r.boxes), bool) if cfg.use_difficult else ~np.asarray(r.difficult, bool)
+        gt, labels = r.boxes[keep], np.asarray(r.labels)[keep]
+        if len(gt) == 0:
+            continue
+        boxes = source._boxes(r)
+        if len(boxes):
+            iou = box_iou_numpy(boxes, gt)
+            best = iou.argmax(axis=1)
+            near = iou[np.arange(len(boxes)), best] > cfg.min_iou
+        else:
+            best, near = np.zeros(0, int), np.zeros(0, bool)
+        for c in np.unique(labels):
+            found[c].append((r.key, np.flatnonzero(near & (labels[best] == c))))
+    plan = []
+    for c in range(num_classes):
+        total = sum(len(idx) for _, idx in found[c])
+        subset = proposal_subset(total, c, cfg)
+        chosen = {}
+        start = 0
+        for key, idx in found[c]:
+            if subset is not None:
+                mine = subset[(subset >= start) & (subset < start + len(idx))] - start
+                start += len(idx)
+                idx = idx[mine]
+            chosen[key] = idx
+        plan.append(chosen)
+    return plan
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

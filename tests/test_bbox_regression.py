@@ -95,7 +95,7 @@ def ridge_slow(x, y, lam, regularize_bias):
 
 
 @pytest.mark.parametrize("regularize_bias", [True, False])
-@pytest.mark.parametrize("n,lam", [(40, 3.0), (9, 50.0)])     # also fewer samples than features
+@pytest.mark.parametrize("n,lam", [(40, 3.0), (9, 50.0), (40, 0.0)])   # N < D; lam = 0: least squares
 def test_fit_matches_closed_form_ridge(regularize_bias, n, lam):
     rng = np.random.default_rng(4)
     d = 12
@@ -194,6 +194,10 @@ def test_errors():
         train_box_regressors(ListFeatureSource([s], 2), 1, feature_scale=1.0)
     with pytest.raises(DetectionError, match="min_iou"):
         train_box_regressors(ListFeatureSource([s], 2), 1, BBoxRegressionConfig(min_iou=1.5))
+    with pytest.raises(DetectionError, match="max_samples"):
+        train_box_regressors(ListFeatureSource([s], 2), 1, BBoxRegressionConfig(max_samples=0))
+    with pytest.raises(DetectionError, match="feature_scale"):     # per-class sources: no norm estimate
+        train_box_regressors([ListFeatureSource([s], 2)], 1)
     with pytest.raises(ModelError):
         BoxRegressors(weights=np.zeros((2, 3, 4)), biases=np.zeros((2, 4)), target_mean=np.zeros((1, 4)),
                       target_unwhiten=np.zeros((2, 4, 4)), feature_scale=1.0)
@@ -227,3 +231,16 @@ def test_fit_in_chunks_equals_the_closed_form(monkeypatch, regularize_bias, n):
     np.testing.assert_allclose((f @ w + b) @ unwhiten + mean, want, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(mse, ((ridge_slow(x.astype(np.float64), y, 2.0, regularize_bias)(x) - y) ** 2).mean(0),
                                rtol=1e-6, atol=1e-10)
+
+
+def test_max_samples_keeps_every_gt_and_a_seeded_subset_of_proposals():
+    src, _ = linear_map_source(3, 10, 4, np.tile(np.eye(4) * 0.01, (1, 1, 1)), np.zeros((1, 4)))
+    full = collect_regression_samples(src, 1, BBoxRegressionConfig(max_samples=None), feature_scale=1.0)[0]
+    capped = collect_regression_samples(src, 1, BBoxRegressionConfig(max_samples=50), feature_scale=1.0)[0]
+    assert len(full[0]) == 10 + 200 and len(capped[0]) == 10 + 50
+    # every GT row (targets 0, features all ones) is kept; the proposal rows are a subset, in order
+    assert (np.abs(capped[1]).sum(axis=1) == 0).sum() == 10
+    rows = [int(np.flatnonzero((full[0] == r).all(axis=1))[0]) for r in capped[0] if not (r == 1).all()]
+    assert rows == sorted(rows) and len(set(rows)) == 50
+    again = collect_regression_samples(src, 1, BBoxRegressionConfig(max_samples=50), feature_scale=1.0)[0]
+    np.testing.assert_array_equal(capped[0], again[0])              # seeded: the same subset

@@ -1,5 +1,5 @@
-"""detection.train: the box regressors read features only of proposals near a ground truth, and
-get exactly the model that reading every proposal gives."""
+"""detection.train: the box regressors read features only of proposals near a ground truth, one
+class at a time, and get exactly the model that reading every proposal gives."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,7 @@ import torch
 
 from detection.bbox_regression import BBoxRegressionConfig, train_box_regressors
 from detection.data.records import ImageRecord
-from detection.train import WindowFeatureSource, _near_ground_truth
+from detection.train import WindowFeatureSource, regression_sources
 
 DIM = 12
 
@@ -40,19 +40,28 @@ def _pool5(record: ImageRecord, boxes: torch.Tensor) -> torch.Tensor:
     return torch.relu(torch.sin(b[:, :1] * basis / 40) + torch.cos(b[:, 2:3] * basis / 50) + b[:, 1:2] / 100).float()
 
 
-def test_regressors_from_near_ground_truth_proposals_equal_those_from_all():
+@pytest.mark.parametrize("max_samples", [None, 15])
+def test_per_class_regression_sources_give_the_regressors_of_every_proposal(max_samples):
+    # max_samples=15 caps both classes (~30-60 samples each): the per-class sources pick the
+    # capped subset before pooling; the single source pools everything and subsets afterwards.
     rng = np.random.default_rng(0)
     records = [_record(i, rng) for i in range(12)]
-    cfg = BBoxRegressionConfig(lam=10.0)
+    cfg = BBoxRegressionConfig(lam=10.0, max_samples=max_samples)
     every = WindowFeatureSource(records, _proposals, _pool5, None, "pool5", DIM)
-    near = WindowFeatureSource(records, _proposals, _pool5, None, "pool5", DIM,
-                               keep_proposals=lambda r, b: _near_ground_truth(r, b, cfg))
-    assert 0 < len(near.image(0).boxes) < len(every.image(0).boxes)
+    per_class = regression_sources(every, 2, cfg)
+    # class 1 is difficult in every third image: those images are not read for it
+    assert [r.image_id for r in per_class[1].records] == [r.image_id for i, r in enumerate(records) if i % 3]
+    assert 0 < len(per_class[0].image(0).boxes) < len(every.image(0).boxes)
     a = train_box_regressors(every, 2, cfg, feature_scale=0.5)
-    b = train_box_regressors(near, 2, cfg, feature_scale=0.5)
+    b = train_box_regressors(per_class, 2, cfg, feature_scale=0.5)
     np.testing.assert_array_equal(a.weights, b.weights)
     np.testing.assert_array_equal(a.biases, b.biases)
     assert a.meta["stats"] == b.meta["stats"]
+    counts = [a.meta["stats"][f"class_{c}"]["num_samples"] for c in range(2)]
+    if max_samples is None:
+        assert min(counts) > 15
+    else:                                    # the GT boxes (12 and 8) plus 15 proposals each
+        assert counts == [12 + 15, 8 + 15]
 
 
 def test_feature_norm_from_sampled_rows_equals_the_norm_from_every_row():
