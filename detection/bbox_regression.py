@@ -464,11 +464,6 @@ def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_cl
         return samples[c]
 
     samples = None if per_class else collect_regression_samples(source, num_classes, cfg, feature_scale, progress)
-    if samples is not None:
-        empty = [names[c] for c, (x, _) in enumerate(samples) if len(x) == 0]
-        if empty:
-            raise DetectionError(f"bbox_regression: no training samples (IoU > {cfg.min_iou} with a non-difficult "
-                                 f"GT) for class(es) {', '.join(empty)}")
     dim = int((source[0] if per_class else source).dim)
     weights = np.zeros((num_classes, dim, 4))
     biases, means = np.zeros((num_classes, 4)), np.zeros((num_classes, 4))

@@ -198,8 +198,8 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         # With the scale known, only proposals that can become samples need features (a few
         # percent of them), and one class at a time: the same samples, in the same order, as
         # reading every proposal, with one class's features in memory instead of all.
-        regressors = train_box_regressors(regression_sources(pool5_source, k, cfg.bbox), k, cfg.bbox, class_names=classes, feature_scale=scale,
-                                          progress=progress)
+        regressors = train_box_regressors(regression_sources(pool5_source, k, cfg.bbox), k, cfg.bbox,
+                                          class_names=classes, feature_scale=scale, progress=progress)
     return SPPDetector(backbone, head, svms, regressors, classes, settings,
                        meta={"train": {"num_images": len(records), "seed": cfg.seed,
                                        "finetune": dataclasses.asdict(cfg.finetune),
@@ -216,14 +216,14 @@ def regression_sources(source: WindowFeatureSource, num_classes: int, cfg: BBoxR
                        ) -> list[WindowFeatureSource]:
     """One pool5 source per class for :func:`train_box_regressors`: class k's source reads only
     the images with a GT of class k and only their proposals that are class-k samples."""
-    plan = _regression_samples_plan(source.records, source, num_classes, cfg)
+    plan = _regression_samples_plan(source, num_classes, cfg)
     return [WindowFeatureSource([r for r in source.records if r.key in plan[c]], source.proposals,
                                 source.pool5_fn, None, "pool5", source.dim, source.max_windows,
                                 keep_proposals=lambda r, b, c=c: b[plan[c][r.key]])
             for c in range(num_classes)]
 
 
-def _regression_samples_plan(records: Sequence[ImageRecord], source: WindowFeatureSource, num_classes: int,
+def _regression_samples_plan(source: WindowFeatureSource, num_classes: int,
                              cfg: BBoxRegressionConfig) -> list[dict[str, np.ndarray]]:
     """Per class: record key -> indices of the proposals that are its box-regression samples
     (best IoU with a non-difficult GT above ``min_iou``, that GT of the class), capped as
@@ -234,7 +234,7 @@ def _regression_samples_plan(records: Sequence[ImageRecord], source: WindowFeatu
     from .boxes import box_iou_numpy
 
     found: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(num_classes)]
-    for r in records:
+    for r in source.records:
         keep = np.ones(len(r.boxes), bool) if cfg.use_difficult else ~np.asarray(r.difficult, bool)
         gt, labels = r.boxes[keep], np.asarray(r.labels)[keep]
         if len(gt) == 0:
