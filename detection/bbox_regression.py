@@ -457,12 +457,6 @@ def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_cl
         feature_scale, mean_norm = compute_feature_scale(source, cfg.target_norm, cfg.norm_images,
                                                          cfg.norm_boxes_per_image, cfg.seed, progress)
         logger.info("mean feature norm %.4g -> feature scale %.6g", mean_norm, feature_scale)
-
-    def class_samples(c: int) -> tuple[np.ndarray, np.ndarray]:
-        if per_class:
-            return collect_regression_samples(source[c], num_classes, cfg, feature_scale, progress, classes=[c])[c]
-        return samples[c]
-
     samples = None if per_class else collect_regression_samples(source, num_classes, cfg, feature_scale, progress)
     dim = int((source[0] if per_class else source).dim)
     weights = np.zeros((num_classes, dim, 4))
@@ -470,7 +464,10 @@ def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_cl
     unwhiten = np.zeros((num_classes, 4, 4))
     stats: dict[str, Any] = {}
     for c in range(num_classes):
-        x, y = class_samples(c)
+        if per_class:        # read this class's samples now, after the previous class's are freed
+            x, y = collect_regression_samples(source[c], num_classes, cfg, feature_scale, progress, classes=[c])[c]
+        else:
+            x, y = samples[c]
         if len(x) == 0:
             raise DetectionError(f"bbox_regression: no training samples (IoU > {cfg.min_iou} with a non-difficult "
                                  f"GT) for class {names[c]}")
