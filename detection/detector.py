@@ -53,6 +53,10 @@ class DetectorSettings:
     rcnn_batch_size: int = 128                # warped windows per trunk call
 
 
+# Settings that act only when detecting (never in training): changing them needs no retraining.
+DETECTION_ONLY_SETTINGS = ("nms_iou", "max_per_class", "score_threshold", "proposal_mode", "max_proposals")
+
+
 @dataclasses.dataclass
 class Detections:
     """Detections of one image: boxes float32 [M, 4] (internal convention), scores float32 [M],

@@ -19,7 +19,7 @@ import torch
 
 from .bbox_regression import BBoxRegressionConfig
 from .config import save_config, to_dict
-from .detector import DetectorSettings, SPPDetector
+from .detector import DETECTION_ONLY_SETTINGS, DetectorSettings, SPPDetector
 from .errors import DetectionError
 from .finetune import FinetuneConfig
 from .io import make_dirs, read_json, settings_key, write_json
@@ -220,9 +220,12 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 
     # 5. fc fine-tuning, SVMs, box regressors -> model.pt ------------------------------------------
     model_path = out / "model.pt"
+    # Settings that only act at detection time (NMS, thresholds) key the detect stage, not this one:
+    # changing them re-detects without retraining.
+    train_settings = {k: v for k, v in to_dict(settings).items() if k not in DETECTION_ONLY_SETTINGS}
     train_key = _key(cfg.method, cfg.data, cfg.proposals, cfg.backbone, cfg.features, cfg.conv_finetune,
                      cfg.finetune, cfg.feature_layer, cfg.svm, cfg.bbox_regression, cfg.bbox,
-                     cfg.max_train_windows, settings)
+                     cfg.max_train_windows, train_settings)
     if not stages.done("train", train_key, model_path):
         t0 = time.perf_counter()
         tcfg = TrainConfig(finetune=cfg.finetune, svm=cfg.svm, bbox=cfg.bbox, bbox_regression=cfg.bbox_regression,
@@ -234,10 +237,15 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
         stages.mark("train", train_key, time.perf_counter() - t0)
     timings["train"] = stages.state["train"]["seconds"]
     detector = SPPDetector.from_file(model_path, device=device)
+    detection_settings = {k: getattr(settings, k) for k in DETECTION_ONLY_SETTINGS}
+    if any(getattr(detector.settings, k) != v for k, v in detection_settings.items()):
+        # The model file keeps the settings this run detects with (eval_voc.py --model reads them).
+        detector.settings = dataclasses.replace(detector.settings, **detection_settings)
+        detector.save(model_path, {"config": to_dict(cfg), "dataset": {"root": str(root), "split": train_ds.split}})
 
     # 6. detection on the test split -> result files ---------------------------------------------
     results_dir = out / "results"
-    det_key = _key(train_key, cfg.data.test_split)
+    det_key = _key(train_key, cfg.data.test_split, detection_settings)
     if not stages.done("detect", det_key, results_dir):
         t0 = time.perf_counter()
         all_dets = detect_records(detector, test_ds.records, test_props.proposals_for_record, progress)
