@@ -220,6 +220,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 
     # 5. fc fine-tuning, SVMs, box regressors -> model.pt ------------------------------------------
     model_path = out / "model.pt"
+    model_meta = {"config": to_dict(cfg), "dataset": {"root": str(root), "split": train_ds.split}}
     # Settings that only act at detection time (NMS, thresholds) key the detect stage, not this one:
     # changing them re-detects without retraining.
     train_settings = {k: v for k, v in to_dict(settings).items() if k not in DETECTION_ONLY_SETTINGS}
@@ -233,7 +234,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
         detector = train_detector(train_ds.records, classes, train_props.proposals_for_record, backbone, pool5_fn,
                                   pool5_dim, settings, tcfg, out_dir=out, progress=progress,
                                   finetune_pool5_fn=finetune_fn)
-        detector.save(model_path, {"config": to_dict(cfg), "dataset": {"root": str(root), "split": train_ds.split}})
+        detector.save(model_path, model_meta)
         stages.mark("train", train_key, time.perf_counter() - t0)
     timings["train"] = stages.state["train"]["seconds"]
     detector = SPPDetector.from_file(model_path, device=device)
@@ -241,7 +242,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     if any(getattr(detector.settings, k) != v for k, v in detection_settings.items()):
         # The model file keeps the settings this run detects with (eval_voc.py --model reads them).
         detector.settings = dataclasses.replace(detector.settings, **detection_settings)
-        detector.save(model_path, {"config": to_dict(cfg), "dataset": {"root": str(root), "split": train_ds.split}})
+        detector.save(model_path, model_meta)
 
     # 6. detection on the test split -> result files ---------------------------------------------
     results_dir = out / "results"
