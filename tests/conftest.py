@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from detection.data.synthetic import make_synthetic_voc
 
@@ -32,3 +33,13 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is absent")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module's tests, restored after: the dev machine's 2 cores
+    are shared, and one thread avoids oversubscription stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,13 +24,7 @@ LEVELS = (4, 2, 1)              # 21 bins: keeps the random head and regressors 
 HIDDEN = (24, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The dev machine's 2 cores are shared: one intra-op thread avoids oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from detection.config import merge
 from detection.detector import SPPDetector
 from detection.pipeline import PipelineConfig, run_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(root, **test) -> PipelineConfig:
@@ -30,7 +33,6 @@ def _stages(out):
 
 
 def test_pipeline_artifacts_resume_and_detection_only_settings(synthetic_voc, tmp_path):
-    torch.set_num_threads(1)
     out = tmp_path / "run"
     metrics = run_pipeline(_config(synthetic_voc), out, progress=False)
     for name in ("config.yaml", "model.pt", "metrics.json", "timing.json", "report.md", "stages.json"):

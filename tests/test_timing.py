@@ -18,13 +18,7 @@ HIDDEN = (24, 16)
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The dev machine's 2 cores are shared: one intra-op thread avoids oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
