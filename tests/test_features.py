@@ -239,12 +239,20 @@ def test_resume_after_interruption_gives_identical_files(dataset, backbone, base
     assert _files(resumed.root) == _files(base.root)
 
 
-def test_resume_after_sigkill(dataset, base, tmp_path):
-    """A real interrupted process: SIGKILL right after its first record, then resume here."""
+def test_resume_after_sigkill(dataset, tmp_path):
+    """A real interrupted process: SIGKILL right after its first record, then resume here.
+
+    The resumed cache must equal an uninterrupted run under the same settings. A conv layer's
+    last bits depend on the number of threads it reduces over, so the killed process, the resume
+    and the reference all run with this process's thread count, and the reference is made here
+    (not taken from a fixture that another module's thread setting may have produced).
+    """
+    threads = torch.get_num_threads()
+    reference = _extract(dataset, build_backbone("zf5", weights=None, seed=0), tmp_path / "reference")
     out = tmp_path / "killed"
     script = f"""
 import copy, time, torch
-torch.set_num_threads(1)
+torch.set_num_threads({threads})
 from detection.backbones import build_backbone
 from detection.boxes import flip_boxes
 from detection.data.voc import VOCDataset
@@ -270,8 +278,9 @@ features.extract_conv_maps(ds, build_backbone("zf5", weights=None, seed=0), {str
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert len(list(out.glob("convmaps_*/maps/*/done.json"))) == 1
+    assert torch.get_num_threads() == threads
     resumed = _extract(dataset, build_backbone("zf5", weights=None, seed=0), out)
-    assert _files(resumed.root) == _files(base.root)
+    assert _files(resumed.root) == _files(reference.root)
 
 
 def test_other_settings_other_folder_and_tampered_meta(dataset, backbone, base, tmp_path):
