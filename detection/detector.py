@@ -29,6 +29,7 @@ from .heads import FCHead
 from .model import load_model, prefixed, save_model, unprefixed
 from .rcnn import rcnn_window_features
 from .svm import LinearSVMs
+from .timer import NO_TIMER, Timer
 
 __all__ = ["DetectorSettings", "Detections", "SPPDetector"]
 
@@ -44,6 +45,8 @@ class DetectorSettings:
     max_size: int = 2000                      # cap on the longer side after resizing
     levels: tuple[int, ...] = (6, 3, 2, 1)    # pyramid: 50 bins per channel
     projection_rule: str = "paper"            # window -> conv-cell rule ("paper" or "code")
+    scale_rule: str = "area"                  # multi-scale: window area nearest 224^2 ("area", paper)
+                                              # or side nearest 208 ("code"); docs/spp.md
     feature_layer: str = "fc7"                # SVM input: "pool5", "fc6" or "fc7"
     nms_iou: float = 0.3                      # per-class NMS threshold of the paper's code
     max_per_class: int = 100                  # detections kept per class per image
@@ -158,21 +161,27 @@ class SPPDetector:
     # ---- features -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def pool5_features(self, image: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
-        """Pooled (pool5 / SPP) features Tensor[N, D] of internal boxes in image pixels."""
+    def pool5_features(self, image: np.ndarray, boxes: np.ndarray, timer: Timer = NO_TIMER) -> torch.Tensor:
+        """Pooled (pool5 / SPP) features Tensor[N, D] of internal boxes in image pixels.
+
+        ``timer`` (see :mod:`detection.timer`) bills the trunk to stage "conv" and the window
+        pooling (SPP-net) or warping and pooling (R-CNN) to "pool".
+        """
         s = self.settings
         boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
         if s.method == "spp":
-            maps = conv_maps_for_image(self.backbone, image, s.scales, s.max_size, self.device)
-            # Fix: pass the trunk's first cell centre, as the training cache does (it defaulted
-            # to ZF-5's 0.5 here, a train/test mismatch for AlexNet 15.5, VGG 8, SqueezeNet 15.5).
-            return pooled_window_features(maps.maps, maps.factors, boxes_t, maps.stride, s.levels,
-                                          s.projection_rule, "area", device=self.device,
-                                          first_cell_center=maps.first_cell_center)
+            with timer.stage("conv"):
+                maps = conv_maps_for_image(self.backbone, image, s.scales, s.max_size, self.device)
+            with timer.stage("pool"):
+                # The trunk's first cell centre, as the training cache uses.
+                return pooled_window_features(maps.maps, maps.factors, boxes_t, maps.stride, s.levels,
+                                              s.projection_rule, s.scale_rule, device=self.device,
+                                              first_cell_center=maps.first_cell_center)
         if s.method == "rcnn":
-            x = self.backbone.preprocess(image, 1.0).to(self.device)
+            with timer.stage("pool"):
+                x = self.backbone.preprocess(image, 1.0).to(self.device)
             return rcnn_window_features(self.backbone.trunk, x, boxes_t.to(self.device),
-                                        self.backbone.input_size, s.levels, s.rcnn_batch_size)
+                                        self.backbone.input_size, s.levels, s.rcnn_batch_size, timer)
         raise ModelError(f"unknown detection method {s.method!r}")
 
     @torch.inference_mode()
@@ -187,12 +196,15 @@ class SPPDetector:
         return selective_search(image, mode=self.settings.proposal_mode, max_boxes=self.settings.max_proposals)
 
     @torch.inference_mode()
-    def detect(self, image: np.ndarray, proposals: np.ndarray | None = None) -> Detections:
+    def detect(self, image: np.ndarray, proposals: np.ndarray | None = None, timer: Timer = NO_TIMER) -> Detections:
         """Detect objects in one image.
 
         Args:
             image: uint8 RGB array[H, W, 3].
             proposals: float array[N, 4] internal boxes; selective search runs when None.
+            timer: receives the stages "conv", "pool", "fc", "svm" (scores, box regression,
+                clipping) and "nms" (:class:`detection.timer.StageTimer` for the timing
+                comparison); proposals computed here are not timed.
         Returns:
             Detections after per-class NMS, at most ``max_per_class`` per class.
         """
@@ -202,17 +214,20 @@ class SPPDetector:
         h, w = image.shape[:2]
         if len(proposals) == 0:
             return _empty()
-        pool5 = self.pool5_features(image, proposals)
-        scores = self.score_windows(pool5)
-        k = scores.shape[1]
-        boxes = torch.as_tensor(proposals, device=self.device)
-        if self.regressors is not None:
-            refined = self.regressors.apply(pool5.cpu().numpy(), proposals)     # [N, K, 4]
-            per_class = torch.as_tensor(refined, dtype=torch.float32, device=self.device)
-        else:
-            per_class = boxes[:, None, :].expand(-1, k, -1)
-        per_class = clip_boxes_to_image(per_class.reshape(-1, 4), (h, w)).reshape(-1, k, 4)
-        return self._postprocess(per_class, scores)
+        pool5 = self.pool5_features(image, proposals, timer)
+        with timer.stage("fc"):
+            features = self.head.features(pool5, self.settings.feature_layer)
+        with timer.stage("svm"):
+            scores = self.svms.scores(features)
+            k = scores.shape[1]
+            if self.regressors is not None:
+                refined = self.regressors.apply(pool5.cpu().numpy(), proposals)     # [N, K, 4]
+                per_class = torch.as_tensor(refined, dtype=torch.float32, device=self.device)
+            else:
+                per_class = torch.as_tensor(proposals, device=self.device)[:, None, :].expand(-1, k, -1)
+            per_class = clip_boxes_to_image(per_class.reshape(-1, 4), (h, w)).reshape(-1, k, 4)
+        with timer.stage("nms"):
+            return self._postprocess(per_class, scores)
 
     def _postprocess(self, per_class_boxes: torch.Tensor, scores: torch.Tensor) -> Detections:
         s = self.settings
@@ -242,6 +257,9 @@ def _check_consistent(backbone: Backbone, head: FCHead, svms: LinearSVMs, regres
     """Raise ValueError unless the parts of a loaded model fit each other and its settings."""
     if s.method not in ("spp", "rcnn") or s.feature_layer not in ("pool5", "fc6", "fc7"):
         raise ValueError(f"unknown method {s.method!r} or feature layer {s.feature_layer!r}")
+    if s.projection_rule not in ("paper", "code") or s.scale_rule not in ("area", "code"):
+        raise ValueError(f"unknown projection rule {s.projection_rule!r} (paper, code) or scale rule "
+                         f"{s.scale_rule!r} (area, code)")
     if not (s.scales and s.levels and min(s.scales) > 0 and min(s.levels) > 0 and s.max_size > 0):
         raise ValueError(f"scales {s.scales}, levels {s.levels} and max_size {s.max_size} must be positive")
     pool5 = backbone.out_channels * sum(n * n for n in s.levels)

@@ -205,7 +205,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
         cache = extract_conv_maps(train_ds, backbone, out / "features", scales=settings.scales,
                                   max_size=settings.max_size, fp16=cfg.features.fp16, device=device,
                                   num_workers=cfg.features.workers, progress=progress)
-        pool5_fn = spp_pool5_fn(cache, settings.levels, settings.projection_rule)
+        pool5_fn = spp_pool5_fn(cache, settings)
 
         def finetune_fn(i: int, boxes: torch.Tensor, g: torch.Generator) -> torch.Tensor:
             # The SPP code's multi-scale fine-tuning: a random scale per window.
@@ -307,15 +307,13 @@ def evaluate_results(dataset, results_dir: Path, metric: str | None, out: Path) 
 def compare_on_records(detector: SPPDetector, records, proposals_fn, rcnn_windows: int | None = None) -> dict[str, Any]:
     """SPP-net vs R-CNN timing with the trained model's head/SVMs on a few test images."""
     from .data.voc import load_image
-    from .timing import compare_methods
+    from .timing import compare_methods, rcnn_twin
 
     images = [load_image(r) for r in records]
     props = [np.asarray(proposals_fn(r), np.float32) for r in records]
     if rcnn_windows is not None:
         props = [p[:rcnn_windows] for p in props]
-    rcnn = SPPDetector(detector.backbone, detector.head, detector.svms, detector.regressors, detector.classes,
-                       dataclasses.replace(detector.settings, method="rcnn"), detector.device)
-    return compare_methods(detector, rcnn, images, props)
+    return compare_methods(detector, rcnn_twin(detector), images, props)
 
 
 def _finetune_conv(cfg: PipelineConfig, backbone, train_ds, train_props, work: Path, stages: _Stages,

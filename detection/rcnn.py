@@ -14,6 +14,7 @@ import torch
 from torchvision.ops import roi_align
 
 from .spp import spatial_pyramid_pool
+from .timer import NO_TIMER, Timer
 
 __all__ = ["context_padded_boxes", "warp_windows", "rcnn_window_features"]
 
@@ -54,17 +55,23 @@ def warp_windows(image: torch.Tensor, boxes: torch.Tensor, size: int, padding: i
 
 
 def rcnn_window_features(trunk: torch.nn.Module, image: torch.Tensor, boxes: torch.Tensor, size: int,
-                         levels: Sequence[int], batch_size: int = 128) -> torch.Tensor:
+                         levels: Sequence[int], batch_size: int = 128, timer: Timer = NO_TIMER) -> torch.Tensor:
     """R-CNN pool5 features: the trunk runs on every warped window; the crop's conv map is pooled
     with the same pyramid as SPP-net so the fc / SVM recipe on top is the same.
+
+    ``timer`` bills the warping and pooling to stage "pool" and the trunk to "conv".
 
     Returns:
         Tensor[N, C * sum(n*n)].
     """
     out = []
     for start in range(0, len(boxes), batch_size):
-        crops = warp_windows(image, boxes[start:start + batch_size], size)
-        out.append(spatial_pyramid_pool(trunk(crops), tuple(levels)))
+        with timer.stage("pool"):
+            crops = warp_windows(image, boxes[start:start + batch_size], size)
+        with timer.stage("conv"):
+            fmap = trunk(crops)
+        with timer.stage("pool"):
+            out.append(spatial_pyramid_pool(fmap, tuple(levels)))
     if not out:
         return image.new_zeros((0, 0))
     return torch.cat(out)

@@ -2,104 +2,30 @@
 
 Both methods run the same detector code except the window features: SPP-net pools every window
 from one conv map per image per scale, R-CNN warps every window to the network's input size and
-runs the whole conv trunk on each crop. Times are wall-clock seconds per image after a warm-up
-image, with CUDA synchronisation around each stage; FLOPs come from
+runs the whole conv trunk on each crop. The stages timed are the detector's own
+(``SPPDetector.detect(..., timer=StageTimer(...))``), so what is timed is what detection runs.
+Times are wall-clock seconds per image after a warm-up image, with CUDA synchronisation around
+each stage; FLOPs come from
 ``torch.utils.flop_counter.FlopCounterMode`` so each speed-up can be set beside its arithmetic
 limit.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from .detector import SPPDetector
-from .features import conv_maps_for_image, pooled_window_features
-from .rcnn import warp_windows
-from .spp import spatial_pyramid_pool
+from .timer import StageTimer
 
-__all__ = ["StageTimer", "time_detector", "compare_methods"]
+__all__ = ["STAGES", "StageTimer", "time_detector", "rcnn_twin", "compare_methods", "random_detector"]
 
 log = logging.getLogger(__name__)
 
 STAGES = ("conv", "pool", "fc", "svm", "nms")
-
-
-class StageTimer:
-    """Accumulates wall-clock seconds (and optionally FLOPs) per named stage."""
-
-    def __init__(self, device: torch.device, count_flops: bool = False) -> None:
-        self.device = device
-        self.count_flops = count_flops
-        self.seconds: dict[str, float] = {}
-        self.flops: dict[str, float] = {}
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        self._sync()
-        counter = FlopCounterMode(display=False) if self.count_flops else contextlib.nullcontext()
-        t0 = time.perf_counter()
-        with counter:
-            yield
-        self._sync()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-        if self.count_flops:
-            self.flops[name] = self.flops.get(name, 0.0) + float(counter.get_total_flops())
-
-
-@torch.inference_mode()
-def _run_once(detector: SPPDetector, image: np.ndarray, proposals: np.ndarray, timer: StageTimer) -> int:
-    """One detection with every stage timed; returns the number of detections."""
-    s = detector.settings
-    dev = detector.device
-    boxes = torch.as_tensor(np.asarray(proposals, np.float32).reshape(-1, 4))
-    if s.method == "spp":
-        with timer.stage("conv"):
-            maps = conv_maps_for_image(detector.backbone, image, s.scales, s.max_size, dev)
-        with timer.stage("pool"):
-            # Fix: same projection as SPPDetector.pool5_features (the trunk's first cell centre).
-            pool5 = pooled_window_features(maps.maps, maps.factors, boxes, maps.stride, s.levels,
-                                           s.projection_rule, "area", device=dev,
-                                           first_cell_center=maps.first_cell_center)
-    else:
-        # R-CNN's "pool" stage is the warping of every window (and pooling each crop's map).
-        with timer.stage("pool"):
-            x = detector.backbone.preprocess(image, 1.0).to(dev)
-        pooled = []
-        for i in range(0, len(boxes), s.rcnn_batch_size):
-            with timer.stage("pool"):
-                crops = warp_windows(x, boxes[i:i + s.rcnn_batch_size].to(dev), detector.backbone.input_size)
-            with timer.stage("conv"):
-                fmap = detector.backbone.trunk(crops)
-            with timer.stage("pool"):
-                pooled.append(spatial_pyramid_pool(fmap, tuple(s.levels)))
-        pool5 = torch.cat(pooled)
-    with timer.stage("fc"):
-        feats = detector.head.features(pool5, s.feature_layer)
-    with timer.stage("svm"):
-        scores = detector.svms.scores(feats)
-        h, w = image.shape[:2]
-        k = scores.shape[1]
-        if detector.regressors is not None:
-            refined = detector.regressors.apply(pool5.cpu().numpy(), proposals)
-            per_class = torch.as_tensor(refined, dtype=torch.float32, device=dev)
-        else:
-            per_class = boxes.to(dev)[:, None, :].expand(-1, k, -1)
-        from torchvision.ops import clip_boxes_to_image
-        per_class = clip_boxes_to_image(per_class.reshape(-1, 4), (h, w)).reshape(-1, k, 4)
-    with timer.stage("nms"):
-        dets = detector._postprocess(per_class, scores)
-    return len(dets)
 
 
 def time_detector(detector: SPPDetector, images: Sequence[np.ndarray], proposals: Sequence[np.ndarray],
@@ -115,18 +41,25 @@ def time_detector(detector: SPPDetector, images: Sequence[np.ndarray], proposals
     if count_flops:
         flop_timer = StageTimer(detector.device, count_flops=True)
         for image, props in zip(images, proposals):
-            _run_once(detector, image, props, flop_timer)
+            detector.detect(image, props, timer=flop_timer)
         out["flops"] = {k: flop_timer.flops.get(k, 0.0) / n for k in STAGES}
         out["flops"]["total"] = sum(out["flops"][k] for k in STAGES)
     else:
         for image, props in list(zip(images, proposals))[:warmup]:
-            _run_once(detector, image, props, StageTimer(detector.device))
+            detector.detect(image, props, timer=StageTimer(detector.device))
     timer = StageTimer(detector.device)
     for image, props in zip(images, proposals):
-        _run_once(detector, image, props, timer)
+        detector.detect(image, props, timer=timer)
     out.update({k: timer.seconds.get(k, 0.0) / n for k in STAGES})
     out["total"] = sum(out[k] for k in STAGES)
     return out
+
+
+def rcnn_twin(detector: SPPDetector) -> SPPDetector:
+    """The R-CNN detector with the same trunk, fc layers, SVMs and regressors as ``detector``:
+    only the window features differ (crop + warp + whole trunk per window)."""
+    return SPPDetector(detector.backbone, detector.head, detector.svms, detector.regressors, detector.classes,
+                       dataclasses.replace(detector.settings, method="rcnn"), detector.device, detector.meta)
 
 
 def compare_methods(spp: SPPDetector, rcnn: SPPDetector, images: Sequence[np.ndarray],

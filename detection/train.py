@@ -43,10 +43,12 @@ class TrainConfig:
     seed: int = 0
 
 
-def spp_pool5_fn(cache, levels: Sequence[int], rule: str) -> Pool5Fn:
-    """pool5 features from a :class:`~detection.features.ConvMapCache` at each window's best scale."""
+def spp_pool5_fn(cache, settings: DetectorSettings) -> Pool5Fn:
+    """pool5 features from a :class:`~detection.features.ConvMapCache` at each window's best scale,
+    with the detector's pyramid, projection rule and scale rule (what detection will use)."""
     def fn(record: ImageRecord, boxes: torch.Tensor) -> torch.Tensor:
-        return cache.window_features(record, boxes, levels=levels, rule=rule, scale_rule="area")
+        return cache.window_features(record, boxes, levels=settings.levels, rule=settings.projection_rule,
+                                     scale_rule=settings.scale_rule)
     return fn
 
 

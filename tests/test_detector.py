@@ -332,3 +332,42 @@ def test_detector_on_cuda_matches_cpu(parts, method):
     torch.testing.assert_close(gpu.score_windows(f_gpu).cpu(), cpu.score_windows(f_cpu), rtol=1e-2, atol=1e-2)
     dets = gpu.detect(img, props)                                      # the whole path runs on CUDA
     assert dets.boxes.dtype == np.float32 and len(dets) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The multi-scale rule is a setting of the model
+# ---------------------------------------------------------------------------------------------
+
+def test_scale_rule_picks_the_scale_of_each_window(parts, tmp_path):
+    # Hand-worked (docs/spp.md): a 140x140 window of a 160x160 image at scales (160, 320), i.e.
+    # factors (1, 2). "area": |140^2 f^2 - 224^2| is 30,576 at f=1 and 28,224 at f=2 -> scale 320.
+    # "code": |140 f - 208| is 68 at f=1 and 72 at f=2 -> scale 160.
+    img = np.random.default_rng(5).integers(0, 256, (160, 160, 3), dtype=np.uint8)
+    window = np.array([[10.0, 12.0, 150.0, 152.0]], np.float32)
+    two_scales = dataclasses.replace(SETTINGS, scales=(160, 320))
+    expected = {"area": 320, "code": 160}
+    for rule, scale in expected.items():
+        det = SPPDetector(*parts, CLASSES, dataclasses.replace(two_scales, scale_rule=rule))
+        single = SPPDetector(*parts, CLASSES, dataclasses.replace(SETTINGS, scales=(scale,)))
+        torch.testing.assert_close(det.pool5_features(img, window), single.pool5_features(img, window),
+                                   rtol=0, atol=0)
+        path = tmp_path / f"{rule}.pt"
+        det.save(path)
+        assert SPPDetector.from_file(path).settings.scale_rule == rule
+    features = [SPPDetector(*parts, CLASSES, dataclasses.replace(two_scales, scale_rule=r)).pool5_features(img, window)
+                for r in expected]
+    assert not torch.equal(*features)            # the two rules really pool different maps here
+
+
+def test_model_without_a_scale_rule_reads_the_paper_rule_and_a_bad_one_is_refused(parts, tmp_path):
+    from detection.model import load_model
+    det = SPPDetector(*parts, CLASSES, SETTINGS)
+    det.save(tmp_path / "m.pt")
+    tensors, meta = load_model(tmp_path / "m.pt")
+    del meta["settings"]["scale_rule"]            # a model file written before the setting existed
+    save_model(tmp_path / "old.pt", tensors, meta)
+    assert SPPDetector.from_file(tmp_path / "old.pt").settings.scale_rule == "area"
+    meta["settings"]["scale_rule"] = "nearest"
+    save_model(tmp_path / "bad.pt", tensors, meta)
+    with pytest.raises(ModelError, match="scale rule 'nearest'"):
+        SPPDetector.from_file(tmp_path / "bad.pt")

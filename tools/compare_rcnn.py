@@ -13,7 +13,6 @@ are random (they cost the same as trained ones).
 """
 import argparse
 import copy
-import dataclasses
 import sys
 import time
 
@@ -30,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     from detection.detector import DetectorSettings, SPPDetector
     from detection.proposals import selective_search
     from detection.report import timing_table
-    from detection.timing import compare_methods, random_detector
+    from detection.timing import compare_methods, random_detector, rcnn_twin
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,11 +43,10 @@ def main(args: argparse.Namespace) -> int:
         spp = SPPDetector.from_file(args.model, device=args.device)
     else:
         scales = (688,) if args.scales == "1" else (480, 576, 688, 864, 1200)
-        settings = DetectorSettings(scales=scales, feature_layer=args.feature_layer)
+        settings = DetectorSettings(scales=scales, feature_layer=args.feature_layer, scale_rule=args.scale_rule)
         backbone = build_backbone(args.backbone, weights=args.weights)
         spp = random_detector(backbone, len(ds.classes), settings, device=args.device)
-    rcnn = SPPDetector(spp.backbone, spp.head, spp.svms, spp.regressors, spp.classes,
-                       dataclasses.replace(spp.settings, method="rcnn"), spp.device)
+    rcnn = rcnn_twin(spp)
     spp_svd = None
     if args.svd:
         # SVD is a speed-up of SPP-net's fc stage; R-CNN keeps the full fc layers (its time is conv).
@@ -81,6 +79,8 @@ if __name__ == "__main__":
     p.add_argument("--windows", type=int, default=2000, help="selective-search windows per image (at most)")
     p.add_argument("--proposal-mode", choices=["fast", "quality"], default="fast",
                    help="selective search mode (quality gives ~2,000 windows on small photos)")
+    p.add_argument("--scale-rule", choices=["area", "code"], default="area",
+                   help="multi-scale window -> scale rule without --model (docs/spp.md)")
     p.add_argument("--feature-layer", default="fc7", choices=["pool5", "fc6", "fc7"])
     p.add_argument("--svd", type=int, nargs=2, metavar=("RANK6", "RANK7"),
                    help="truncate fc6/fc7 by SVD to these ranks (Fast R-CNN), e.g. 1024 256")

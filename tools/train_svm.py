@@ -43,7 +43,8 @@ def main(args: argparse.Namespace) -> int:
         raise CacheError(f"the conv maps were computed with weights {s['weights_id']}, not {backbone.weights_id}: "
                          "pass the same --weights/--seed as to extract_features.py")
     proposals = compute_proposals(dataset, Path(args.features) / "proposals", num_workers=args.workers)
-    settings = DetectorSettings(scales=tuple(s["scales"]), max_size=int(s["max_size"]), feature_layer=args.layer)
+    settings = DetectorSettings(scales=tuple(s["scales"]), max_size=int(s["max_size"]), feature_layer=args.layer,
+                                scale_rule=args.scale_rule)
     cfg = TrainConfig(finetune=FinetuneConfig(enabled=args.finetune > 0, iterations=max(args.finetune, 1),
                                               lr_steps=(int(args.finetune * 0.5), int(args.finetune * 0.75))),
                       bbox_regression=not args.no_bbox)
@@ -55,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
                                      rule=settings.projection_rule, scale_rule="random", generator=g)
 
     detector = train_detector(dataset.records, dataset.classes, proposals.proposals_for_record, backbone,
-                              spp_pool5_fn(cache, settings.levels, settings.projection_rule), pool5_dim, settings,
+                              spp_pool5_fn(cache, settings), pool5_dim, settings,
                               cfg, out_dir=Path(args.out).parent, progress=not args.quiet,
                               finetune_pool5_fn=finetune_fn)
     detector.save(args.out, {"dataset": {"root": str(args.data), "split": args.split},
@@ -77,6 +78,9 @@ if __name__ == "__main__":
     p.add_argument("--finetune", type=int, default=0, metavar="ITERATIONS",
                    help="fine-tune fc6/fc7/fc8 for this many mini-batches first (0: no fine-tuning)")
     p.add_argument("--no-bbox", action="store_true", help="no box regression")
+    p.add_argument("--scale-rule", choices=["area", "code"], default="area",
+                   help="multi-scale: each window's scale by area nearest 224^2 (paper) or side nearest 208 "
+                        "(official code); stored in the model (docs/spp.md)")
     p.add_argument("--workers", type=int, default=None, help="selective-search processes if proposals are missing")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="training config overrides, e.g. svm.C=0.001 finetune.lr=0.0001")
