@@ -71,7 +71,8 @@ def rcnn_window_features(trunk: torch.nn.Module, image: torch.Tensor, boxes: tor
         with timer.stage("conv"):
             fmap = trunk(crops)
         with timer.stage("pool"):
-            out.append(spatial_pyramid_pool(fmap, tuple(levels)))
+            # The bins every SPP-net window is pooled with, so one fc head serves both methods.
+            out.append(spatial_pyramid_pool(fmap, tuple(levels), bins="adaptive"))
     if not out:
         return image.new_zeros((0, 0))
     return torch.cat(out)

@@ -1,10 +1,17 @@
 """Spatial pyramid pooling: whole-map SPP, window -> conv-cell projection, pooling of many
 windows of one conv map, and the choice of image scale per window.
 
-Bin rule (everywhere): bin ``i`` of ``n`` over a length of ``a`` cells is the half-open cell range
-``[floor(i*a/n), ceil((i+1)*a/n))`` — the official code's ``spm_pool_caffe_mex.cpp`` and exactly
-what :func:`torch.nn.functional.adaptive_max_pool2d` does. Bins of neighbouring indices may share
-a cell; when ``a < n`` cells repeat, so every window gives the same number of bins.
+Bin rules (docs/spp.md, "Bins"):
+
+- ``"adaptive"`` (windows, always): bin ``i`` of ``n`` over a length of ``a`` cells is the
+  half-open cell range ``[floor(i*a/n), ceil((i+1)*a/n))`` — the official code's
+  ``spm_pool_caffe_mex.cpp`` and exactly what :func:`torch.nn.functional.adaptive_max_pool2d`
+  does. Bins of neighbouring indices may share a cell; when ``a < n`` cells repeat, so every
+  window gives the same number of bins.
+- ``"paper"`` (whole-map SPP for classification, Sec. 2.3, the default of
+  :func:`spatial_pyramid_pool`): a max-pooling window of ``ceil(a/n)`` cells moved by
+  ``floor(a/n)``, i.e. bin ``i`` is ``[i*floor(a/n), i*floor(a/n) + ceil(a/n))``. It needs
+  ``a >= n`` (a stride of 0 is no pooling), so it cannot serve windows of a few cells.
 
 Feature layout: for each level ``n`` the pooled ``[C, n, n]`` block flattened (channel-major,
 then row, then column: ``Tensor.flatten`` of ``[C, n, n]``), levels concatenated in the order
@@ -30,6 +37,7 @@ __all__ = [
     "CODE_OFFSET",
     "CODE_TARGET",
     "PAPER_TARGET",
+    "BIN_RULES",
     "spatial_pyramid_pool",
     "SpatialPyramidPooling",
     "project_boxes",
@@ -78,37 +86,65 @@ def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
     return levels
 
 
-def spatial_pyramid_pool(x: torch.Tensor, levels: Sequence[int] = DEFAULT_LEVELS) -> torch.Tensor:
+BIN_RULES = ("paper", "adaptive")
+
+
+def _paper_level(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The paper's bins of one level: max pooling, window ceil(a/n), stride floor(a/n), per axis.
+
+    With that window and stride at least n outputs fit in ``a`` (the n-th ends at
+    ``(n-1)*floor(a/n) + ceil(a/n) <= a``); pooling may produce more (e.g. a = 10, n = 6: window
+    2, stride 1, 9 outputs), of which the first n are the paper's bins.
+    """
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if h < n or w < n:
+        raise ValueError(f"the paper's bin rule needs a map of at least {n}x{n} cells for a {n}x{n} level "
+                         f"(stride floor(a/n) = 0), got {h}x{w}: use bins='adaptive' for small maps")
+    kernel = (-(-h // n), -(-w // n))
+    return F.max_pool2d(x, kernel, (h // n, w // n))[..., :n, :n]
+
+
+def spatial_pyramid_pool(x: torch.Tensor, levels: Sequence[int] = DEFAULT_LEVELS, bins: str = "paper") -> torch.Tensor:
     """Max-pool a whole conv map into a fixed-length vector per image (the classification SPP).
 
     Args:
-        x: Tensor[N, C, H, W], any H, W >= 1 (maps smaller than the finest level repeat cells).
+        x: Tensor[N, C, H, W]. ``bins="paper"``: H, W >= the finest level; ``"adaptive"``: any
+            H, W >= 1 (maps smaller than the finest level repeat cells).
         levels: bins per side of each pyramid level.
+        bins: "paper" (window ceil(a/n), stride floor(a/n); Sec. 2.3) or "adaptive" (the code's
+            ``[floor(i a/n), ceil((i+1) a/n))``, the rule every window is pooled with).
     Returns:
         Tensor[N, C * sum(n*n)]: per level the [C, n, n] block flattened, levels concatenated.
     """
     levels = _check_levels(levels)
     if x.dim() != 4:
         raise ValueError(f"expected a [N, C, H, W] map, got shape {tuple(x.shape)}")
-    return torch.cat([F.adaptive_max_pool2d(x, n).flatten(1) for n in levels], dim=1)
+    if bins == "adaptive":
+        return torch.cat([F.adaptive_max_pool2d(x, n).flatten(1) for n in levels], dim=1)
+    if bins == "paper":
+        return torch.cat([_paper_level(x, n).flatten(1) for n in levels], dim=1)
+    raise ValueError(f"unknown bin rule {bins!r}: use 'paper' or 'adaptive'")
 
 
 class SpatialPyramidPooling(nn.Module):
     """Module wrapper of :func:`spatial_pyramid_pool` (Tensor[N, C, H, W] -> [N, C*sum(n^2)])."""
 
-    def __init__(self, levels: Sequence[int] = DEFAULT_LEVELS) -> None:
+    def __init__(self, levels: Sequence[int] = DEFAULT_LEVELS, bins: str = "paper") -> None:
         super().__init__()
         self.levels = _check_levels(levels)
+        if bins not in BIN_RULES:
+            raise ValueError(f"unknown bin rule {bins!r}: use 'paper' or 'adaptive'")
+        self.bins = bins
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return spatial_pyramid_pool(x, self.levels)
+        return spatial_pyramid_pool(x, self.levels, self.bins)
 
     def output_size(self, channels: int) -> int:
         """Length of the pooled vector for a map of ``channels`` channels."""
         return channels * sum(n * n for n in self.levels)
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(levels={self.levels})"
+        return f"{self.__class__.__name__}(levels={self.levels}, bins={self.bins!r})"
 
 
 # --------------------------------------------------------------------------------------------

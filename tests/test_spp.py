@@ -98,16 +98,69 @@ def random_cells(gen: torch.Generator, n: int, height: int, width: int) -> torch
 def test_spatial_pyramid_pool_fixed_length_and_reference(hw):
     gen = torch.Generator().manual_seed(hw[0] * 100 + hw[1])
     x = torch.randn(2, 4, *hw, generator=gen, dtype=torch.float64)
-    out = spatial_pyramid_pool(x)
+    out = spatial_pyramid_pool(x, bins="adaptive")
     assert out.shape == (2, 4 * 50)
     for k in range(2):
         ref = ref_spp_window(x[k].numpy(), (0, 0, hw[1] - 1, hw[0] - 1), (6, 3, 2, 1))
         np.testing.assert_array_equal(out[k].numpy(), ref)
 
 
+def ref_spp_paper(fmap: np.ndarray, levels) -> np.ndarray:
+    """The paper's whole-map bins by loops: bin i of n is [i*floor(a/n), i*floor(a/n) + ceil(a/n))."""
+    channels, h, w = fmap.shape
+    out = []
+    for n in levels:
+        block = np.empty((channels, n, n))
+        for i in range(n):
+            y0 = i * (h // n)
+            for j in range(n):
+                x0 = j * (w // n)
+                block[:, i, j] = fmap[:, y0:y0 + math.ceil(h / n), x0:x0 + math.ceil(w / n)].reshape(channels, -1).max(axis=1)
+        out.append(block.reshape(-1))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("hw", [(6, 6), (7, 13), (10, 10), (13, 13), (14, 14), (20, 9), (17, 31)])
+def test_paper_bins_match_the_slow_reference(hw):
+    gen = torch.Generator().manual_seed(hw[0] * 100 + hw[1])
+    x = torch.randn(2, 4, *hw, generator=gen, dtype=torch.float64)
+    out = spatial_pyramid_pool(x, bins="paper")
+    assert out.shape == (2, 4 * 50)
+    for k in range(2):
+        np.testing.assert_array_equal(out[k].numpy(), ref_spp_paper(x[k].numpy(), (6, 3, 2, 1)))
+    assert torch.equal(spatial_pyramid_pool(x), out)            # the paper's rule is the default
+
+
+def test_paper_and_adaptive_bins_hand_worked():
+    # A 14x14 map whose value is the column index; the 6x6 level's first row of bins.
+    # Paper: window ceil(14/6) = 3, stride floor(14/6) = 2 -> bins [0,3) [2,5) [4,7) [6,9) [8,11)
+    #        [10,13): maxima 2 4 6 8 10 12 (column 13 is never pooled).
+    # Adaptive (the code): [floor(14i/6), ceil(14(i+1)/6)) = [0,3) [2,5) [4,7) [7,10) [9,12) [11,14):
+    #        maxima 2 4 6 9 11 13.
+    x = torch.arange(14.0).expand(1, 1, 14, 14)
+    paper = spatial_pyramid_pool(x, (6,), bins="paper").reshape(6, 6)[0]
+    adaptive = spatial_pyramid_pool(x, (6,), bins="adaptive").reshape(6, 6)[0]
+    assert paper.tolist() == [2, 4, 6, 8, 10, 12]
+    assert adaptive.tolist() == [2, 4, 6, 9, 11, 13]
+    # 13 cells (ZF-5's conv5 at 224 px, the paper's example): window 3, stride 2 gives
+    # [0,3) [2,5) ... [10,13), exactly the adaptive bins; likewise for the 3x3, 2x2 and 1x1 levels.
+    x13 = torch.arange(13.0).expand(1, 1, 13, 13)
+    assert torch.equal(spatial_pyramid_pool(x13, bins="paper"), spatial_pyramid_pool(x13, bins="adaptive"))
+
+
+def test_paper_bins_refuse_maps_smaller_than_a_level():
+    with pytest.raises(ValueError, match="at least 6x6 cells.*got 5x9.*bins='adaptive'"):
+        spatial_pyramid_pool(torch.zeros(1, 2, 5, 9))
+    assert spatial_pyramid_pool(torch.zeros(1, 2, 5, 9), bins="adaptive").shape == (1, 100)
+    with pytest.raises(ValueError, match="unknown bin rule"):
+        spatial_pyramid_pool(torch.zeros(1, 2, 6, 6), bins="round")
+    with pytest.raises(ValueError, match="unknown bin rule"):
+        SpatialPyramidPooling(bins="round")
+
+
 def test_spatial_pyramid_pool_module():
     m = SpatialPyramidPooling((4, 2, 1))
-    assert "levels=(4, 2, 1)" in repr(m)
+    assert "levels=(4, 2, 1), bins='paper'" in repr(m)
     assert m(torch.randn(1, 3, 5, 9)).shape == (1, m.output_size(3)) == (1, 63)
     with pytest.raises(ValueError):
         SpatialPyramidPooling((3, 0))
@@ -201,14 +254,14 @@ def test_pool_windows_matches_reference(method, hw, levels):
         np.testing.assert_array_equal(out[k].numpy(), ref_spp_window(fmap.numpy(), cell, levels))
         c1, r1, c2, r2 = cell     # the same as whole-map SPP of the cropped window
         crop = fmap[None, :, r1:r2 + 1, c1:c2 + 1]
-        torch.testing.assert_close(out[k], spatial_pyramid_pool(crop, levels)[0], rtol=0, atol=0)
+        torch.testing.assert_close(out[k], spatial_pyramid_pool(crop, levels, bins="adaptive")[0], rtol=0, atol=0)
 
 
 def test_pool_windows_float32_fp16_and_chunking(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     fmap = torch.randn(64, 30, 41, generator=gen)
     cells = random_cells(gen, 100, 30, 41)
-    ref = torch.stack([spatial_pyramid_pool(fmap[None, :, r1:r2 + 1, c1:c2 + 1])[0]
+    ref = torch.stack([spatial_pyramid_pool(fmap[None, :, r1:r2 + 1, c1:c2 + 1], bins="adaptive")[0]
                        for c1, r1, c2, r2 in cells.tolist()])
     torch.testing.assert_close(pool_windows(fmap[None], cells), ref, rtol=0, atol=0)
     half = pool_windows(fmap.half(), cells)
@@ -229,7 +282,7 @@ def test_pool_windows_gradcheck():
     # and the gradient equals the one through adaptive_max_pool2d of the crops
     w = torch.randn(len(cells), 2 * 50, generator=gen, dtype=torch.float64)
     (g_fast,) = torch.autograd.grad((pool_windows(fmap, cells) * w).sum(), fmap)
-    ref = torch.stack([spatial_pyramid_pool(fmap[None, :, r1:r2 + 1, c1:c2 + 1])[0]
+    ref = torch.stack([spatial_pyramid_pool(fmap[None, :, r1:r2 + 1, c1:c2 + 1], bins="adaptive")[0]
                        for c1, r1, c2, r2 in cells.tolist()])
     (g_ref,) = torch.autograd.grad((ref * w).sum(), fmap)
     torch.testing.assert_close(g_fast, g_ref)
