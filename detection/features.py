@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Bumped whenever the on-disk layout or the meaning of a stored value changes; part of the key.
 CONVMAP_FORMAT_VERSION = 1
+#: Largest finite float16 (65,504): a float16 cache refuses maps beyond it instead of storing inf.
+FP16_MAX = float(np.finfo(np.float16).max)
 
 #: The paper's 4-level pyramid {6x6, 3x3, 2x2, 1x1} = 50 bins per channel.
 DEFAULT_LEVELS: tuple[int, ...] = (6, 3, 2, 1)
@@ -530,8 +532,22 @@ class ConvMapCache:
         """Resize factor of every scale for a record."""
         return [float(f) for f in self.record_info(record_or_key)["factors"]]
 
-    def write_record(self, key: str, maps: Sequence[np.ndarray], info: dict[str, Any]) -> None:
-        """Store the maps of one record (atomically, file by file), then its done marker."""
+    def write_record(self, key: str, maps: Sequence[np.ndarray], info: dict[str, Any], name: str | None = None) -> None:
+        """Store the maps of one record (atomically, file by file), then its done marker.
+
+        Raises:
+            CacheError (naming ``name``, default the key) before anything is written when a map
+            holds NaN/inf, or, in a float16 cache, a value beyond float16's range (+-65,504), which
+            the cast would turn into inf and surface much later as NaN scores.
+        """
+        for k, m in enumerate(maps):
+            peak = float(np.abs(m).max()) if np.size(m) else 0.0
+            if not np.isfinite(peak):
+                raise CacheError(f"{name or 'record ' + key}: the conv map at scale {k} holds NaN or inf values "
+                                 "(check the weights file and the image)")
+            if self.dtype == np.float16 and peak > FP16_MAX:
+                raise CacheError(f"{name or 'record ' + key}: the conv map at scale {k} reaches {peak:.6g}, beyond "
+                                 f"float16's {FP16_MAX:.0f}: store float32 maps (no --fp16 / features.fp16=false)")
         rdir = self.record_dir(key)
         if rdir.exists():
             # Leftovers of an interrupted write: stray temp files and a stale marker.
@@ -757,7 +773,7 @@ def _run_extraction(cache: ConvMapCache, records: list[ImageRecord], backbone: t
                     "input_shapes": [list(x.shape[-2:]) for x in inputs],
                     "image_size": [int(h), int(w)],
                 }
-                cache.write_record(record.key, arrays, info)
+                cache.write_record(record.key, arrays, info, name=_image_name(record))
                 done += 1
     finally:
         backbone.train(was_training)

@@ -337,6 +337,29 @@ def test_fp16_halves_the_bytes(dataset, backbone, base, tmp_path):
                                rtol=2e-3, atol=2e-3)
 
 
+def test_fp16_cache_refuses_maps_beyond_float16_range(dataset, tmp_path):
+    big = build_backbone("zf5", weights=None, seed=0)
+    last_conv = [m for m in big.trunk.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last_conv.weight.mul_(1e6)            # conv5 responses far beyond float16's 65,504
+    record = dataset.records[0]
+    with pytest.raises(CacheError, match=rf"image {record.key} \(.*{record.path.name}\): the conv map at scale 0 "
+                                         r"reaches .* beyond float16's 65504: store float32 maps"):
+        _extract(_subset(dataset, 1), big, tmp_path, fp16=True)
+    assert not list(tmp_path.glob("convmaps_*/maps/*/done.json")) and not list(tmp_path.rglob("*.npy"))
+    f32 = _extract(_subset(dataset, 1), big, tmp_path)          # float32 holds them
+    assert float(np.abs(f32.maps(record)[0]).max()) > 65504
+
+
+def test_cache_refuses_non_finite_maps(dataset, tmp_path):
+    broken = build_backbone("zf5", weights=None, seed=0)
+    first_conv = next(m for m in broken.trunk.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        first_conv.bias.fill_(float("nan"))   # what a corrupt weights file can hold
+    with pytest.raises(CacheError, match="holds NaN or inf values"):
+        _extract(_subset(dataset, 1), broken, tmp_path)
+
+
 def test_flipped_records_get_their_own_conv_pass(dataset, backbone, tmp_path):
     two = _subset(dataset, 2)
     records = cache_records(two, include_flipped=True)
