@@ -2,8 +2,12 @@
 
 The paper's recipe (sppnet-reference.md, section 6): windows with IoU >= 0.5 with a ground truth
 are positives labelled with its class, windows with IoU in [0.1, 0.5) are background, mini-batches
-of 128 windows hold 25 % positives, SGD with momentum 0.9 and weight decay 5e-4, a random scale per
-window while training. Each iteration draws its samples from a generator seeded with
+of exactly 128 windows hold 32 positives and 96 background windows (:func:`sample_minibatch`), SGD
+with momentum 0.9 and weight decay 5e-4, a random scale per window while training.
+
+The schedule is the code's shape (lr 1e-3, x0.1 twice) scaled down: the paper runs 250k + 50k
+mini-batches (the code 3 x 30k); :func:`schedule_summary` states a run's length as a fraction of
+both, and :func:`finetune` logs it. Each iteration draws its samples from a generator seeded with
 ``(seed, iteration)``, so a run resumed from a checkpoint is identical to an uninterrupted one.
 """
 from __future__ import annotations
@@ -26,7 +30,13 @@ from .errors import DetectionError
 from .heads import FCHead
 from .io import atomic_torch_save
 
-__all__ = ["FinetuneConfig", "WindowLabels", "label_windows", "sample_minibatch", "finetune"]
+__all__ = ["FinetuneConfig", "WindowLabels", "label_windows", "sample_minibatch", "schedule_summary", "finetune",
+           "PAPER_ITERATIONS", "CODE_ITERATIONS"]
+
+#: Mini-batches of 128 windows in the paper's fine-tuning (250k at lr 1e-4, 50k at 1e-5) ...
+PAPER_ITERATIONS = 300_000
+#: ... and in the official code's (30k at each of lr 1e-3, 1e-4, 1e-5).
+CODE_ITERATIONS = 90_000
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +53,8 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128                  # windows per mini-batch (paper)
-    images_per_batch: int = 4              # images the windows of one mini-batch come from
+    images_per_batch: int | None = 4       # images a mini-batch is drawn from (refilled when they run
+                                           # short); None: the whole dataset, as the code does
     fg_fraction: float = 0.25              # share of positives in a mini-batch (paper)
     fg_iou: float = 0.5                    # IoU >= 0.5 with a ground truth: positive (paper)
     bg_iou_lo: float = 0.1                 # IoU in [0.1, 0.5): background (paper)
@@ -86,30 +97,65 @@ def label_windows(record: ImageRecord, proposals: np.ndarray, cfg: FinetuneConfi
     return WindowLabels(boxes, labels, np.flatnonzero(fg), np.flatnonzero(bg))
 
 
+def _draw(n: int, total: int, generator: torch.Generator) -> torch.Tensor:
+    """n positions in [0, total): without replacement when the pool holds n, else with
+    replacement (the pool is short; the code's window data layer always draws with replacement)."""
+    if total >= n and total <= _PERMUTE_LIMIT:
+        return torch.randperm(total, generator=generator)[:n]
+    # A pool of millions of windows (the whole of VOC): a permutation per mini-batch would cost
+    # more than the step; with replacement, a repeat among 128 of 10^6 has probability < 1 %.
+    return torch.randint(total, (n,), generator=generator)
+
+
+#: Pools up to this size are drawn without replacement (a permutation of 10^5 costs ~1 ms).
+_PERMUTE_LIMIT = 100_000
+
+
 def sample_minibatch(windows: Sequence[WindowLabels], cfg: FinetuneConfig,
                      generator: torch.Generator) -> list[tuple[int, np.ndarray]]:
-    """Pick ``images_per_batch`` images and from each a share of the mini-batch with
-    ``fg_fraction`` positives. Returns (image index, window indices) pairs."""
-    # Fix: draw only images that have a labelled window; an image whose windows are all ignored
-    # (no non-difficult ground truth) gave an empty share, and a batch of only such images
-    # crashed in torch.cat.
+    """One mini-batch of exactly ``batch_size`` windows, ``round(batch_size * fg_fraction)`` of
+    them positives (32 + 96 of 128 with the paper's settings), drawn uniformly from the windows
+    of the chosen images, as the official code's window data layer does.
+
+    The images: ``images_per_batch`` of them in random order (fewer conv passes when the conv
+    layers are trained), more added when they hold fewer positives or background windows than
+    the batch needs (refill); with ``images_per_batch=None`` every image (the code: windows from
+    across the dataset). Only when the whole dataset is short are windows repeated.
+
+    Returns:
+        (image index, window indices) pairs in increasing image order, positives first in each.
+    """
     eligible = [i for i, w in enumerate(windows) if len(w.fg) or len(w.bg)]
-    n_img = min(cfg.images_per_batch, len(eligible))
-    images = [eligible[j] for j in torch.randperm(len(eligible), generator=generator)[:n_img].tolist()]
-    if n_img == 0:
+    if not eligible:
         return []
-    per_image = max(1, cfg.batch_size // n_img)
-    out = []
-    for i in images:
-        w = windows[i]
-        n_fg = min(len(w.fg), int(round(per_image * cfg.fg_fraction)))
-        n_bg = min(len(w.bg), per_image - n_fg)
-        fg = w.fg[torch.randperm(len(w.fg), generator=generator)[:n_fg].numpy()] if n_fg else w.fg[:0]
-        bg = w.bg[torch.randperm(len(w.bg), generator=generator)[:n_bg].numpy()] if n_bg else w.bg[:0]
-        idx = np.concatenate([fg, bg])
-        if len(idx):
-            out.append((i, idx))
-    return out
+    n_fg = int(round(cfg.batch_size * cfg.fg_fraction))
+    n_bg = cfg.batch_size - n_fg
+    order = [eligible[j] for j in torch.randperm(len(eligible), generator=generator).tolist()]
+    want = len(order) if cfg.images_per_batch is None else cfg.images_per_batch
+    chosen: list[int] = []
+    have_fg = have_bg = 0
+    for i in order:
+        if len(chosen) >= want and have_fg >= n_fg and have_bg >= n_bg:
+            break
+        chosen.append(i)
+        have_fg += len(windows[i].fg)
+        have_bg += len(windows[i].bg)
+    if have_bg == 0 and n_bg > 0:
+        raise DetectionError(f"no training window has an IoU in [{cfg.bg_iou_lo}, {cfg.fg_iou}) with a ground "
+                             "truth: no background to fine-tune on (check the proposals, or lower finetune.bg_iou_lo)")
+    picked: dict[int, list[np.ndarray]] = {i: [] for i in chosen}
+    for kind, n, have in (("fg", n_fg, have_fg), ("bg", n_bg, have_bg)):
+        if n == 0 or have == 0:      # no positives anywhere in the chosen images: background only
+            continue
+        counts = np.array([len(getattr(windows[i], kind)) for i in chosen])
+        starts = np.cumsum(counts) - counts
+        pos = _draw(n, have, generator).numpy()
+        owner = np.searchsorted(starts, pos, side="right") - 1
+        for slot, i in enumerate(chosen):
+            local = pos[owner == slot] - starts[slot]
+            if len(local):
+                picked[i].append(getattr(windows[i], kind)[local])
+    return [(i, np.concatenate(parts)) for i, parts in sorted(picked.items()) if parts]
 
 
 def _iteration_generator(seed: int, iteration: int) -> torch.Generator:
@@ -129,6 +175,16 @@ def _checkpoint_key(head: FCHead, windows: Sequence[WindowLabels], cfg: Finetune
         h.update(np.ascontiguousarray(w.boxes, dtype=np.float32).tobytes())
         h.update(np.ascontiguousarray(w.labels, dtype=np.int64).tobytes())
     return h.hexdigest()
+
+
+def schedule_summary(cfg: FinetuneConfig) -> str:
+    """The run's length beside the paper's and the code's, in windows seen (batches x 128)."""
+    windows = cfg.iterations * cfg.batch_size
+    paper, code = PAPER_ITERATIONS * 128, CODE_ITERATIONS * 128
+    return (f"{cfg.iterations:,} mini-batches of {cfg.batch_size} windows = {windows:,} windows: "
+            f"{100 * windows / paper:.2g} % of the paper's schedule ({PAPER_ITERATIONS:,} x 128), "
+            f"{100 * windows / code:.2g} % of the code's ({CODE_ITERATIONS:,} x 128); lr {cfg.lr:g} x 0.1 at "
+            f"{', '.join(str(s) for s in cfg.lr_steps) or 'no step'}")
 
 
 def _lr_at(cfg: FinetuneConfig, iteration: int) -> float:
@@ -155,6 +211,11 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
     """
     if head.fc8 is None:
         raise ValueError("finetune needs an FCHead with fc8")
+    if cfg.batch_size < 1 or not 0.0 <= cfg.fg_fraction <= 1.0 or (cfg.images_per_batch is not None
+                                                                  and cfg.images_per_batch < 1):
+        raise DetectionError(f"finetune.batch_size ({cfg.batch_size}) and finetune.images_per_batch "
+                             f"({cfg.images_per_batch}) must be >= 1 and finetune.fg_fraction "
+                             f"({cfg.fg_fraction}) in [0, 1]")
     if not any(len(w.fg) for w in windows):
         raise DetectionError("no training window overlaps a ground-truth box by IoU >= "
                              f"{cfg.fg_iou}: nothing to fine-tune on (check the proposals and annotations)")
@@ -185,6 +246,7 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
             start = int(state["iteration"])
             log.info("resumed fine-tuning from %s at iteration %d", checkpoint, start)
 
+    log.info("fine-tuning%s: %s", " (conv layers too)" if cfg.finetune_conv else "", schedule_summary(cfg))
     losses: list[float] = []
     head.train()
     if trunk is not None:

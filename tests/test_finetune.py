@@ -84,15 +84,19 @@ def _windows(n_fg: int, n_bg: int, n_ignored: int = 3, k: int = 3, seed: int = 0
     return WindowLabels(boxes, labels, np.flatnonzero(labels > 0), np.flatnonzero(labels == 0))
 
 
+def _labels(windows, batch):
+    return np.concatenate([windows[i].labels[idx] for i, idx in batch])
+
+
 def test_sample_minibatch_honours_batch_size_and_fg_fraction():
     windows = [_windows(20, 50, seed=s) for s in range(5)]
     cfg = FinetuneConfig(batch_size=32, images_per_batch=2, fg_fraction=0.25)
     batch = sample_minibatch(windows, cfg, torch.Generator().manual_seed(0))
     assert len(batch) == 2 and batch[0][0] != batch[1][0]
     for i, idx in batch:
-        assert len(idx) == 16 and len(np.unique(idx)) == 16
-        labels = windows[i].labels[idx]
-        assert (labels > 0).sum() == 4 and (labels == 0).sum() == 12     # 25 % of 16
+        assert len(np.unique(idx)) == len(idx)                   # no window twice
+    labels = _labels(windows, batch)
+    assert (labels > 0).sum() == 8 and (labels == 0).sum() == 24        # exactly 25 % of 32
     assert sum(len(idx) for _, idx in batch) == cfg.batch_size
     again = sample_minibatch(windows, cfg, torch.Generator().manual_seed(0))
     assert [(i, idx.tolist()) for i, idx in batch] == [(i, idx.tolist()) for i, idx in again]
@@ -100,12 +104,46 @@ def test_sample_minibatch_honours_batch_size_and_fg_fraction():
     assert [(i, idx.tolist()) for i, idx in batch] != [(i, idx.tolist()) for i, idx in other]
 
 
-def test_sample_minibatch_with_few_positives_fills_with_background():
+def test_sample_minibatch_is_exactly_32_positives_of_128_and_refills_short_images():
+    # The paper's batch: 128 windows, 32 positives. Images with 3 positives each: 2 images hold
+    # 6, so more images are drawn until 32 positives are available (the refill).
+    windows = [_windows(3, 40, seed=s) for s in range(30)]
+    cfg = FinetuneConfig(batch_size=128, images_per_batch=2, fg_fraction=0.25)
+    for seed in range(10):
+        batch = sample_minibatch(windows, cfg, torch.Generator().manual_seed(seed))
+        labels = _labels(windows, batch)
+        assert len(labels) == 128 and (labels > 0).sum() == 32 and (labels == 0).sum() == 96
+        assert len(batch) >= 11                                  # ceil(32 / 3) images at least
+        pairs = {(i, j) for i, idx in batch for j in idx.tolist()}
+        assert len(pairs) == 128                                 # no window twice
+    # images_per_batch=None: drawn from across the whole dataset (the code's window data layer).
+    across = sample_minibatch(windows, dataclasses.replace(cfg, images_per_batch=None), torch.Generator().manual_seed(0))
+    assert len(_labels(windows, across)) == 128 and len(across) > 20
+
+
+def test_sample_minibatch_repeats_positives_only_when_the_dataset_is_short():
     windows = [_windows(2, 50)]
     cfg = FinetuneConfig(batch_size=16, images_per_batch=4, fg_fraction=0.25)
     ((i, idx),) = sample_minibatch(windows, cfg, torch.Generator().manual_seed(0))
     labels = windows[0].labels[idx]
-    assert i == 0 and (labels > 0).sum() == 2 and (labels == 0).sum() == 14
+    # 4 positives are needed and the whole dataset holds 2: drawn with replacement (as the code
+    # always draws), so the batch keeps exactly 25 % positives.
+    assert i == 0 and (labels > 0).sum() == 4 and (labels == 0).sum() == 12
+    assert set(idx[labels > 0].tolist()) <= set(windows[0].fg.tolist())
+
+
+def test_sample_minibatch_statistics_match_the_paper_recipe():
+    # Over many batches every positive window of the chosen pool is equally likely: the share of
+    # positives drawn from each image follows its share of the positives (uniform across images,
+    # not a fixed share per image).
+    windows = [_windows(30, 60, seed=0), _windows(10, 60, seed=1)]
+    cfg = FinetuneConfig(batch_size=32, images_per_batch=2, fg_fraction=0.25)
+    from_first = 0
+    for seed in range(300):
+        batch = dict(sample_minibatch(windows, cfg, torch.Generator().manual_seed(seed)))
+        from_first += int((windows[0].labels[batch.get(0, np.zeros(0, np.int64))] > 0).sum())
+    share = from_first / (300 * 8)
+    assert 0.70 < share < 0.80                                   # 30 of 40 positives = 0.75
 
 
 def test_sample_minibatch_skips_images_without_labelled_windows():
