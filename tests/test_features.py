@@ -422,3 +422,26 @@ def test_extract_features_tool(synthetic_voc, tmp_path, capsys):
     rc = tool.main(["--data", str(tmp_path / "missing"), "--split", "trainval", "--out", str(out),
                     "--no-proposals"])
     assert rc == 2 and "error:" in capsys.readouterr().err
+
+
+def test_training_features_use_the_detectors_scale_rule(dataset, backbone, tmp_path):
+    # spp_pool5_fn (SVM and box-regression training) pools each window at the scale the
+    # detector's scale_rule picks, so training and detection see the same features.
+    from detection.detector import DetectorSettings
+    from detection.train import spp_pool5_fn
+    two = _extract(_subset(dataset, 1), backbone, tmp_path, scales=(160, 320), max_size=1000)
+    record = dataset.records[0]
+    # Factors 2/3 and 4/3 (240-px shorter side): "code" switches scale at a side of 208 px, "area"
+    # at sqrt(2 * 224^2 / (f1^2 + f2^2)) = 212.5 px, so squares of 209-212 px pick differently.
+    squares = np.array([[5, 5, 5 + side, 5 + side] for side in range(200, 221)], np.float32)
+    boxes = torch.from_numpy(np.concatenate([_random_boxes(record, 20, seed=7), squares]))
+    by_rule = {}
+    for rule in ("area", "code"):
+        settings = DetectorSettings(scales=(160, 320), max_size=1000, levels=(2, 1), scale_rule=rule)
+        by_rule[rule] = spp_pool5_fn(two, settings)(record, boxes)
+        torch.testing.assert_close(by_rule[rule], two.window_features(record, boxes, levels=(2, 1), scale_rule=rule),
+                                   rtol=0, atol=0)
+    factors = two.factors(record)
+    differ = spp.choose_scale(boxes, factors, rule="area") != spp.choose_scale(boxes, factors, rule="code")
+    assert differ.any()                                    # the boxes exercise the difference
+    assert not torch.equal(by_rule["area"][differ], by_rule["code"][differ])
