@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from .bbox_regression import BBoxRegressionConfig
-from .config import save_config, to_dict
+from .config import ConfigError, save_config, to_dict
 from .detector import DETECTION_ONLY_SETTINGS, DetectorSettings, SPPDetector
 from .errors import DetectionError
 from .finetune import FinetuneConfig
 from .io import make_dirs, read_json, settings_key, write_json
 from .svm import SVMConfig
+from .train import refuse_unused_finetune
 
 __all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "FeatureConfig", "ConvFinetuneConfig",
            "TimingConfig", "PipelineConfig", "run_pipeline", "embedded_default_overrides"]
@@ -160,6 +161,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     from .proposals import compute_proposals
     from .train import TrainConfig, rcnn_pool5_fn, spp_pool5_fn, train_detector
 
+    _refuse_shadowed_test_settings(cfg)
+    refuse_unused_finetune(cfg.feature_layer, cfg.finetune)
     out = Path(out)
     make_dirs(out)
     save_config(cfg, out / "config.yaml")
@@ -275,6 +278,21 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     from .report import write_report
     write_report(out, metrics, timing, test_ds, detector, test_props.proposals_for_record)
     return metrics
+
+
+#: Detector settings whose value comes from a training setting (the features the SVMs were
+#: trained on): ``test.<key>`` cannot differ from it, so setting it is refused by name.
+_TEST_SETTINGS_FROM_TRAINING = {"method": "method", "scales": "features.scales", "max_size": "features.max_size",
+                                "levels": "features.levels", "projection_rule": "features.projection_rule",
+                                "feature_layer": "feature_layer"}
+
+
+def _refuse_shadowed_test_settings(cfg: PipelineConfig) -> None:
+    default = DetectorSettings()
+    for key, home in _TEST_SETTINGS_FROM_TRAINING.items():
+        if getattr(cfg.test, key) != getattr(default, key):
+            raise ConfigError(f"test.{key} cannot be set: detection uses the features the SVMs were trained on, "
+                              f"so it takes {home}; set {home} instead")
 
 
 def detect_records(detector: SPPDetector, records, proposals_fn, progress: bool = True) -> list:

@@ -18,13 +18,15 @@ import torch
 from .backbones import Backbone
 from .bbox_regression import BBoxRegressionConfig, train_box_regressors
 from .data.records import ImageRecord
+from .config import ConfigError
 from .detector import DetectorSettings, SPPDetector
 from .errors import DetectionError
 from .finetune import FinetuneConfig, finetune, label_windows
 from .heads import FCHead
 from .svm import ImageSample, SVMConfig, compute_feature_scale, train_svms
 
-__all__ = ["TrainConfig", "WindowFeatureSource", "spp_pool5_fn", "rcnn_pool5_fn", "train_detector"]
+__all__ = ["TrainConfig", "WindowFeatureSource", "spp_pool5_fn", "rcnn_pool5_fn", "refuse_unused_finetune",
+           "train_detector"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,14 @@ class WindowFeatureSource:
                            boxes=boxes, features=feats[g:], gt_difficult=r.difficult)
 
 
+def refuse_unused_finetune(feature_layer: str, finetune_cfg: FinetuneConfig) -> None:
+    """Refused, not ignored: fc fine-tuning trains fc6/fc7, which SVMs on pool5 never read."""
+    if finetune_cfg.enabled and feature_layer == "pool5":
+        raise ConfigError("finetune.enabled=true trains fc6/fc7, but the SVMs read pool5 (feature_layer=pool5), "
+                          "which fine-tuning does not change: set feature_layer=fc7 (the paper's) or "
+                          "finetune.enabled=false")
+
+
 def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                    proposals: Callable[[ImageRecord], np.ndarray], backbone: Backbone, pool5_fn: Pool5Fn,
                    pool5_dim: int, settings: DetectorSettings, cfg: TrainConfig,
@@ -149,6 +159,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
     Returns:
         The trained detector (not yet saved).
     """
+    refuse_unused_finetune(settings.feature_layer, cfg.finetune)
     k = len(classes)
     gen = torch.Generator().manual_seed(cfg.seed)
     # SVMs on pool5 use no fc layer: an empty head keeps ~400 MB of unused fc6/fc7 out of the

@@ -58,3 +58,29 @@ def test_pipeline_artifacts_resume_and_detection_only_settings(synthetic_voc, tm
     assert new.settings.nms_iou == 0.6 and old.settings.nms_iou == 0.3
     for name, tensor in old.svms.tensors().items():
         assert torch.equal(tensor, new.svms.tensors()[name]), name
+
+
+@pytest.mark.parametrize("override, home", [
+    ({"test": {"scales": [480, 688]}}, "features.scales"),
+    ({"test": {"levels": [4, 2, 1]}}, "features.levels"),
+    ({"test": {"max_size": 1000}}, "features.max_size"),
+    ({"test": {"projection_rule": "code"}}, "features.projection_rule"),
+    ({"test": {"feature_layer": "fc6"}}, "feature_layer"),
+    ({"test": {"method": "rcnn"}}, "method"),
+])
+def test_test_settings_that_training_decides_are_refused_by_name(synthetic_voc, tmp_path, override, home):
+    # Before: accepted and silently replaced by the training setting.
+    from detection.config import ConfigError
+    key = next(iter(override["test"]))
+    cfg = merge(_config(synthetic_voc), override)
+    with pytest.raises(ConfigError, match=rf"test\.{key} cannot be set: .* set {home} instead"):
+        run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()          # refused before any work
+
+
+def test_fc_finetuning_with_pool5_svms_is_refused(synthetic_voc, tmp_path):
+    from detection.config import ConfigError
+    cfg = merge(_config(synthetic_voc), {"finetune": {"enabled": True}, "feature_layer": "pool5"})
+    with pytest.raises(ConfigError, match="finetune.enabled=true trains fc6/fc7, but the SVMs read pool5"):
+        run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
