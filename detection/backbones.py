@@ -19,6 +19,16 @@ Names (:func:`build_backbone`):
   no fc layers (head ``None``).
 - ``"resnet18"`` ... ``"resnet152"``, ``"resnext*"``, ``"wide_resnet*"`` — stem + layer1..layer3
   (stride 16, the "C4" trunk of Faster R-CNN); head ``None``.
+- ``"mobilenet_v2"`` — torchvision MobileNetV2 ``features[:14]`` plus the 1x1 expansion conv of
+  block 14 (stride 16, 576 channels: where the MobileNetV2 paper attaches SSDLite at stride 16);
+  head ``None``. ``"mobilenet_v2_tf"`` is the same trunk with TensorFlow's "SAME" padding in its
+  stride-2 convs (:class:`Conv2dSame`), for weights trained in TensorFlow; its inputs are padded
+  at the bottom/right to a multiple of 16 so that every strided conv sees an even side and the
+  cell centres do not depend on the image size.
+
+BatchNorm layers of the ResNet and MobileNetV2 trunks are frozen
+(``torchvision.ops.FrozenBatchNorm2d``, as detection codebases do): fine-tuning through SPP uses
+mini-batches of one or two images, whose statistics would ruin the pretrained ones.
 
 Weights (``weights=``): ``None`` -> seeded random init (no global RNG side effects);
 ``"imagenet"``/``"DEFAULT"`` or a torchvision enum member name (``"IMAGENET1K_V1"``) ->
@@ -45,6 +55,7 @@ from .io import file_sha256
 __all__ = [
     "Backbone",
     "ZF5",
+    "Conv2dSame",
     "WithinChannelLRN",
     "TrunkGeometry",
     "trunk_geometry",
@@ -66,9 +77,53 @@ _RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                  "wide_resnet50_2", "wide_resnet101_2")
 
 
+_MOBILENET_NAMES = ("mobilenet_v2", "mobilenet_v2_tf")
+
+
 def available_backbones() -> tuple[str, ...]:
     """Every name :func:`build_backbone` accepts."""
-    return ("zf5", "alexnet", "squeezenet1_0", "squeezenet1_1") + _VGG_NAMES + _RESNET_NAMES
+    return ("zf5", "alexnet", "squeezenet1_0", "squeezenet1_1") + _VGG_NAMES + _RESNET_NAMES + _MOBILENET_NAMES
+
+
+class Conv2dSame(nn.Conv2d):
+    """A conv with TensorFlow's "SAME" padding: output side ``ceil(n / stride)``, the total
+    padding ``max((out - 1) * stride + (k - 1) * dilation + 1 - n, 0)`` split with the smaller
+    half at the top/left (a stride-2 3x3 conv on an even side pads 0 before and 1 after, where
+    torchvision pads 1 on both sides). Same parameters (and state-dict keys) as ``nn.Conv2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for n, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _tf_same_padding(features: nn.Module) -> None:
+    """Replace every strided conv of ``features`` by a :class:`Conv2dSame` sharing its weights."""
+    for parent in list(features.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d and max(child.stride) > 1:
+                same = Conv2dSame(child.in_channels, child.out_channels, child.kernel_size, child.stride, 0,
+                                  child.dilation, child.groups, child.bias is not None)
+                same.weight, same.bias = child.weight, child.bias
+                setattr(parent, name, same)
+
+
+def _freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Every ``BatchNorm2d`` of ``module`` replaced by a ``FrozenBatchNorm2d`` with its statistics
+    and affine parameters (fixed buffers: train mode and optimisers leave them alone)."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                frozen = torchvision.ops.FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, key).copy_(getattr(child, key).detach())
+                setattr(parent, name, frozen)
+    return module
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,12 +212,12 @@ class TrunkGeometry:
     min_input_size: int
 
 
-def _spatial_layers(module: nn.Module) -> list[tuple[int, int, int, int, bool]]:
+def _spatial_layers(module: nn.Module) -> list[tuple[int, int, int, int, bool | str]]:
     """(kernel, stride, padding, dilation, ceil_mode) of every conv/pool along the main path,
     in forward order (a within-channel LRN counts as a size x size, stride-1 layer). ResNet ``downsample`` branches are skipped (they run in parallel with the
     block's own strided conv, not after it); SqueezeNet Fire's parallel 1x1 / 3x3 expands add
     nothing when walked in sequence (1x1, pad 0 and 3x3, pad 1 keep size and centre)."""
-    layers: list[tuple[int, int, int, int, bool]] = []
+    layers: list[tuple[int, int, int, int, bool | str]] = []
 
     def first(v: int | tuple[int, ...]) -> int:
         return int(v[0] if isinstance(v, tuple) else v)
@@ -174,8 +229,10 @@ def _spatial_layers(module: nn.Module) -> list[tuple[int, int, int, int, bool]]:
             if isinstance(child, nn.Conv2d):
                 if child.kernel_size[0] != child.kernel_size[1] or child.stride[0] != child.stride[1]:
                     raise ModelError(f"non-square conv layer {child} is not supported")
+                # "same": output ceil(n/s); the geometry is that of an even side (0 padding at
+                # the top/left), which Backbone.input_multiple guarantees.
                 layers.append((first(child.kernel_size), first(child.stride), first(child.padding),
-                               first(child.dilation), False))
+                               first(child.dilation), "same" if isinstance(child, Conv2dSame) else False))
             elif isinstance(child, WithinChannelLRN):
                 # its size x size neighbourhood widens the receptive field like a 3x3/1 conv
                 layers.append((child.size, 1, child.size // 2, 1, False))
@@ -191,9 +248,12 @@ def _spatial_layers(module: nn.Module) -> list[tuple[int, int, int, int, bool]]:
     return layers
 
 
-def _out_size(size: int, layers: list[tuple[int, int, int, int, bool]]) -> int:
+def _out_size(size: int, layers: list[tuple[int, int, int, int, bool | str]]) -> int:
     """Map side for an input side, by PyTorch's conv/pool output-size formulas."""
     for k, s, p, d, ceil_mode in layers:
+        if ceil_mode == "same":
+            size = -(-size // s)
+            continue
         span = size + 2 * p - d * (k - 1) - 1
         if span < 0:
             return 0
@@ -243,14 +303,18 @@ class Backbone(nn.Module):
         first_cell_center: continuous image coordinate of cell 0's receptive-field centre (0.5 for
             ZF-5: pixel 0's centre); pass it to ``spp.project_boxes(first_cell_center=...)``.
         min_input_size: smallest image side that gives a non-empty conv map.
+        input_multiple: ``preprocess`` pads the image at the bottom/right (with the mean colour)
+            to a multiple of this (16 for TF "SAME"-padded trunks, 1 otherwise); the map keeps
+            ``map_size`` of the unpadded image, as "SAME" convs give ``ceil(n / 16)`` either way.
     """
 
     def __init__(self, name: str, trunk: nn.Module, out_channels: int, input_size: int,
                  head: nn.Module | None, head_dim: int | None, weights_id: str,
                  mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD) -> None:
+                 std: tuple[float, float, float] = IMAGENET_STD, input_multiple: int = 1) -> None:
         super().__init__()
         self.name = name
+        self.input_multiple = int(input_multiple)
         self.trunk = trunk
         self.head = head
         self.head_dim = head_dim
@@ -306,7 +370,11 @@ class Backbone(nn.Module):
         x = torch.from_numpy(np.array(image, dtype=np.uint8, order="C")).permute(2, 0, 1).to(torch.float32).div_(255.0)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return ((x - mean) / std).unsqueeze(0).contiguous()
+        x = ((x - mean) / std).unsqueeze(0)
+        m = self.input_multiple
+        if m > 1 and (new_h % m or new_w % m):
+            x = F.pad(x, (0, -new_w % m, 0, -new_h % m))     # zero = the mean colour after normalising
+        return x.contiguous()
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, stride={self.stride}, out_channels={self.out_channels}, "
@@ -364,7 +432,8 @@ def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> str:
 def _make_model(name: str, weights: str | Path | None, seed: int) -> tuple[nn.Module, str]:
     """The full model (ZF5 or torchvision) with its weights, and the weights id."""
     is_zf5 = name == "zf5"
-    ctor = ZF5 if is_zf5 else _torchvision_ctor(name)
+    tv_name = name.removesuffix("_tf")      # the TF-padded MobileNetV2 is torchvision's model
+    ctor = ZF5 if is_zf5 else _torchvision_ctor(tv_name)
     if weights is None:
         # fork_rng restores the global CPU RNG afterwards: building a model never changes the
         # random stream of the caller.
@@ -374,11 +443,14 @@ def _make_model(name: str, weights: str | Path | None, seed: int) -> tuple[nn.Mo
         return model, f"random:{seed}"
     wstr = str(weights)
     path = Path(wstr).expanduser()
-    enum_cls = None if is_zf5 else torchvision.models.get_model_weights(name)
+    enum_cls = None if is_zf5 else torchvision.models.get_model_weights(tv_name)
     if wstr in ("imagenet", "DEFAULT") or (enum_cls is not None and wstr in enum_cls.__members__ and not path.exists()):
         if enum_cls is None:
             raise ModelError(f"no pretrained weights are published for {name}; pass --weights PATH "
                              f"to a state-dict file or use random init")
+        if name.endswith("_tf"):
+            raise ModelError(f"{name} pads like TensorFlow, for TensorFlow-trained weights files; torchvision's "
+                             f"{tv_name} weights were trained with its own padding: use --backbone {tv_name}")
         enum = enum_cls.DEFAULT if wstr in ("imagenet", "DEFAULT") else enum_cls[wstr]
         try:
             model = ctor(weights=enum)
@@ -427,11 +499,18 @@ def build_backbone(name: str, weights: str | Path | None = None, seed: int = 0) 
         head, head_dim = model.classifier[:-1], 4096     # fc6, relu, dropout, fc7, relu, dropout
     elif name.startswith("squeezenet"):
         trunk, channels, input_size = model.features, 512, 224
+    elif name.startswith("mobilenet"):
+        # Blocks 0-13 (stride 16, 96 channels) and block 14's expansion conv + BN + ReLU6.
+        trunk = _freeze_batchnorm(nn.Sequential(*model.features[:14], model.features[14].conv[0]))
+        channels, input_size = 576, 224
+        if name.endswith("_tf"):
+            _tf_same_padding(trunk)
     else:  # ResNet family: C4 trunk
-        trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
-                              model.layer1, model.layer2, model.layer3)
+        trunk = _freeze_batchnorm(nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
+                                                model.layer1, model.layer2, model.layer3))
         channels, input_size = model.layer3[-1].conv1.in_channels, 224
-    backbone = Backbone(name, trunk, channels, input_size, head, head_dim, weights_id, mean, std)
+    backbone = Backbone(name, trunk, channels, input_size, head, head_dim, weights_id, mean, std,
+                        input_multiple=16 if name.endswith("_tf") else 1)
     if backbone.stride != 16:
         raise ModelError(f"{name} trunk has stride {backbone.stride}, expected 16")
     log.info("built backbone %s (%s): stride %d, %d channels, receptive field %d px",

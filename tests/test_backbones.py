@@ -17,6 +17,7 @@ SHARED = Path(os.environ.get("SPP_SHARED", Path(__file__).resolve().parents[2] /
 WEIGHTS = SHARED / "weights"
 SQ10 = WEIGHTS / "squeezenet1_0-deepcompression.pth"
 SQ11 = WEIGHTS / "squeezenet1_1-ncnn-fp16.pth"
+MOBILENET = WEIGHTS / "mobilenet_v2-coral-quant.pth"
 FRUIT = SHARED / "data" / "fruit" / "JPEGImages"
 
 
@@ -27,7 +28,10 @@ def zf5() -> Backbone:
 
 @pytest.mark.parametrize("name, channels, center", [
     ("zf5", 256, 0.5), ("alexnet", 256, 15.5), ("vgg16", 512, 8.0),
-    ("squeezenet1_0", 512, 17.5), ("squeezenet1_1", 512, 15.5), ("resnet18", 256, 0.5)])
+    ("squeezenet1_0", 512, 17.5), ("squeezenet1_1", 512, 15.5), ("resnet18", 256, 0.5),
+    ("resnet50", 1024, 0.5), ("mobilenet_v2", 576, 0.5),
+    # TF "SAME" padding pads 0 before each of the 4 stride-2 convs: the centre moves 1+2+4+8 px.
+    ("mobilenet_v2_tf", 576, 15.5)])
 def test_builtin_trunks_have_stride_16(name, channels, center):
     b = build_backbone(name)
     assert b.stride == 16 and b.out_channels == channels and b.first_cell_center == center
@@ -51,14 +55,14 @@ def test_zf5_map_is_ceil_of_size_over_16(zf5):
     assert layers.count("Conv2d") == 5 and layers.count("WithinChannelLRN") == 2
 
 
-@pytest.mark.parametrize("name", ["zf5", "alexnet"])
-def test_receptive_field_and_cell_centre_from_gradients(name):
+@pytest.mark.parametrize("name, size, j", [("zf5", 320, 8), ("alexnet", 320, 8), ("resnet18", 480, 15),
+                                           ("mobilenet_v2", 640, 20), ("mobilenet_v2_tf", 640, 20)])
+def test_receptive_field_and_cell_centre_from_gradients(name, size, j):
     """The input pixels that influence one cell: their extent is the receptive field and its
     middle is ``first_cell_center + 16 j``."""
     b = build_backbone(name, seed=1)
-    x = torch.randn(1, 3, 320, 320, requires_grad=True)
+    x = torch.randn(1, 3, size, size, requires_grad=True)
     y = b(x)
-    j = 8
     y[0, :, j, j].sum().backward()
     cols = torch.nonzero(x.grad[0].abs().sum(dim=(0, 1)) > 0).flatten()
     lo, hi = int(cols.min()), int(cols.max()) + 1          # continuous extent [lo, hi)
@@ -188,3 +192,66 @@ def test_pretrained_trunk_gives_sensible_imagenet_predictions(weights, name):
             logits = full.classifier(fmap).flatten(1)
         assert torch.isfinite(logits).all()
         assert int(logits.argmax()) == label
+
+
+def test_conv2d_same_pads_as_tensorflow():
+    from detection.backbones import Conv2dSame
+    conv = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    same = Conv2dSame(2, 3, 3, stride=2)
+    same.load_state_dict(conv.state_dict())                       # the same parameter names
+    even, odd = torch.randn(1, 2, 8, 10), torch.randn(1, 2, 7, 9)
+    # Even side: 0 before, 1 after (TensorFlow); odd side: 1 and 1, as torchvision pads.
+    ref_even = torch.nn.functional.conv2d(torch.nn.functional.pad(even, (0, 1, 0, 1)), conv.weight, conv.bias, 2)
+    torch.testing.assert_close(same(even), ref_even)
+    torch.testing.assert_close(same(odd), conv(odd))
+    assert not torch.allclose(same(even), conv(even))
+
+
+def test_batchnorm_is_frozen_in_resnet_and_mobilenet_trunks():
+    for name in ("resnet18", "mobilenet_v2"):
+        b = build_backbone(name, seed=0)
+        norms = [m for m in b.trunk.modules() if isinstance(m, torchvision.ops.FrozenBatchNorm2d)]
+        assert norms and not any(isinstance(m, torch.nn.BatchNorm2d) for m in b.trunk.modules())
+        before = {k: v.clone() for k, v in b.trunk.state_dict().items()}
+        b.trunk.train()
+        b.trunk(torch.randn(2, 3, 64, 64) * 5)                   # a training-mode pass
+        assert all(torch.equal(v, b.trunk.state_dict()[k]) for k, v in before.items())
+
+
+def test_tf_trunk_refuses_torchvisions_weights():
+    with pytest.raises(ModelError, match="torchvision's mobilenet_v2 weights were trained with its own padding"):
+        build_backbone("mobilenet_v2_tf", weights="imagenet")
+
+
+def test_tf_trunk_pads_inputs_to_a_multiple_of_16():
+    b = build_backbone("mobilenet_v2_tf")
+    x = b.preprocess(np.full((50, 70, 3), 128, np.uint8), 1.0)
+    assert tuple(x.shape[-2:]) == (64, 80)
+    assert torch.all(x[..., 50:, :] == 0) and torch.all(x[..., :, 70:] == 0)
+    assert tuple(b(x).shape[-2:]) == b.map_size(50, 70) == (4, 5)
+
+
+@pytest.mark.skipif(not (MOBILENET.is_file() and (FRUIT / "banana_1.jpg").is_file()),
+                    reason="shared weights or fruit images absent")
+def test_shared_mobilenet_v2_with_tf_padding_recognises_fruit():
+    """The TF-trained weights in the TF-padded trunk: the trunk equals the full network's first
+    layers, and with the file's classifier (the rest of the network, TF-padded too) a banana and
+    an orange photo are recognised (ImageNet classes 954 and 950)."""
+    import cv2
+
+    from detection.backbones import _tf_same_padding
+
+    b = build_backbone("mobilenet_v2_tf", weights=MOBILENET)
+    assert b.weights_id == "sha256:32d0377862079eeefcdd86974b4bc5f0b464babca0f409897211aab929d59ae9"
+    full = torchvision.models.mobilenet_v2()
+    full.load_state_dict(torch.load(MOBILENET, map_location="cpu", weights_only=True))
+    _tf_same_padding(full.features)
+    full.eval()
+    for image_name, label in (("banana_1.jpg", 954), ("orange_1.jpg", 950)):
+        rgb = np.ascontiguousarray(cv2.imread(str(FRUIT / image_name))[:, :, ::-1])
+        x = b.preprocess(rgb, 224 / min(rgb.shape[:2]))
+        with torch.inference_mode():
+            fmap = b(x)
+            torch.testing.assert_close(fmap, full.features[14].conv[0](full.features[:14](x)), rtol=1e-4, atol=1e-4)
+            logits = full(torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear"))
+        assert int(logits.argmax()) == label, image_name
