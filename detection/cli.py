@@ -7,12 +7,15 @@ import sys
 from typing import Callable
 
 from .errors import DetectionError
+from .runtime import set_threads
 
 __all__ = ["run_tool", "add_common_args"]
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors; no progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: one per core)")
 
 
 def run_tool(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
@@ -23,6 +26,7 @@ def run_tool(main: Callable[[argparse.Namespace], int | None], parser: argparse.
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        set_threads(args.threads)
         return int(main(args) or 0)
     except DetectionError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from .errors import DetectionError
 from .finetune import FinetuneConfig
 from .io import make_dirs, read_json, settings_key, write_json
 from .svm import SVMConfig
+from .runtime import resolve_device
 from .train import refuse_unused_finetune
 
 __all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "FeatureConfig", "ConvFinetuneConfig",
@@ -96,7 +97,7 @@ class TimingConfig:
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     method: str = "spp"                   # "spp" or "rcnn"
-    device: str = "cpu"
+    device: str = "auto"                  # cuda:LOCAL_RANK when a GPU is visible, else cpu
     data: DataConfig = DataConfig()
     proposals: ProposalConfig = ProposalConfig()
     backbone: BackboneConfig = BackboneConfig()
@@ -191,7 +192,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     timings["proposals"] = time.perf_counter() - t0
 
     # 3. backbone (+ conv fine-tuning through SPP) -----------------------------------------------
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, seed=cfg.backbone.seed)
     if cfg.conv_finetune.enabled:
         t0 = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import detection  # noqa: F401  (first: sets OpenMP's wait policy before torch loads OpenMP)
 import pytest
 import torch
 

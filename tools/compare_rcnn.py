@@ -16,9 +16,6 @@ import copy
 import sys
 import time
 
-import numpy as np
-import torch
-
 from detection.cli import run_tool
 from detection.io import write_json
 
@@ -29,10 +26,9 @@ def main(args: argparse.Namespace) -> int:
     from detection.detector import DetectorSettings, SPPDetector
     from detection.proposals import selective_search
     from detection.report import timing_table
+    from detection.runtime import resolve_device
     from detection.timing import compare_methods, random_detector, rcnn_twin
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ds = VOCDataset(args.data, args.split)
     records = ds.records[: args.num_images]
     images = [load_image(r) for r in records]
@@ -40,12 +36,12 @@ def main(args: argparse.Namespace) -> int:
     props = [selective_search(im, mode=args.proposal_mode, max_boxes=args.windows) for im in images]
     proposal_seconds = (time.perf_counter() - t0) / max(1, len(images))
     if args.model:
-        spp = SPPDetector.from_file(args.model, device=args.device)
+        spp = SPPDetector.from_file(args.model, device=resolve_device(args.device))
     else:
         scales = (688,) if args.scales == "1" else (480, 576, 688, 864, 1200)
         settings = DetectorSettings(scales=scales, feature_layer=args.feature_layer, scale_rule=args.scale_rule)
         backbone = build_backbone(args.backbone, weights=args.weights)
-        spp = random_detector(backbone, len(ds.classes), settings, device=args.device)
+        spp = random_detector(backbone, len(ds.classes), settings, device=resolve_device(args.device))
     rcnn = rcnn_twin(spp)
     spp_svd = None
     if args.svd:
@@ -74,7 +70,7 @@ if __name__ == "__main__":
     p.add_argument("--backbone", default="zf5")
     p.add_argument("--weights", default=None)
     p.add_argument("--scales", choices=["1", "5"], default="1")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--model", help="a trained model file (its backbone, head and SVMs are timed)")
     p.add_argument("--windows", type=int, default=2000, help="selective-search windows per image (at most)")
     p.add_argument("--proposal-mode", choices=["fast", "quality"], default="fast",
@@ -84,5 +80,4 @@ if __name__ == "__main__":
     p.add_argument("--feature-layer", default="fc7", choices=["pool5", "fc6", "fc7"])
     p.add_argument("--svd", type=int, nargs=2, metavar=("RANK6", "RANK7"),
                    help="truncate fc6/fc7 by SVD to these ranks (Fast R-CNN), e.g. 1024 256")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sys.exit(run_tool(main, p))

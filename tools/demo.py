@@ -11,6 +11,7 @@ import cv2
 
 from detection.cli import run_tool
 from detection.errors import DatasetError
+from detection.runtime import resolve_device
 
 
 def main(args: argparse.Namespace) -> int:
@@ -18,7 +19,7 @@ def main(args: argparse.Namespace) -> int:
     from detection.detector import SPPDetector
     from detection.visualize import draw_detections
 
-    detector = SPPDetector.from_file(args.model, device=args.device)
+    detector = SPPDetector.from_file(args.model, device=resolve_device(args.device))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for path in args.images:
@@ -39,5 +40,5 @@ if __name__ == "__main__":
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--out", default="demo")
     p.add_argument("--threshold", type=float, default=0.0, help="SVM score threshold for drawing")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     sys.exit(run_tool(main, p))

@@ -38,7 +38,9 @@ def _detect(args: argparse.Namespace, dataset) -> None:
 
     from detection.detector import SPPDetector
 
-    detector = SPPDetector.from_file(args.model)
+    from detection.runtime import resolve_device
+
+    detector = SPPDetector.from_file(args.model, device=resolve_device(args.device))
     if args.svd and detector.settings.feature_layer == "pool5":
         raise DetectionError(f"--svd: the SVMs of {args.model} read pool5 features, so fc6/fc7 are not used")
     if args.svd:
@@ -95,6 +97,7 @@ if __name__ == "__main__":
                    help="folder of comp4_det_<split>_<class>.txt files (read; written first with --model; "
                         "default with --model: results/ beside --out)")
     p.add_argument("--model", type=Path, help="trained detector: detect the split first, then score")
+    p.add_argument("--device", default="auto", help="with --model: auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--svd", type=int, nargs=2, metavar=("RANK6", "RANK7"),
                    help="with --model: truncate fc6/fc7 by SVD to these ranks first (e.g. 1024 256)")
     p.add_argument("--metric", choices=["voc07", "voc10"], default=None,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from detection.cli import run_tool
 from detection.errors import DetectionError
+from detection.runtime import resolve_device
 
 
 def _parse_scales(text: str, spp: object) -> tuple[int, ...]:
@@ -51,7 +52,7 @@ def _extract(args: argparse.Namespace) -> int:
     backbone = build_backbone(args.backbone, weights=args.weights, seed=args.seed)
     t0 = time.perf_counter()
     cache = extract_conv_maps(dataset, backbone, args.out, scales=scales, max_size=args.max_size,
-                              fp16=args.fp16, include_flipped=args.flip, device=args.device,
+                              fp16=args.fp16, include_flipped=args.flip, device=resolve_device(args.device),
                               num_workers=args.workers, progress=not args.quiet, rebuild=args.rebuild)
     seconds = time.perf_counter() - t0
     nbytes = cache.nbytes()
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp16", action="store_true", help="store the maps as float16 (half the bytes)")
     p.add_argument("--flip", action="store_true", help="also cache the horizontally flipped images")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding/resizing images")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--no-proposals", action="store_true", help="do not compute proposals first")
     p.add_argument("--rebuild", action="store_true", help="delete an existing cache of these settings first")
     return run_tool(_extract, p, argv)

@@ -46,7 +46,7 @@ if __name__ == "__main__":
     p.add_argument("--weights", help="state-dict file, or 'imagenet' for torchvision's weights")
     p.add_argument("--scales", choices=["1", "5"], help="1-scale (688) or 5-scale")
     p.add_argument("--method", choices=["spp", "rcnn"], default=None)
-    p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--device", default=None, help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. svm.C=0.001")
     sys.exit(run_tool(main, p))
