@@ -335,7 +335,7 @@ class ConvMapCache:
         if index_path.is_file():
             try:
                 self._index = dict(read_json(index_path)["records"])
-            except (ValueError, KeyError, TypeError, OSError) as e:
+            except (CacheError, ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring unreadable %s (%s); using per-record done markers", index_path, e)
 
     # ---- construction -----------------------------------------------------------------------
@@ -397,8 +397,8 @@ class ConvMapCache:
     def _read_meta(cls, meta_path: Path) -> dict[str, Any]:
         try:
             meta = read_json(meta_path)
-        except (ValueError, OSError) as e:
-            raise CacheError(f"{meta_path}: unreadable cache metadata ({e}); pass rebuild=True") from None
+        except CacheError as e:
+            raise CacheError(f"{e} (conv-map cache metadata); delete the folder or pass rebuild=True") from None
         if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict):
             raise CacheError(f"{meta_path}: not a conv-map cache meta.json (no 'settings')")
         return meta
@@ -479,7 +479,7 @@ class ConvMapCache:
             return None
         try:
             info = read_json(path)
-        except (ValueError, OSError):
+        except CacheError:
             return None
         try:  # a damaged marker means "not done" (tests/test_fuzz.py: null or 5 leaked a TypeError)
             ok = (isinstance(info, dict) and len(info["factors"]) == len(info["map_shapes"]) == len(self.scales)

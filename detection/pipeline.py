@@ -20,7 +20,7 @@ import torch
 from .bbox_regression import BBoxRegressionConfig
 from .config import save_config, to_dict
 from .detector import DETECTION_ONLY_SETTINGS, DetectorSettings, SPPDetector
-from .errors import DetectionError
+from .errors import CacheError, DetectionError
 from .finetune import FinetuneConfig
 from .io import make_dirs, read_json, settings_key, write_json
 from .svm import SVMConfig
@@ -133,7 +133,17 @@ class _Stages:
 
     def __init__(self, out: Path) -> None:
         self.path = out / "stages.json"
-        self.state: dict[str, Any] = read_json(self.path) if self.path.is_file() else {}
+        self.state: dict[str, Any] = {}
+        if self.path.exists():
+            try:
+                state = read_json(self.path)
+                if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+                    raise CacheError(f"{self.path}: not a stage book (expected {{stage: {{key, ...}}}})")
+                self.state = state
+            except CacheError as e:
+                # Only book-keeping: every stage's own cache is validated on its own, so forgetting
+                # which are done costs their checks (and any stage whose artifact is missing).
+                log.warning("%s; treating every stage as not done", e)
 
     def done(self, name: str, key: str, *artifacts: Path) -> bool:
         return self.state.get(name, {}).get("key") == key and all(p.exists() for p in artifacts)

@@ -27,23 +27,27 @@ from detection.errors import DetectionError
 from detection.io import write_json
 
 
-def _detect(args: argparse.Namespace, dataset) -> None:
-    """Run the detector on the split and write its result files into --results."""
+def _load_detector(args: argparse.Namespace):
+    """The model file's detector (its metadata validated: class names become file names)."""
     try:
-        from detection.detector import detect_dataset
+        from detection.detector import SPPDetector
     except ImportError as e:
         raise DetectionError(f"--model: detection.detector is not available ({e}); "
                              "score existing result files with --results instead") from None
-    from detection.evaluation.voc import detections_by_class, write_result_files
-
-    from detection.detector import SPPDetector
-
     detector = SPPDetector.from_file(args.model)
     if args.svd and detector.settings.feature_layer == "pool5":
         raise DetectionError(f"--svd: the SVMs of {args.model} read pool5 features, so fc6/fc7 are not used")
     if args.svd:
         # Measure the mAP cost of the SVD-truncated fc6/fc7 (Fast R-CNN's speed-up).
         detector.head.compress(*args.svd)
+    return detector
+
+
+def _detect(args: argparse.Namespace, detector, dataset) -> None:
+    """Run the detector on the split and write its result files into --results."""
+    from detection.detector import detect_dataset
+    from detection.evaluation.voc import detections_by_class, write_result_files
+
     proposals_dir = Path(args.results).parent / "proposals"
     per_image = detect_dataset(detector, dataset, proposals_dir=proposals_dir, progress=not args.quiet)
     write_result_files(args.results, dataset.split, dataset.classes,
@@ -58,13 +62,10 @@ def main(args: argparse.Namespace) -> int:
         if not args.model:
             raise DetectionError("give --results RESULTS_DIR (devkit result files) or --model MODEL")
         args.results = Path(args.out).resolve().parent / "results"
-    classes = None
-    if args.model:
-        from detection.model import load_model
-        classes = load_model(args.model)[1].get("classes")
-    dataset = VOCDataset(args.data, args.split, classes=classes)
-    if args.model:
-        _detect(args, dataset)
+    detector = _load_detector(args) if args.model else None
+    dataset = VOCDataset(args.data, args.split, classes=detector.classes if detector else None)
+    if detector is not None:
+        _detect(args, detector, dataset)
     metrics = evaluate_result_dir(dataset, args.results, metric=args.metric, coco=args.coco, progress=not args.quiet)
     metrics["results_dir"] = str(args.results)
     if args.svd:

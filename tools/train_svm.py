@@ -32,7 +32,10 @@ def main(args: argparse.Namespace) -> int:
     summary_path = Path(args.features) / "features_summary.json"
     if not summary_path.is_file():
         raise CacheError(f"{summary_path} is missing: run tools/extract_features.py --out {args.features} first")
-    cache = ConvMapCache.open(read_json(summary_path)["cache"])
+    summary = read_json(summary_path)
+    if not isinstance(summary, dict) or not isinstance(summary.get("cache"), str):
+        raise CacheError(f"{summary_path}: no 'cache' folder named in it; rerun tools/extract_features.py")
+    cache = ConvMapCache.open(summary["cache"])
     s = cache.settings
     dataset = VOCDataset(args.data, args.split, use_flipped=bool(s["flipped"]))
     if s["dataset_fingerprint"] != str(dataset.fingerprint()) or s["split"] != args.split:
