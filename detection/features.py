@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .boxes import flip_boxes
 from .data.records import ImageRecord
-from .errors import CacheError, DetectionError
+from .errors import CacheError, DetectionError, ignore_interrupts_in_worker
 from .io import atomic_path, make_dirs, read_json, settings_key, write_json
 
 __all__ = [
@@ -669,6 +669,7 @@ def _worker_init(worker_id: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)
+    ignore_interrupts_in_worker()
 
 
 def _first(batch: list[Any]) -> Any:

@@ -61,7 +61,7 @@ import cv2
 import numpy as np
 
 from .boxes import box_iou_numpy, flip_boxes
-from .errors import CacheError, DatasetError, DetectionError
+from .errors import CacheError, DatasetError, DetectionError, ignore_interrupts_in_worker
 from .io import atomic_path, atomic_save_npz, load_npz, make_dirs, settings_key
 
 if TYPE_CHECKING:
@@ -409,6 +409,7 @@ def _worker_init() -> None:
     # One OpenCV thread per process: we parallelise across processes, and nested thread pools
     # on a few cores only add contention.
     cv2.setNumThreads(1)
+    ignore_interrupts_in_worker()
 
 
 def _proposals_worker(record: "ImageRecord", config: SelectiveSearchConfig, shard: Path) -> tuple[str, int]:
