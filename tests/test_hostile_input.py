@@ -222,3 +222,78 @@ def test_damaged_stage_book_is_forgotten_not_fatal(tmp_path, caplog):
     assert read_json(tmp_path / "stages.json")["proposals"]["key"] == "k"
     write_json(tmp_path / "stages.json", [1, 2])
     assert _Stages(tmp_path).state == {}
+
+
+# --------------------------------------------------------------------------------------------
+# image ids: any character a file name may hold, shown unambiguously
+
+
+def _dataset_with_id(synthetic_voc: Path, tmp_path: Path, new_id: str, split_text: str | None = None,
+                     encoding: str = "utf-8") -> Path:
+    """A copy of the synthetic dataset whose trainval split is one image renamed to ``new_id``."""
+    import shutil
+
+    root = tmp_path / "voc"
+    shutil.copytree(synthetic_voc, root)
+    old = (root / "ImageSets" / "Main" / "trainval.txt").read_text().split()[0]
+    if new_id:
+        (root / "Annotations" / f"{old}.xml").rename(root / "Annotations" / f"{new_id}.xml")
+        (root / "JPEGImages" / f"{old}.jpg").rename(root / "JPEGImages" / f"{new_id}.jpg")
+    text = split_text if split_text is not None else f"{new_id}\n"
+    (root / "ImageSets" / "Main" / "trainval.txt").write_bytes(text.encode(encoding))
+    return root
+
+
+@pytest.mark.parametrize("image_id", ["img..1", "caf\u00e9", "zero\u200bwidth", "-1", "dash-and.dots"])
+def test_legal_ids_with_unusual_characters_work(synthetic_voc, tmp_path, image_id):
+    from detection.data.voc import VOCDataset
+
+    ds = VOCDataset(_dataset_with_id(synthetic_voc, tmp_path, image_id), "trainval")
+    assert [r.image_id for r in ds] == [image_id]
+
+
+def test_byte_order_mark_is_not_part_of_the_first_id(synthetic_voc, tmp_path):
+    from detection.data.voc import VOCDataset
+
+    root = _dataset_with_id(synthetic_voc, tmp_path, "", split_text="000001\n000002\n", encoding="utf-8-sig")
+    assert [r.image_id for r in VOCDataset(root, "trainval")] == ["000001", "000002"]
+
+
+def test_invisible_character_is_shown_not_reported_as_a_plain_missing_file(synthetic_voc, tmp_path):
+    """The split says '000001\\u200b' (copied from a web page), the files are 000001.*: the message
+    shows the invisible character instead of naming a file that visibly exists."""
+    from detection.data.voc import VOCDataset
+
+    root = _dataset_with_id(synthetic_voc, tmp_path, "", split_text="000001\u200b\n")
+    with pytest.raises(DatasetError) as err:
+        VOCDataset(root, "trainval")
+    assert "'000001\\u200b.xml' does not exist" in str(err.value)
+
+
+@pytest.mark.parametrize("image_id", ["my image", "two  spaces", "a b c", "nb\u00a0sp", "dog 1"])
+def test_ids_with_whitespace_are_refused_not_cut(synthetic_voc, tmp_path, image_id):
+    from detection.data.voc import VOCDataset
+
+    root = _dataset_with_id(synthetic_voc, tmp_path, image_id)
+    with pytest.raises(DatasetError) as err:
+        VOCDataset(root, "trainval")
+    msg = str(err.value)
+    assert "trainval.txt:1" in msg and repr(image_id) in msg and "whitespace" in msg
+
+
+def test_files_that_exist_but_are_not_regular_files(synthetic_voc, tmp_path):
+    from detection.data.voc import VOCDataset
+
+    root = _dataset_with_id(synthetic_voc, tmp_path, "", split_text="000001\n")
+    (root / "JPEGImages" / "000001.jpg").unlink()
+    (root / "JPEGImages" / "000001.jpg").mkdir()
+    with pytest.raises(DatasetError, match=r"000001\.jpg is a folder"):
+        VOCDataset(root, "trainval")
+    (root / "JPEGImages" / "000001.jpg").rmdir()
+    (root / "JPEGImages" / "000001.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    with pytest.raises(DatasetError, match=r"000001\.jpg is a broken symbolic link"):
+        VOCDataset(root, "trainval")
+    (root / "ImageSets" / "Main" / "trainval.txt").unlink()
+    (root / "ImageSets" / "Main" / "trainval.txt").mkdir()
+    with pytest.raises(DatasetError, match=r"trainval\.txt is a folder"):
+        VOCDataset(root, "trainval")

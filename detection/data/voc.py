@@ -36,10 +36,11 @@ from PIL import Image, UnidentifiedImageError
 
 from ..boxes import flip_boxes, voc_to_internal
 from ..errors import DatasetError
+from ..io import describe_missing
 from .records import ImageRecord
 
 __all__ = ["VOC_CLASSES", "MAX_IMAGE_PIXELS", "VOCDataset", "load_image", "read_image", "flip_record",
-           "image_size"]
+           "image_size", "show_id"]
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +193,22 @@ def flip_record(record: ImageRecord) -> ImageRecord:
 # annotations
 
 
+def show_id(value: str) -> str:
+    """An id as a message shows it: as is when every character is visible, else its ``repr``
+    (``'000001\\u200b'``), so an invisible or look-alike character is never hidden."""
+    if value and value.isprintable() and value.strip() == value and value.isascii():
+        return value
+    return repr(value)
+
+
 def _check_name(value: str, what: str, source: Path) -> None:
-    """Refuse ids/split names that could address files outside the dataset."""
+    """Refuse ids/split names that could address files outside the dataset.
+
+    Any character a file name may hold is accepted (``img..1``, ``caf\u00e9``, a zero-width
+    space) except path separators and NUL; ``.`` and ``..`` alone are refused.
+    """
     bad = (not value or "/" in value or "\\" in value or "\x00" in value or value in (".", "..")
-           or ".." in value or os.path.isabs(value) or re.match(r"^[A-Za-z]:", value) is not None)
+           or os.path.isabs(value) or re.match(r"^[A-Za-z]:", value) is not None)
     if bad:
         raise DatasetError(f"{source}: invalid {what} {value!r} (ids must be plain file stems)")
     if len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
@@ -223,7 +236,7 @@ def _flag(obj: Element, tag: str, xml_path: Path) -> bool:
 
 def _parse_xml(xml_path: Path) -> Element:
     if not xml_path.is_file():
-        raise DatasetError(f"annotation {xml_path} does not exist")
+        raise DatasetError(f"annotation {_show_path(xml_path)} {describe_missing(xml_path)}")
     try:
         # defusedxml refuses entity expansion (billion laughs) and external entities.
         return DET.parse(str(xml_path)).getroot()
@@ -272,12 +285,29 @@ def _read_annotation(xml_path: Path) -> _Annotation:
     return _Annotation(names, np.asarray(boxes, np.float64).reshape(-1, 4), difficult, truncated, size)
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the OS refuses (too long, NUL) instead of raising."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _show_path(path: Path) -> str:
+    """A path whose file name came from data, shown unambiguously (see :func:`show_id`)."""
+    shown = show_id(path.name)
+    return str(path) if shown == path.name else f"{path.parent}{os.sep}{shown}"
+
+
 def _find_image(image_dir: Path, image_id: str) -> Path:
     for suffix in IMAGE_SUFFIXES:
         path = image_dir / f"{image_id}{suffix}"
         if path.is_file():
             return path
-    raise DatasetError(f"image {image_dir / image_id}.jpg does not exist (also tried "
+    first = image_dir / f"{image_id}{IMAGE_SUFFIXES[0]}"
+    if os.path.lexists(first):   # there, but a folder, a FIFO, a broken link...: say so
+        raise DatasetError(f"image {_show_path(first)} {describe_missing(first)}")
+    raise DatasetError(f"image {_show_path(first)} does not exist (also tried "
                        f"{', '.join(IMAGE_SUFFIXES[1:])})")
 
 
@@ -309,7 +339,8 @@ class VOCDataset:
         self.split = split
         self.use_flipped = bool(use_flipped)
         if not self.root.is_dir():
-            raise DatasetError(f"dataset folder {self.root} does not exist")
+            raise DatasetError(f"dataset folder {self.root} "
+                               f"{'is not a folder' if os.path.lexists(self.root) else 'does not exist'}")
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         _check_name(split, "split name", split_file)
         ids = self._read_split(split_file)
@@ -385,19 +416,31 @@ class VOCDataset:
     @staticmethod
     def _read_split(split_file: Path) -> list[str]:
         if not split_file.is_file():
-            raise DatasetError(f"split file {split_file} does not exist")
+            raise DatasetError(f"split file {split_file} {describe_missing(split_file)}")
         try:
-            lines = split_file.read_text(encoding="utf-8").splitlines()
+            # utf-8-sig: a byte-order mark (Windows editors add one) is not part of the first id.
+            # Lines end at \n only: str.splitlines would also cut at U+2028, U+0085, ...
+            lines = split_file.read_text(encoding="utf-8-sig").split("\n")
         except (OSError, UnicodeDecodeError) as e:
             raise DatasetError(f"cannot read split file {split_file}: {e}") from None
+        ann_dir = split_file.parents[2] / "Annotations"
         ids: list[str] = []
         seen: set[str] = set()
         duplicates = 0
-        for line in lines:
+        for number, line in enumerate(lines, start=1):
             fields = line.split()
             if not fields:
                 continue
-            image_id = fields[0]  # a second column (VOC per-class lists: 1 / -1 / 0) is ignored
+            image_id = fields[0]
+            # A second column is VOC's per-class flag (1 / -1 / 0), ignored. Anything else means an
+            # id holding whitespace, which the whitespace-separated split and result files cannot
+            # hold: refused with the id shown exactly, never silently cut at the space.
+            if len(fields) > 1 and (len(fields) > 2 or fields[1] not in ("1", "-1", "0")
+                                    or _is_file(ann_dir / f"{line.strip()}.xml")):
+                raise DatasetError(
+                    f"{split_file}:{number}: line {line.strip()[:80]!r} is not '<id>' or '<id> <1|-1|0>'; "
+                    f"image ids holding whitespace are not supported (VOC split and result files "
+                    f"separate fields by whitespace): rename the files")
             _check_name(image_id, "image id", split_file)
             if image_id in seen:
                 duplicates += 1
