@@ -17,7 +17,7 @@ from typing import Callable
 
 from .errors import DetectionError
 
-__all__ = ["run_tool", "add_common_args", "os_error_message", "EXIT_ERROR", "EXIT_INTERRUPTED"]
+__all__ = ["run_tool", "add_common_args", "add_skip_bad_arg", "os_error_message", "EXIT_ERROR", "EXIT_INTERRUPTED"]
 
 #: Exit status of a tool stopped by bad input or a failing environment (argparse's, too).
 EXIT_ERROR = 2
@@ -27,6 +27,13 @@ EXIT_INTERRUPTED = 130
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors; no progress bars")
+
+
+def add_skip_bad_arg(parser: argparse.ArgumentParser) -> None:
+    """``--skip-bad``: the one switch, decided for the whole run, for undecodable images."""
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="decode every image first and leave out those that cannot be decoded (a warning "
+                             "each, a summary at the end); default: such an image stops the run, naming it")
 
 
 def os_error_message(e: OSError) -> str:

@@ -38,6 +38,7 @@ class DataConfig:
     test_split: str = "test"
     flip: bool = True                     # add horizontally flipped training images (paper)
     classes: tuple[str, ...] | None = None
+    skip_bad: bool = False                # leave out undecodable images (decided once, for both splits)
     synthetic_trainval: int = 120
     synthetic_test: int = 60
     synthetic_seed: int = 0
@@ -164,7 +165,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     ``OUT/metrics.json``, ``OUT/timing.json``, ``OUT/report.md`` and the stage caches.
     """
     from .backbones import build_backbone
-    from .data.voc import VOCDataset, load_image
+    from .data.voc import VOCDataset, load_image, report_images
     from .evaluation.voc import write_result_files
     from .features import ConvMapCache, extract_conv_maps
     from .proposals import compute_proposals
@@ -184,8 +185,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
         root = str(make_synthetic_voc(out / "synthetic_voc", num_trainval=cfg.data.synthetic_trainval,
                                       num_test=cfg.data.synthetic_test, seed=cfg.data.synthetic_seed))
         timings["data"] = time.perf_counter() - t0
-    train_ds = VOCDataset(root, cfg.data.train_split, classes=cfg.data.classes, use_flipped=cfg.data.flip)
-    test_ds = VOCDataset(root, cfg.data.test_split, classes=train_ds.classes)
+    train_ds = VOCDataset(root, cfg.data.train_split, classes=cfg.data.classes, use_flipped=cfg.data.flip,
+                          skip_bad=cfg.data.skip_bad)
+    test_ds = VOCDataset(root, cfg.data.test_split, classes=train_ds.classes, skip_bad=cfg.data.skip_bad)
     classes = train_ds.classes
     log.info("data: %s, %d training records, %d test images, classes %s", root, len(train_ds), len(test_ds), classes)
 
@@ -284,6 +286,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     # 9. report ------------------------------------------------------------------------------------
     from .report import write_report
     write_report(out, metrics, timing, test_ds, detector, test_props.proposals_for_record)
+    report_images(train_ds, test_ds)
     return metrics
 
 

@@ -297,3 +297,95 @@ def test_files_that_exist_but_are_not_regular_files(synthetic_voc, tmp_path):
     (root / "ImageSets" / "Main" / "trainval.txt").mkdir()
     with pytest.raises(DatasetError, match=r"trainval\.txt is a folder"):
         VOCDataset(root, "trainval")
+
+
+# --------------------------------------------------------------------------------------------
+# imperfect but decodable images; undecodable ones skipped by choice
+
+
+def _cut(path: Path, nbytes: int) -> bytes:
+    data = path.read_bytes()
+    path.write_bytes(data[:-nbytes])
+    return data
+
+
+@pytest.mark.parametrize("nbytes", [2, 40])
+def test_jpeg_a_few_bytes_short_loads_with_a_warning(synthetic_voc, tmp_path, caplog, nbytes):
+    """The public-dataset case: a JPEG a few bytes short (viewers show it) loads, naming the file."""
+    from detection.data.voc import read_image
+
+    path = tmp_path / "short.jpg"
+    path.write_bytes((synthetic_voc / "JPEGImages" / "000001.jpg").read_bytes())
+    intact = read_image(path)
+    _cut(path, nbytes)
+    with caplog.at_level("WARNING", logger="detection.data.voc"):
+        pixels = read_image(path)
+    assert pixels.shape == intact.shape and pixels.dtype == np.uint8
+    assert "short.jpg: truncated JPEG" in caplog.text
+    same_rows = (pixels == intact).all(axis=(1, 2))
+    assert same_rows[: intact.shape[0] - 16].all()           # all but the last row of blocks intact
+
+
+def test_real_photo_a_few_bytes_short(shared_dir, tmp_path, caplog):
+    from detection.data.voc import read_image
+
+    src = sorted((shared_dir / "data" / "raccoon" / "JPEGImages").glob("*.jpg"))[5]
+    path = tmp_path / src.name
+    path.write_bytes(src.read_bytes()[:-5])
+    with caplog.at_level("WARNING", logger="detection.data.voc"):
+        pixels = read_image(path)
+    intact = read_image(src)
+    assert "the last 8 of its" in caplog.text and src.name in caplog.text
+    np.testing.assert_array_equal(pixels[:-8], intact[:-8])
+
+
+def test_jpeg_cut_in_half_is_an_error_or_skipped(synthetic_voc, tmp_path, caplog):
+    from detection.data.voc import VOCDataset, read_image, report_images
+
+    root = _dataset_with_id(synthetic_voc, tmp_path, "", split_text="000001\n000002\n000003\n000004\n")
+    images = root / "JPEGImages"
+    data = (images / "000001.jpg").read_bytes()
+    (images / "000001.jpg").write_bytes(data[: len(data) // 2])        # undecodable: half is missing
+    (images / "000002.jpg").write_bytes(b"\x00" * 3000)                 # not an image at all
+    _cut(images / "000003.jpg", 3)                                      # a few bytes short: used
+    with pytest.raises(DatasetError, match=r"000001\.jpg: truncated JPEG, \d+ of its 240 rows"):
+        read_image(images / "000001.jpg")
+    with pytest.raises(DatasetError, match=r"000002\.jpg"):
+        VOCDataset(root, "trainval")                                    # default: an error naming it
+    with caplog.at_level("WARNING", logger="detection.data.voc"):
+        ds = VOCDataset(root, "trainval", skip_bad=True)
+        lines = report_images(ds)
+    assert [r.image_id for r in ds] == ["000003", "000004"]
+    assert set(ds.skipped) == {"000001", "000002"} and set(ds.imperfect) == {"000003"}
+    assert len(lines) == 2 and "1 image(s) imperfect but used" in lines[0] and "000003.jpg" in lines[0]
+    assert "2 image(s) skipped" in lines[1] and "000001.jpg" in lines[1] and "000002.jpg" in lines[1]
+    assert ds.fingerprint() != VOCDataset(_dataset_with_id(synthetic_voc, tmp_path / "b", "",
+                                                           split_text="000003\n000004\n"), "trainval").fingerprint()
+
+
+def test_every_image_undecodable_is_one_error(synthetic_voc, tmp_path):
+    from detection.data.voc import VOCDataset
+
+    root = _dataset_with_id(synthetic_voc, tmp_path, "", split_text="000001\n")
+    (root / "JPEGImages" / "000001.jpg").write_bytes(b"junk" * 100)
+    with pytest.raises(DatasetError, match="none of its 1 images can be decoded"):
+        VOCDataset(root, "trainval", skip_bad=True)
+
+
+def test_wrong_suffix_and_odd_colour_modes_are_reported_and_read(synthetic_voc, tmp_path):
+    from PIL import Image
+
+    from detection.data.voc import VOCDataset, load_image
+
+    root = _dataset_with_id(synthetic_voc, tmp_path, "", split_text="000001\n000002\n000003\n")
+    images = root / "JPEGImages"
+    with Image.open(images / "000001.jpg") as im:
+        im.save(images / "000001.jpg", format="PNG")                        # a PNG named .jpg
+    with Image.open(images / "000002.jpg") as im:
+        im.convert("P").save(images / "000002.jpg", format="PNG")           # palette, and a PNG
+    with Image.open(images / "000003.jpg") as im:
+        im.convert("CMYK").save(images / "000003.jpg", format="JPEG")       # CMYK JPEG
+    ds = VOCDataset(root, "trainval")
+    assert "a PNG file named .jpg" in ds.imperfect["000001"]
+    assert "colour mode P" in ds.imperfect["000002"] and "colour mode CMYK" in ds.imperfect["000003"]
+    assert all(load_image(r).shape == (240, 320, 3) for r in ds)

@@ -20,13 +20,13 @@ import time
 import numpy as np
 import torch
 
-from detection.cli import run_tool
+from detection.cli import add_skip_bad_arg, run_tool
 from detection.io import write_json
 
 
 def main(args: argparse.Namespace) -> int:
     from detection.backbones import build_backbone
-    from detection.data.voc import VOCDataset, load_image
+    from detection.data.voc import VOCDataset, load_image, report_images
     from detection.detector import DetectorSettings, SPPDetector
     from detection.proposals import selective_search
     from detection.report import timing_table
@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    ds = VOCDataset(args.data, args.split)
+    ds = VOCDataset(args.data, args.split, skip_bad=args.skip_bad)
     records = ds.records[: args.num_images]
     images = [load_image(r) for r in records]
     t0 = time.perf_counter()
@@ -64,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
     if spp_svd is not None:
         print(f"with SVD fc {args.svd[0]}/{args.svd[1]}: SPP-net total {timing['spp_svd']['total']:.4f} s/img, "
               f"speed-up {timing['speedup_svd']['total']:.1f}x (FLOP ratio {timing['flops']['ratio_svd']['total']:.1f}x)")
+    report_images(ds)
     return 0
 
 
@@ -85,4 +86,5 @@ if __name__ == "__main__":
     p.add_argument("--svd", type=int, nargs=2, metavar=("RANK6", "RANK7"),
                    help="truncate fc6/fc7 by SVD to these ranks (Fast R-CNN), e.g. 1024 256")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_skip_bad_arg(p)
     sys.exit(run_tool(main, p))

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from detection.data.voc import VOCDataset
-from detection.cli import run_tool
+from detection.data.voc import VOCDataset, report_images
+from detection.cli import add_skip_bad_arg, run_tool
 from detection.io import write_json
 from detection.proposals import compute_proposals, proposal_recall
 
@@ -36,11 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: all CPUs; 1 runs in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_skip_bad_arg(p)
     return p
 
 
 def _main(args: argparse.Namespace) -> int:
-    dataset = VOCDataset(args.data, args.split)
+    dataset = VOCDataset(args.data, args.split, skip_bad=args.skip_bad)
     start = time.perf_counter()
     proposals = compute_proposals(
         dataset, args.out, mode=args.mode, max_boxes=args.max_boxes,
@@ -68,6 +69,7 @@ def _main(args: argparse.Namespace) -> int:
         "%d images, %.1f boxes/image, recall@0.5 %.3f, recall@0.7 %.3f, %.2f images/s -> %s",
         n, summary["boxes_per_image"], recall["0.5"], recall["0.7"], summary["images_per_second"] or 0,
         args.out / "summary.json")
+    report_images(dataset)
     return 0
 
 

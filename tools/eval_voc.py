@@ -22,7 +22,7 @@ import math
 import sys
 from pathlib import Path
 
-from detection.cli import run_tool
+from detection.cli import add_skip_bad_arg, run_tool
 from detection.errors import DetectionError
 from detection.io import write_json
 
@@ -55,7 +55,7 @@ def _detect(args: argparse.Namespace, detector, dataset) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from detection.data.voc import VOCDataset
+    from detection.data.voc import VOCDataset, report_images
     from detection.evaluation.voc import evaluate_result_dir
 
     if args.results is None:
@@ -63,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
             raise DetectionError("give --results RESULTS_DIR (devkit result files) or --model MODEL")
         args.results = Path(args.out).resolve().parent / "results"
     detector = _load_detector(args) if args.model else None
-    dataset = VOCDataset(args.data, args.split, classes=detector.classes if detector else None)
+    dataset = VOCDataset(args.data, args.split, classes=detector.classes if detector else None,
+                         skip_bad=args.skip_bad)
     if detector is not None:
         _detect(args, detector, dataset)
     metrics = evaluate_result_dir(dataset, args.results, metric=args.metric, coco=args.coco, progress=not args.quiet)
@@ -85,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
         c = metrics["coco"]
         print(f"COCO: AP@[.5:.95] {c['AP']:.4f}  AP50 {c['AP50']:.4f}  AP75 {c['AP75']:.4f}")
     print(f"metrics: {args.out}")
+    report_images(dataset)
     return 0
 
 
@@ -103,4 +105,5 @@ if __name__ == "__main__":
     p.add_argument("--coco", action="store_true", help="also compute COCO AP@[.5:.95] / AP50 / AP75 (pycocotools)")
     p.add_argument("--plots", type=Path, help="folder for per-class precision/recall PNGs")
     p.add_argument("--out", required=True, type=Path, help="metrics JSON file to write")
+    add_skip_bad_arg(p)
     sys.exit(run_tool(main, p))
