@@ -145,6 +145,9 @@ class SPPDetector:
             regressors = (BoxRegressors.from_state(unprefixed("bbox", tensors), meta["bbox"])
                           if meta.get("bbox") else None)
             _check_consistent(backbone, head, svms, regressors, settings)
+            untrained = svms.meta.get("untrained", [])
+            if not isinstance(untrained, list) or not set(untrained) <= set(classes):
+                raise ValueError(f"svm.untrained must list class names, got {str(untrained)[:80]!r}")
             detector = cls(backbone, head, svms, regressors, classes, settings, device, meta)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError, DetectionError) as e:
             if isinstance(e, ModelError) and str(path) in str(e):

@@ -269,6 +269,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     # 7. evaluation --------------------------------------------------------------------------------
     metrics = evaluate_results(test_ds, results_dir, cfg.metric, out)
     metrics["stage_seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    metrics["untrained_classes"] = list(detector.svms.meta.get("untrained", []))
     write_json(out / "metrics.json", metrics)
 
     # 8. timing: SPP-net against R-CNN -------------------------------------------------------------

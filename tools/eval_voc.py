@@ -69,6 +69,10 @@ def main(args: argparse.Namespace) -> int:
         _detect(args, detector, dataset)
     metrics = evaluate_result_dir(dataset, args.results, metric=args.metric, coco=args.coco, progress=not args.quiet)
     metrics["results_dir"] = str(args.results)
+    # Classes the model could not train (no positives in its training images): AP 0 where the
+    # split has them; marked so a reader does not take it for a detector that failed.
+    untrained = list(detector.svms.meta.get("untrained", [])) if detector else []
+    metrics["untrained_classes"] = untrained
     if args.svd:
         metrics["svd"] = list(args.svd)
     if args.plots:
@@ -80,7 +84,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"{'class':<{width}}  {'AP':>6}  {'#gt':>6}  {'#det':>8}")
     for name, ap in metrics["AP"].items():
         ap_text = f"{ap:6.4f}" if not math.isnan(ap) else "   n/a"
-        print(f"{name:<{width}}  {ap_text}  {metrics['num_positives'][name]:>6}  {metrics['num_detections'][name]:>8}")
+        mark = "  (untrained: no positives in the training images)" if name in untrained else ""
+        print(f"{name:<{width}}  {ap_text}  {metrics['num_positives'][name]:>6}  {metrics['num_detections'][name]:>8}"
+              f"{mark}")
     print(f"{'mAP':<{width}}  {metrics['mAP']:6.4f}  ({metrics['metric']}, {metrics['num_images']} images)")
     if "coco" in metrics:
         c = metrics["coco"]
