@@ -183,7 +183,8 @@ def test_truncated_json_artifact_is_one_line(runs):
 
 def test_file_name_of_300_characters_is_one_line(runs):
     line = assert_refused(runs[0]["compute_proposals_long_name"], "File name too long")
-    assert "o" * 40 in line and len(line) < 300          # the path named, shortened to its two ends
+    # The path named, shortened to its two ends with its length.
+    assert "long0/ooo" in line and "characters): File name too long" in line and len(line) < 300
 
 
 def test_path_of_360_characters_works(runs):
