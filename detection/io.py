@@ -19,6 +19,7 @@ import os
 import re
 import stat
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,7 +29,7 @@ from .errors import CacheError, DetectionError, StorageError
 
 __all__ = ["atomic_path", "atomic_write_text", "atomic_save_npz", "atomic_torch_save", "make_dirs", "load_npz",
            "read_json", "parse_json", "write_json", "file_sha256", "settings_key", "safe_file_part",
-           "path_in_folder", "describe_missing", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_FILE_PART_BYTES"]
+           "check_class_name", "path_in_folder", "describe_missing", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_FILE_PART_BYTES"]
 
 #: Largest JSON artifact or model metadata read, in bytes: the biggest written here (a metrics.json
 #: with PR curves of 20 classes, a conv-map index of 10k images) is a few MB; a larger file is
@@ -289,6 +290,15 @@ def safe_file_part(name: str, what: str = "name") -> str:
         raise DetectionError(f"{what} {name[:40]!r}... cannot name a file: {size} bytes once escaped, above "
                              f"the limit of {MAX_FILE_PART_BYTES}")
     return part
+
+
+def check_class_name(name: str) -> None:
+    """Refuse a class name read from data (an XML file, a model file) that cannot be used: it
+    becomes a file name (:func:`safe_file_part`) and is printed, so a control character (a
+    newline would forge output lines) or an over-long name is a DetectionError showing its repr."""
+    if isinstance(name, str) and any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise DetectionError(f"class name {name[:60]!r} holds a control character")
+    safe_file_part(name, "class name")
 
 
 def path_in_folder(folder: str | os.PathLike, file_name: str) -> Path:

@@ -389,3 +389,20 @@ def test_wrong_suffix_and_odd_colour_modes_are_reported_and_read(synthetic_voc, 
     assert "a PNG file named .jpg" in ds.imperfect["000001"]
     assert "colour mode P" in ds.imperfect["000002"] and "colour mode CMYK" in ds.imperfect["000003"]
     assert all(load_image(r).shape == (240, 320, 3) for r in ds)
+
+
+@pytest.mark.parametrize("name", ["ca\tt", "d" * 300])
+def test_class_names_a_model_could_not_hold_are_refused_when_the_dataset_is_read(synthetic_voc, tmp_path, name):
+    """Refused before training, not when the trained model is loaded."""
+    from detection.data.voc import VOCDataset
+
+    root = _dataset_with_id(synthetic_voc, tmp_path, "", split_text="000001\n")
+    for xml in ("000001.xml", "000002.xml"):      # the split's own annotation, and another one
+        path = root / "Annotations" / xml
+        text = path.read_text()
+        start = text.index("<name>") + len("<name>")
+        path.write_text(text[:start] + name + text[text.index("</name>", start):])
+        with pytest.raises(DatasetError) as err:
+            VOCDataset(root, "trainval")
+        assert "Annotations" in str(err.value) and "class name" in str(err.value)
+        path.write_text(text)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import math
 import os
@@ -35,8 +36,8 @@ from defusedxml import DefusedXmlException
 from PIL import Image, UnidentifiedImageError
 
 from ..boxes import flip_boxes, voc_to_internal
-from ..errors import DatasetError
-from ..io import describe_missing
+from ..errors import DatasetError, DetectionError
+from ..io import check_class_name, describe_missing
 from .records import ImageRecord
 
 __all__ = ["VOC_CLASSES", "MAX_IMAGE_PIXELS", "VOCDataset", "load_image", "read_image", "flip_record",
@@ -73,6 +74,10 @@ MAX_TRUNCATED_FRACTION = 0.1
 
 #: What a suffix says the file holds (a mismatch is reported as imperfect, and read anyway).
 _SUFFIX_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+
+#: Bytes at the end of a JPEG searched for its end-of-image marker when a dataset is read: some
+#: cameras append a few kB after the marker; reading more would read most of every file.
+_JPEG_TAIL_BYTES = 4096
 
 #: Pillow modes that need a conversion to RGB (reported as imperfect, and converted).
 _PLAIN_MODES = ("RGB", "L")
@@ -204,8 +209,6 @@ def _decode_truncated_jpeg(path: Path) -> tuple[np.ndarray, int]:
     does not determine (checked against the intact files of the shared data, cut at 2 bytes to
     half their size), so the first row that differs is where the file's information ends.
     """
-    import io
-
     data = path.read_bytes()
 
     def decode(tail: bytes) -> np.ndarray:
@@ -243,13 +246,12 @@ def inspect_image(path: str | os.PathLike) -> tuple[tuple[int, int], list[str]]:
     if fmt == "JPEG":
         try:
             with open(path, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+                f.seek(max(0, os.fstat(f.fileno()).st_size - _JPEG_TAIL_BYTES))
                 tail = f.read()
         except OSError as e:
             raise DatasetError(f"cannot read image {path}: {e.strerror or e}") from None
-        # Cameras append data after the marker at times: look for it in the last 64 kB.
         if b"\xff\xd9" not in tail:
-            problems.append("truncated JPEG (no end-of-image marker)")
+            problems.append(f"no JPEG end marker in its last {_JPEG_TAIL_BYTES // 1024} kB (cut short?)")
     return size, problems
 
 
@@ -334,7 +336,13 @@ def _parse_xml(xml_path: Path) -> Element:
 
 
 def _object_names(xml_path: Path) -> list[str]:
-    return [(_text(o.find("name")) or "") for o in _parse_xml(xml_path).iter("object")]
+    names = [(_text(o.find("name")) or "") for o in _parse_xml(xml_path).iter("object")]
+    for name in filter(None, names):
+        try:
+            check_class_name(name)
+        except DetectionError as e:
+            raise DatasetError(f"{xml_path}: {e}") from None
+    return names
 
 
 def _read_annotation(xml_path: Path) -> _Annotation:
@@ -351,6 +359,10 @@ def _read_annotation(xml_path: Path) -> _Annotation:
         name = _text(obj.find("name"))
         if not name:
             raise DatasetError(f"{xml_path}: an <object> has no <name>")
+        try:   # it becomes a file name and a model's class: refused here, not after training
+            check_class_name(name)
+        except DetectionError as e:
+            raise DatasetError(f"{xml_path}: {e}") from None
         coords = []
         for tag in ("xmin", "ymin", "xmax", "ymax"):
             text = _text(obj.find(f"bndbox/{tag}"))
