@@ -406,3 +406,21 @@ def test_class_names_a_model_could_not_hold_are_refused_when_the_dataset_is_read
             VOCDataset(root, "trainval")
         assert "Annotations" in str(err.value) and "class name" in str(err.value)
         path.write_text(text)
+
+
+def test_weights_and_results_paths_that_are_not_what_they_should_be(tmp_path):
+    from detection.evaluation.voc import read_result_dir
+
+    os.mkfifo(tmp_path / "w.pth")
+    (tmp_path / "wdir.pth").mkdir()
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match="w.pth for zf5 is a FIFO"):
+        build_backbone("zf5", weights=tmp_path / "w.pth")          # torch.load would block forever
+    with pytest.raises(ModelError, match="wdir.pth for zf5 is a folder"):
+        build_backbone("zf5", weights=tmp_path / "wdir.pth")
+    assert time.perf_counter() - t0 < 20
+    (tmp_path / "results").write_text("not a folder")
+    with pytest.raises(DatasetError, match="results folder is not a folder"):
+        read_result_dir(tmp_path / "results", "test", ["a"], ["img"])
+    with pytest.raises(DatasetError, match="results folder does not exist"):
+        read_result_dir(tmp_path / "nothing", "test", ["a"], ["img"])

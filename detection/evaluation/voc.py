@@ -615,7 +615,8 @@ def read_result_dir(results_dir: str | Path, split: str, classes: Sequence[str],
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise DatasetError(f"{results_dir}: results folder does not exist")
+        what = "does not exist" if not results_dir.exists() else "is not a folder"
+        raise DatasetError(f"{results_dir}: results folder {what}")
     index = {s: i for i, s in enumerate(image_ids)}
     out = []
     it: Iterable[str] = classes
