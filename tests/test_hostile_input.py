@@ -424,3 +424,18 @@ def test_weights_and_results_paths_that_are_not_what_they_should_be(tmp_path):
         read_result_dir(tmp_path / "results", "test", ["a"], ["img"])
     with pytest.raises(DatasetError, match="results folder does not exist"):
         read_result_dir(tmp_path / "nothing", "test", ["a"], ["img"])
+
+
+@pytest.mark.parametrize("metadata, needle", [("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+                                              ('{"format_version": 1, "sett', "truncated JSON"),
+                                              ("[" * 40 + "]" * 40, "nested deeper")])
+def test_proposal_cache_metadata_is_parsed_with_limits(tmp_path, metadata, needle):
+    from detection.io import atomic_save_npz
+    from detection.proposals import ProposalSet
+
+    path = tmp_path / "p.npz"
+    atomic_save_npz(path, image_ids=np.array(["a"]), boxes=np.zeros((1, 4), np.float32),
+                    offsets=np.array([0, 1], np.int64), metadata=np.array(metadata))
+    with pytest.raises(CacheError, match=needle) as err:
+        ProposalSet.load(path)
+    assert str(err.value).startswith(f"{path}: metadata")
