@@ -16,6 +16,7 @@ import traceback
 from typing import Callable
 
 from .errors import DetectionError
+from .workers import LOG_DATE_FORMAT, LOG_FORMAT
 
 __all__ = ["run_tool", "add_common_args", "add_skip_bad_arg", "os_error_message", "EXIT_ERROR", "EXIT_INTERRUPTED"]
 
@@ -63,8 +64,8 @@ def run_tool(main: Callable[[argparse.Namespace], int | None], parser: argparse.
     try:
         add_common_args(parser)
         args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format=LOG_FORMAT,
+                            datefmt=LOG_DATE_FORMAT)
         return int(main(args) or 0)
     except DetectionError as e:
         return _fail(_one_line(e))

@@ -22,13 +22,3 @@ class StorageError(DetectionError, OSError):
     """An output file or folder cannot be written: disk full, file size limit, read-only folder, a
     regular file where a folder should be. Also an OSError, for callers that catch those."""
 
-
-def ignore_interrupts_in_worker() -> None:
-    """Worker-process initializer: ignore SIGINT.
-
-    Ctrl-C sends SIGINT to the whole process group; a worker that took it would die printing its
-    own traceback. The parent alone handles it (it stops the pool; finished work is kept).
-    """
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from .boxes import flip_boxes
 from .data.records import ImageRecord
-from .errors import CacheError, DetectionError, ignore_interrupts_in_worker
+from .errors import CacheError, DetectionError
 from .io import atomic_path, make_dirs, read_json, settings_key, write_json
+from .workers import init_worker_process
 
 __all__ = [
     "CONVMAP_FORMAT_VERSION",
@@ -669,7 +670,7 @@ def _worker_init(worker_id: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)
-    ignore_interrupts_in_worker()
+    init_worker_process()
 
 
 def _first(batch: list[Any]) -> Any:

@@ -61,8 +61,9 @@ import cv2
 import numpy as np
 
 from .boxes import box_iou_numpy, flip_boxes
-from .errors import CacheError, DatasetError, DetectionError, ignore_interrupts_in_worker
+from .errors import CacheError, DatasetError, DetectionError
 from .io import atomic_path, atomic_save_npz, load_npz, make_dirs, parse_json, settings_key
+from .workers import init_worker_process
 
 if TYPE_CHECKING:
     from .data.records import ImageRecord
@@ -410,7 +411,7 @@ def _worker_init() -> None:
     # One OpenCV thread per process: we parallelise across processes, and nested thread pools
     # on a few cores only add contention.
     cv2.setNumThreads(1)
-    ignore_interrupts_in_worker()
+    init_worker_process()
 
 
 def _proposals_worker(record: "ImageRecord", config: SelectiveSearchConfig, shard: Path) -> tuple[str, int]:
