@@ -89,9 +89,11 @@ def escaping_model(base, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("evil_model")
     det.save(folder / "clean.pt")
     blob = torch.load(folder / "clean.pt", weights_only=True)
-    assert json.loads(blob["meta"])["classes"] == ESCAPING
-    torch.save({"format": MODEL_FORMAT, "version": MODEL_VERSION, "meta": blob["meta"], "tensors": blob["tensors"]},
-               folder / "evil.pt")
+    meta = json.loads(blob["meta"])
+    assert meta["classes"] == ESCAPING
+    meta["svm"]["untrained"] = [ESCAPING[1]]         # as if it had no positives in training
+    torch.save({"format": MODEL_FORMAT, "version": MODEL_VERSION, "meta": json.dumps(meta),
+                "tensors": blob["tensors"]}, folder / "evil.pt")
     return folder / "evil.pt"
 
 
@@ -172,6 +174,9 @@ def test_model_class_names_never_write_outside_the_output_folder(runs, base, esc
     assert "comp4_det_test_..%2F..%2Fescaped.txt" in names and "comp4_det_test_%2Ftmp%2Fabsolute_evil_17.txt" in names
     assert len([n for n in names if n.startswith("comp4_det_test_")]) == len(ESCAPING)
     assert not Path("/tmp/absolute_evil_17.txt").exists()
+    # The untrained class is marked in the table and in metrics.json.
+    assert any(line.startswith(ESCAPING[1]) and "(untrained" in line for line in proc.stdout.splitlines()), proc.stdout
+    assert json.loads((out / "m.json").read_text())["untrained_classes"] == [ESCAPING[1]]
     # Nothing new next to the dataset, the model, or at the top of the temporary folders.
     new_in_tmp = {n for n in after[Path("/tmp")] - before[Path("/tmp")] if "escaped" in n or "evil" in n}
     assert not new_in_tmp
