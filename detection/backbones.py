@@ -38,6 +38,7 @@ of the *full* torchvision model (``torch.load(weights_only=True)``, strict).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ import torchvision
 from torch import nn
 
 from .errors import DetectionError, ModelError
-from .io import file_sha256
+from .io import describe_missing, file_sha256
 
 __all__ = [
     "Backbone",
@@ -460,6 +461,9 @@ def _make_model(name: str, weights: str | Path | None, seed: int) -> tuple[nn.Mo
                 f"without internet, download {enum.url} elsewhere and pass --weights PATH") from e
         return model, f"torchvision:{enum}"
     if not path.is_file():
+        # A folder, a FIFO (torch.load would block on it forever), a broken link: not "no such file".
+        if os.path.lexists(path):
+            raise ModelError(f"weights file {path} for {name} {describe_missing(path)}")
         hint = "" if enum_cls is None else f", nor a torchvision weights name ({', '.join(enum_cls.__members__)})"
         raise ModelError(f"weights {wstr!r} for {name}: no such file{hint}")
     with torch.random.fork_rng(devices=[]):

@@ -420,7 +420,7 @@ def _fit_class(x: np.ndarray, y: np.ndarray, cfg: BBoxRegressionConfig) -> tuple
 def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_classes: int,
                          cfg: BBoxRegressionConfig = BBoxRegressionConfig(),
                          *, class_names: Sequence[str] | None = None, feature_scale: float | None = None,
-                         progress: bool = False) -> BoxRegressors:
+                         progress: bool = False, untrained: Sequence[str] = ()) -> BoxRegressors:
     """Train one box regressor per class (see the module docstring).
 
     Args:
@@ -432,9 +432,11 @@ def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_cl
         class_names: K names for messages and metadata.
         feature_scale: use this instead of estimating the norm-20 scale.
         progress: tqdm bars.
+        untrained: names of classes whose SVMs could not be trained (no positives): without
+            samples they get the identity regressor (boxes unchanged) instead of an error.
     Raises:
-        DetectionError: a class without samples (no non-difficult GT), NaN/inf or all-zero features,
-            degenerate boxes, an invalid config.
+        DetectionError: a class without samples (no non-difficult GT) not in ``untrained``,
+            NaN/inf or all-zero features, degenerate boxes, an invalid config.
     """
     cfg.validate()
     names = tuple(class_names) if class_names is not None else tuple(f"class_{k}" for k in range(num_classes))
@@ -468,6 +470,9 @@ def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_cl
             x, y = collect_regression_samples(source[c], num_classes, cfg, feature_scale, progress, classes=[c])[c]
         else:
             x, y = samples[c]
+        if len(x) == 0 and names[c] in untrained:
+            stats[names[c]] = {"num_samples": 0, "untrained": True}   # all zeros: boxes unchanged
+            continue
         if len(x) == 0:
             raise DetectionError(f"bbox_regression: no training samples (IoU > {cfg.min_iou} with a non-difficult "
                                  f"GT) for class {names[c]}")

@@ -1,15 +1,30 @@
-"""What every tool shares: logging set-up and turning a DetectionError into a one-line message."""
+"""What every tool shares: logging set-up and one error path.
+
+Whatever stops a tool -- a :class:`DetectionError` from the library (bad input, a damaged
+artifact), an OSError from the operating system, Ctrl-C, or an unexpected exception -- ends the
+same way: one ``error: ...`` line on stderr naming the file and the problem, no traceback, exit
+status 2 (130 after Ctrl-C). Artifacts are written atomically, so nothing is left half-written
+and the same command resumes. ``DETECTION_TRACEBACK=1`` shows the traceback of unexpected errors.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from typing import Callable
 
 from .errors import DetectionError
 from .runtime import set_threads
+from .workers import LOG_DATE_FORMAT, LOG_FORMAT
 
-__all__ = ["run_tool", "add_common_args"]
+__all__ = ["run_tool", "add_common_args", "add_skip_bad_arg", "os_error_message", "EXIT_ERROR", "EXIT_INTERRUPTED"]
+
+#: Exit status of a tool stopped by bad input or a failing environment (argparse's, too).
+EXIT_ERROR = 2
+#: Exit status after Ctrl-C (128 + SIGINT, what shells report for a process killed by it).
+EXIT_INTERRUPTED = 130
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -18,23 +33,58 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: one per core)")
 
 
+def add_skip_bad_arg(parser: argparse.ArgumentParser) -> None:
+    """``--skip-bad``: the one switch, decided for the whole run, for undecodable images."""
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="decode every image first and leave out those that cannot be decoded (a warning "
+                             "each, a summary at the end); default: such an image stops the run, naming it")
+
+
+def os_error_message(e: OSError) -> str:
+    """An OSError as one line naming its file(s): ``<file>: <reason>``."""
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    reason = e.strerror or str(e) or type(e).__name__
+    if names and len(names[0]) > 160:   # a 300-character path: its two ends say which it is
+        names[0] = f"{names[0][:60]}...{names[0][-60:]} ({len(names[0])} characters)"
+    return f"{' -> '.join(names)}: {reason}" if names else f"{type(e).__name__}: {reason}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def run_tool(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
              argv: list[str] | None = None) -> int:
-    """Parse arguments, configure logging, run ``main``; bad input exits 2 with ``error: ...``."""
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """Parse arguments, configure logging, run ``main``; every failure is one ``error: ...`` line.
+
+    Returns:
+        ``main``'s status (0 when None); 2 for any error, 130 after Ctrl-C.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        # A file name that is not valid UTF-8 must not make printing its error message fail.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
+        add_common_args(parser)
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format=LOG_FORMAT,
+                            datefmt=LOG_DATE_FORMAT)
         set_threads(args.threads)
         return int(main(args) or 0)
     except DetectionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(_one_line(e))
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except OSError as e:  # disk full, read-only folder, ...: say which file, keep what is done
-        print(f"error: {e.strerror or e} ({e.filename or 'no file name'}); finished artifacts are intact",
-              file=sys.stderr)
-        return 2
+        return EXIT_INTERRUPTED
+    except OSError as e:  # disk full, a path too long, a folder where a file should be, ...
+        return _fail(f"{_one_line(os_error_message(e))}; finished artifacts are intact")
+    except Exception as e:  # noqa: BLE001 -- a bug or an input nobody foresaw: still one line
+        if os.environ.get("DETECTION_TRACEBACK"):
+            traceback.print_exc()
+        return _fail(f"unexpected {type(e).__name__}: {_one_line(e)[:500]} (please report it; "
+                     "DETECTION_TRACEBACK=1 shows where)")
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_ERROR

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -26,7 +27,7 @@ from .config import from_dict
 from .errors import DetectionError, ModelError
 from .features import conv_maps_for_image, pooled_window_features
 from .heads import FCHead
-from .model import load_model, prefixed, save_model, unprefixed
+from .model import check_class_names, load_model, prefixed, save_model, unprefixed
 from .rcnn import rcnn_window_features
 from .svm import LinearSVMs
 from .timer import NO_TIMER, Timer
@@ -129,10 +130,7 @@ class SPPDetector:
             # Fix (tests/test_fuzz.py): type-check the settings (a list where ints belong made
             # detect() fail later with a traceback).
             settings = from_dict(DetectorSettings, meta["settings"], "settings")
-            classes = meta["classes"]
-            if not (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)
-                    and len(set(classes)) == len(classes)):
-                raise ValueError(f"classes must be a list of unique names, got {str(classes)[:80]}")
+            classes = check_class_names(meta["classes"])
             backbone = build_backbone(meta["backbone"]["name"], weights=None)
             backbone.trunk.load_state_dict(unprefixed("trunk", tensors), strict=True)
             backbone.weights_id = meta["backbone"]["weights_id"]
@@ -150,6 +148,9 @@ class SPPDetector:
             regressors = (BoxRegressors.from_state(unprefixed("bbox", tensors), meta["bbox"])
                           if meta.get("bbox") else None)
             _check_consistent(backbone, head, svms, regressors, settings)
+            untrained = svms.meta.get("untrained", [])
+            if not isinstance(untrained, list) or not set(untrained) <= set(classes):
+                raise ValueError(f"svm.untrained must list class names, got {str(untrained)[:80]!r}")
             detector = cls(backbone, head, svms, regressors, classes, settings, device, meta)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError, DetectionError) as e:
             if isinstance(e, ModelError) and str(path) in str(e):
@@ -262,12 +263,37 @@ def _check_consistent(backbone: Backbone, head: FCHead, svms: LinearSVMs, regres
                          f"{s.scale_rule!r} (area, code)")
     if not (s.scales and s.levels and min(s.scales) > 0 and min(s.levels) > 0 and s.max_size > 0):
         raise ValueError(f"scales {s.scales}, levels {s.levels} and max_size {s.max_size} must be positive")
+    _check_limits(s)
     pool5 = backbone.out_channels * sum(n * n for n in s.levels)
     dims = {"pool5": pool5, "fc6": head.hidden[0], "fc7": head.hidden[1]}
     if head.in_dim != pool5 or svms.dim != dims[s.feature_layer] or (regressors is not None and regressors.dim != pool5):
         raise ValueError(f"dimensions do not fit: pool5 {pool5} (trunk x levels), fc input {head.in_dim}, "
                          f"SVMs on {s.feature_layer} {svms.dim}"
                          + (f", box regressors {regressors.dim}" if regressors is not None else ""))
+
+
+#: Bounds on the settings a model file may carry. The settings size allocations at detection
+#: time (an image resized to ``max(scales)``, up to ``max_size`` px; ``max_proposals`` windows;
+#: ``rcnn_batch_size`` warped crops), so a hostile file could ask for terabytes: each bound is
+#: several times what SPP-net uses (scales <= 1200, max_size 2000, 2000 proposals, 6x6 pyramid).
+SETTINGS_LIMITS = {"scales": (1, 4000), "num_scales": (1, 16), "max_size": (1, 8000), "levels": (1, 32),
+                   "num_levels": (1, 8), "max_per_class": (0, 100_000), "max_proposals": (1, 100_000),
+                   "rcnn_batch_size": (1, 4096)}
+
+
+def _check_limits(s: DetectorSettings) -> None:
+    """ValueError naming the first setting outside :data:`SETTINGS_LIMITS` (or not a finite number)."""
+    values = {"scales": max(s.scales), "num_scales": len(s.scales), "max_size": s.max_size, "levels": max(s.levels),
+              "num_levels": len(s.levels), "max_per_class": s.max_per_class, "max_proposals": s.max_proposals,
+              "rcnn_batch_size": s.rcnn_batch_size}
+    for name, value in values.items():
+        lo, hi = SETTINGS_LIMITS[name]
+        if not lo <= value <= hi:
+            raise ValueError(f"setting {name} = {value} is outside [{lo}, {hi}] (detection.detector.SETTINGS_LIMITS)")
+    if not (0.0 <= s.nms_iou <= 1.0 and math.isfinite(s.score_threshold)):
+        raise ValueError(f"nms_iou {s.nms_iou} must be in [0, 1] and score_threshold {s.score_threshold} finite")
+    if s.projection_rule not in ("paper", "code") or s.proposal_mode not in ("fast", "quality"):
+        raise ValueError(f"unknown projection_rule {s.projection_rule!r} or proposal_mode {s.proposal_mode!r}")
 
 
 def _empty() -> Detections:

@@ -21,3 +21,4 @@ class ModelError(DetectionError):
 class StorageError(DetectionError, OSError):
     """An output file or folder cannot be written: disk full, file size limit, read-only folder, a
     regular file where a folder should be. Also an OSError, for callers that catch those."""
+

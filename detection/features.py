@@ -37,6 +37,7 @@ from .boxes import flip_boxes
 from .data.records import ImageRecord
 from .errors import CacheError, DetectionError
 from .io import atomic_path, make_dirs, read_json, settings_key, write_json
+from .workers import init_worker_process
 
 __all__ = [
     "CONVMAP_FORMAT_VERSION",
@@ -337,7 +338,7 @@ class ConvMapCache:
         if index_path.is_file():
             try:
                 self._index = dict(read_json(index_path)["records"])
-            except (ValueError, KeyError, TypeError, OSError) as e:
+            except (CacheError, ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring unreadable %s (%s); using per-record done markers", index_path, e)
 
     # ---- construction -----------------------------------------------------------------------
@@ -399,8 +400,8 @@ class ConvMapCache:
     def _read_meta(cls, meta_path: Path) -> dict[str, Any]:
         try:
             meta = read_json(meta_path)
-        except (ValueError, OSError) as e:
-            raise CacheError(f"{meta_path}: unreadable cache metadata ({e}); pass rebuild=True") from None
+        except CacheError as e:
+            raise CacheError(f"{e} (conv-map cache metadata); delete the folder or pass rebuild=True") from None
         if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict):
             raise CacheError(f"{meta_path}: not a conv-map cache meta.json (no 'settings')")
         return meta
@@ -481,7 +482,7 @@ class ConvMapCache:
             return None
         try:
             info = read_json(path)
-        except (ValueError, OSError):
+        except CacheError:
             return None
         try:  # a damaged marker means "not done" (tests/test_fuzz.py: null or 5 leaked a TypeError)
             ok = (isinstance(info, dict) and len(info["factors"]) == len(info["map_shapes"]) == len(self.scales)
@@ -685,6 +686,7 @@ def _worker_init(worker_id: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)
+    init_worker_process()
 
 
 def _first(batch: list[Any]) -> Any:

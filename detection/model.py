@@ -17,14 +17,24 @@ from typing import Any
 
 import torch
 
-from .errors import ModelError
-from .io import atomic_torch_save
+from .errors import DetectionError, ModelError
+from .io import atomic_torch_save, check_class_name, describe_missing, parse_json
 
-__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "save_model", "load_model", "prefixed", "unprefixed",
-           "torch_load_reason"]
+__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "MAX_CLASSES", "MAX_TENSORS", "MAX_META_BYTES", "save_model",
+           "load_model", "check_class_names", "prefixed", "unprefixed", "torch_load_reason"]
 
 MODEL_FORMAT = "detection-model"
 MODEL_VERSION = 1
+
+#: Most classes a model may have: LVIS has 1,203, so 10,000 is generous; it bounds the per-class
+#: loops and result files a hostile model file can ask for.
+MAX_CLASSES = 10_000
+
+#: Most tensors a model file may hold: ours hold ~30 (VGG-16's trunk 26 + head + SVMs + boxes).
+MAX_TENSORS = 1_000
+
+#: Largest metadata text: ours is a few kB (SVM training statistics per class included).
+MAX_META_BYTES = 16 << 20
 
 
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -67,7 +77,10 @@ def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     """
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"model file {path} does not exist")
+        what = describe_missing(path)
+        # "does not exist" alone would be false for a folder, a FIFO, a broken link: say what is there.
+        raise ModelError(f"model file {path} does not exist" + ("" if what.startswith("does not exist")
+                                                                else f" as a file: the path {what}"))
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     # Fix: catch every error. torch.load of arbitrary bytes also raises IndexError (empty file),
@@ -81,10 +94,14 @@ def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     if blob.get("version") != MODEL_VERSION:
         raise ModelError(f"model file {path} has version {blob.get('version')}; this code reads {MODEL_VERSION}")
     try:
-        meta = json.loads(blob["meta"])
+        if not isinstance(blob.get("meta"), str):
+            raise TypeError("its metadata is not JSON text")
+        meta = parse_json(blob["meta"], "metadata", max_bytes=MAX_META_BYTES)
         tensors = dict(blob["tensors"])
-    except (KeyError, TypeError, ValueError) as e:   # ValueError covers JSONDecodeError and dict()
+    except (KeyError, TypeError, ValueError, DetectionError) as e:   # ValueError covers dict()
         raise ModelError(f"model file {path} is damaged: {e}") from None
+    if len(tensors) > MAX_TENSORS:
+        raise ModelError(f"model file {path} is damaged: {len(tensors)} tensors, above the limit of {MAX_TENSORS}")
     # Fix: validate the content, not only the container (weights_only also admits lists, ints...).
     if not isinstance(meta, dict):
         raise ModelError(f"model file {path} is damaged: its metadata is not a JSON object")
@@ -92,3 +109,29 @@ def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     if bad:
         raise ModelError(f"model file {path} is damaged: entries that are not named tensors: {', '.join(bad[:5])}")
     return tensors, meta
+
+
+def check_class_names(classes: Any) -> tuple[str, ...]:
+    """Validate class names read from a model file (untrusted: they become file names and lines
+    printed to the user).
+
+    Returns:
+        the names as a tuple.
+    Raises:
+        ValueError: not a list of 1..:data:`MAX_CLASSES` unique, non-empty strings; a name with a
+            control character (a newline would forge output lines); a name that cannot be made a
+            file name (too long). Names are shown with ``repr`` so invisible characters show.
+    """
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"classes must be a list of names, got {str(classes)[:80]!r}")
+    if not 1 <= len(classes) <= MAX_CLASSES:
+        raise ValueError(f"{len(classes)} classes; a model has 1 to {MAX_CLASSES}")
+    if len(set(classes)) != len(classes):
+        dup = next(c for c in classes if classes.count(c) > 1)
+        raise ValueError(f"class name {dup!r} appears more than once")
+    for name in classes:
+        try:
+            check_class_name(name)
+        except DetectionError as e:
+            raise ValueError(str(e)) from None
+    return tuple(classes)

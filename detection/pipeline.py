@@ -20,7 +20,7 @@ import torch
 from .bbox_regression import BBoxRegressionConfig
 from .config import ConfigError, save_config, to_dict
 from .detector import DETECTION_ONLY_SETTINGS, DetectorSettings, SPPDetector
-from .errors import DetectionError
+from .errors import CacheError, DetectionError
 from .finetune import FinetuneConfig
 from .io import make_dirs, read_json, settings_key, write_json
 from .svm import SVMConfig
@@ -40,6 +40,7 @@ class DataConfig:
     test_split: str = "test"
     flip: bool = True                     # add horizontally flipped training images (paper)
     classes: tuple[str, ...] | None = None
+    skip_bad: bool = False                # leave out undecodable images (decided once, for both splits)
     synthetic_trainval: int = 120
     synthetic_test: int = 60
     synthetic_seed: int = 0
@@ -135,7 +136,17 @@ class _Stages:
 
     def __init__(self, out: Path) -> None:
         self.path = out / "stages.json"
-        self.state: dict[str, Any] = read_json(self.path) if self.path.is_file() else {}
+        self.state: dict[str, Any] = {}
+        if self.path.exists():
+            try:
+                state = read_json(self.path)
+                if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+                    raise CacheError(f"{self.path}: not a stage book (expected {{stage: {{key, ...}}}})")
+                self.state = state
+            except CacheError as e:
+                # Only book-keeping: every stage's own cache is validated on its own, so forgetting
+                # which are done costs their checks (and any stage whose artifact is missing).
+                log.warning("%s; treating every stage as not done", e)
 
     def done(self, name: str, key: str, *artifacts: Path) -> bool:
         return self.state.get(name, {}).get("key") == key and all(p.exists() for p in artifacts)
@@ -156,7 +167,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     ``OUT/metrics.json``, ``OUT/timing.json``, ``OUT/report.md`` and the stage caches.
     """
     from .backbones import build_backbone
-    from .data.voc import VOCDataset, load_image
+    from .data.voc import VOCDataset, load_image, report_images
     from .evaluation.voc import write_result_files
     from .features import ConvMapCache, extract_conv_maps
     from .proposals import compute_proposals
@@ -178,8 +189,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
         root = str(make_synthetic_voc(out / "synthetic_voc", num_trainval=cfg.data.synthetic_trainval,
                                       num_test=cfg.data.synthetic_test, seed=cfg.data.synthetic_seed))
         timings["data"] = time.perf_counter() - t0
-    train_ds = VOCDataset(root, cfg.data.train_split, classes=cfg.data.classes, use_flipped=cfg.data.flip)
-    test_ds = VOCDataset(root, cfg.data.test_split, classes=train_ds.classes)
+    train_ds = VOCDataset(root, cfg.data.train_split, classes=cfg.data.classes, use_flipped=cfg.data.flip,
+                          skip_bad=cfg.data.skip_bad)
+    test_ds = VOCDataset(root, cfg.data.test_split, classes=train_ds.classes, skip_bad=cfg.data.skip_bad)
     classes = train_ds.classes
     log.info("data: %s, %d training records, %d test images, classes %s", root, len(train_ds), len(test_ds), classes)
 
@@ -261,6 +273,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     # 7. evaluation --------------------------------------------------------------------------------
     metrics = evaluate_results(test_ds, results_dir, cfg.metric, out)
     metrics["stage_seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    metrics["untrained_classes"] = list(detector.svms.meta.get("untrained", []))
     write_json(out / "metrics.json", metrics)
 
     # 8. timing: SPP-net against R-CNN -------------------------------------------------------------
@@ -278,6 +291,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     # 9. report ------------------------------------------------------------------------------------
     from .report import write_report
     write_report(out, metrics, timing, test_ds, detector, test_props.proposals_for_record)
+    report_images(train_ds, test_ds)
     return metrics
 
 

@@ -62,7 +62,8 @@ import numpy as np
 
 from .boxes import box_iou_numpy, flip_boxes
 from .errors import CacheError, DatasetError, DetectionError
-from .io import atomic_path, atomic_save_npz, load_npz, make_dirs, settings_key
+from .io import atomic_path, atomic_save_npz, load_npz, make_dirs, parse_json, settings_key
+from .workers import init_worker_process
 
 if TYPE_CHECKING:
     from .data.records import ImageRecord
@@ -349,9 +350,10 @@ class ProposalSet:
         if missing:
             raise CacheError(f"{path}: not a proposal cache (missing {sorted(missing)})")
         try:
-            meta = json.loads(str(data["metadata"][()]))
+            text = str(data["metadata"][()])
         except (ValueError, IndexError) as e:
             raise CacheError(f"{path}: bad metadata ({e})") from None
+        meta = parse_json(text, f"{path}: metadata")   # size and depth limits; CacheError
         if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{path}: proposal cache format {meta.get('format_version') if isinstance(meta, dict) else '?'}"
                              f" != {FORMAT_VERSION}; recompute it")
@@ -409,6 +411,7 @@ def _worker_init() -> None:
     # One OpenCV thread per process: we parallelise across processes, and nested thread pools
     # on a few cores only add contention.
     cv2.setNumThreads(1)
+    init_worker_process()
 
 
 def _proposals_worker(record: "ImageRecord", config: SelectiveSearchConfig, shard: Path) -> tuple[str, int]:

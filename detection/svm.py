@@ -69,6 +69,10 @@ logger = logging.getLogger(__name__)
 #: Bits used to pack (image index, candidate index) into one int64 cache key.
 _KEY_SHIFT = 32
 
+#: Bias of a class left untrained (no positives): with zero weights every window scores this,
+#: far below any score threshold (the detector's is -1.5), so the class never detects.
+UNTRAINED_BIAS = -1e4
+
 
 # --------------------------------------------------------------------------------------------
 # The feature source: what the trainers need from the rest of the pipeline
@@ -281,8 +285,15 @@ class SVMConfig:
     max_iter: int = 1000
     #: Seed of liblinear's coordinate order and of the feature-norm sample.
     seed: int = 0
+    #: A class without positives in the training images (e.g. it appears only in the test split):
+    #: "warn" trains the others and leaves it untrained (it never detects; listed in the model's
+    #: ``svm.untrained`` and in the metrics), "error" stops training naming it.
+    classes_without_positives: str = "warn"
 
     def validate(self) -> None:
+        if self.classes_without_positives not in ("warn", "error"):
+            raise DetectionError(f"svm: classes_without_positives must be 'warn' or 'error', "
+                                 f"got {self.classes_without_positives!r}")
         if not (self.C > 0 and self.bias_multiplier > 0 and self.pos_weight > 0 and self.target_norm > 0):
             raise DetectionError(f"svm: C, bias_multiplier, pos_weight and target_norm must be > 0: {self}")
         if not 0.0 < self.neg_iou <= 1.0:
@@ -451,6 +462,7 @@ class SVMTrainer:
         self.progress = progress
         self._given_scale = feature_scale
         self._caches: list[_ClassCache] = []
+        self._active: list[int] = list(range(num_classes))   # classes with positives, set by train()
         self.converged = False
         self.passes_done = 0
 
@@ -475,6 +487,9 @@ class SVMTrainer:
         weights = np.zeros((k_cls, dim), dtype=np.float32)   # the zero model: every negative is hard
         biases = np.zeros(k_cls, dtype=np.float32)
         trained = np.zeros(k_cls, dtype=bool)
+        untrained = [c for c, cache in enumerate(self._caches) if len(cache.pos) == 0]
+        biases[untrained] = UNTRAINED_BIAS
+        self._active = [c for c in range(k_cls) if c not in untrained]
 
         self.converged = False
         for p in range(cfg.passes):
@@ -483,12 +498,16 @@ class SVMTrainer:
                 added_in_pass += self._mine_image(i, dim, scale, weights, biases)
                 first_image = p == 0 and i == 0
                 for c, cache in enumerate(self._caches):
+                    if c in untrained:
+                        continue
                     if cache.num_neg and (first_image or cache.num_added > cfg.retrain_every):
                         self._retrain(c, weights, biases)
                         trained[c] = True
             self.passes_done = p + 1
             # End of a pass: bring every class up to date with what it gained.
             for c, cache in enumerate(self._caches):
+                if c in untrained:
+                    continue
                 if cache.num_neg and (cache.num_added > 0 or not trained[c]):
                     self._retrain(c, weights, biases)
                     trained[c] = True
@@ -497,7 +516,7 @@ class SVMTrainer:
                 # The model that mined this pass found nothing new and was not changed: converged.
                 self.converged = True
                 break
-        missing = [self.class_names[c] for c in range(k_cls) if not trained[c]]
+        missing = [self.class_names[c] for c in range(k_cls) if not trained[c] and c not in untrained]
         if missing:
             raise DetectionError(f"svm: no negatives (IoU < {cfg.neg_iou} with its GT) for class(es) "
                                  f"{', '.join(missing)}; every candidate window overlaps them")
@@ -513,6 +532,7 @@ class SVMTrainer:
             "converged": self.converged,
             "num_images": n,
             "stats": stats,
+            "untrained": [self.class_names[c] for c in untrained],
         }
         return LinearSVMs(weights=weights, biases=biases, feature_scale=scale, meta=meta)
 
@@ -537,12 +557,16 @@ class SVMTrainer:
             for c in np.unique(s.gt_labels[keep]):
                 pos[c].append(s.gt_features[keep & (s.gt_labels == c)] * np.float32(scale))
         empty = [self.class_names[c] for c in range(self.num_classes) if not pos[c]]
-        if empty:
+        if empty and (self.cfg.classes_without_positives == "error" or len(empty) == self.num_classes):
             raise DetectionError(f"svm: no positive (non-difficult GT) examples for class(es) {', '.join(empty)} "
                                  f"in the {n} training images; cannot train their SVMs")
+        if empty:
+            logger.warning("svm: no positive (non-difficult GT) examples for class(es) %s in the %d training "
+                           "images: they stay untrained and never detect (svm.classes_without_positives=error "
+                           "makes this an error)", ", ".join(empty), n)
         caches = []
         for c in range(self.num_classes):
-            x = np.concatenate(pos[c], axis=0)
+            x = np.concatenate(pos[c], axis=0) if pos[c] else np.zeros((0, dim), np.float32)
             logger.info("%s: %d positives", self.class_names[c], len(x))
             caches.append(_ClassCache(pos=x, neg=np.zeros((0, dim), np.float32), neg_keys=np.zeros(0, np.int64)))
         return caches
@@ -567,7 +591,8 @@ class SVMTrainer:
         scores = feats @ weights.T + biases                          # [M, K]
         hard = (overlap < cfg.neg_iou) & (scores > cfg.hard_threshold)
         added = 0
-        for c, cache in enumerate(self._caches):
+        for c in self._active:            # an untrained class mines nothing (its zero model finds all hard)
+            cache = self._caches[c]
             idx = np.flatnonzero(hard[:, c])
             if len(idx) == 0:
                 continue

@@ -212,7 +212,8 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         # percent of them), and one class at a time: the same samples, in the same order, as
         # reading every proposal, with one class's features in memory instead of all.
         regressors = train_box_regressors(regression_sources(pool5_source, k, cfg.bbox), k, cfg.bbox,
-                                          class_names=classes, feature_scale=scale, progress=progress)
+                                          class_names=classes, feature_scale=scale, progress=progress,
+                                          untrained=svms.meta.get("untrained", ()))
     return SPPDetector(backbone, head, svms, regressors, classes, settings,
                        meta={"train": {"num_images": len(records), "seed": cfg.seed,
                                        "finetune": dataclasses.asdict(cfg.finetune),

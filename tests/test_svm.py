@@ -18,7 +18,7 @@ from sklearn.svm import LinearSVC
 
 from detection.boxes import box_iou_numpy
 from detection.errors import DetectionError, ModelError
-from detection.svm import (ImageSample, LinearSVMs, ListFeatureSource, SVMConfig, SVMTrainer,
+from detection.svm import (UNTRAINED_BIAS, ImageSample, LinearSVMs, ListFeatureSource, SVMConfig, SVMTrainer,
                            compute_feature_scale, fit_linear_svm, svm_objective, train_svms)
 
 DIM = 32
@@ -191,17 +191,45 @@ def test_model_state_validation():
         svms.scores(np.zeros((4, 5)))
 
 
+#: Issue 17 made "warn" (train the others) the default; these two tests ask for the error.
+STRICT = SVMConfig(classes_without_positives="error")
+
+
 def test_class_without_positives_is_an_error():
     samples = make_samples(2, 6, num_classes=3, labels=[0, 2])            # class 1 never appears
     with pytest.raises(DetectionError, match="dog"):
-        train_svms(ListFeatureSource(samples, DIM), 3, class_names=["cat", "dog", "bird"])
+        train_svms(ListFeatureSource(samples, DIM), 3, STRICT, class_names=["cat", "dog", "bird"])
+
+
+def test_class_without_positives_is_left_untrained_with_a_warning(caplog):
+    samples = make_samples(2, 6, num_classes=3, labels=[0, 2])            # class 1 never appears
+    with caplog.at_level("WARNING", logger="detection.svm"):
+        svms = train_svms(ListFeatureSource(samples, DIM), 3, class_names=["cat", "dog", "bird"])
+    assert "dog" in caplog.text and "untrained" in caplog.text
+    assert svms.meta["untrained"] == ["dog"]
+    assert not svms.weights[1].any() and svms.biases[1] == UNTRAINED_BIAS
+    assert svms.weights[0].any() and svms.weights[2].any()
+    # The other classes get the models they get without the empty class in the list at all.
+    two = [dataclasses.replace(s, gt_labels=np.where(s.gt_labels == 2, 1, s.gt_labels)) for s in samples]
+    alone = train_svms(ListFeatureSource(two, DIM), 2, class_names=["cat", "bird"])
+    np.testing.assert_allclose(alone.weights, svms.weights[[0, 2]], rtol=1e-5, atol=1e-6)
+    scores = svms.scores(np.stack([s.gt_features[0] for s in samples]))
+    assert (scores[:, 1] < -1000).all()                           # it never detects
+    with pytest.raises(DetectionError, match="classes_without_positives"):
+        SVMConfig(classes_without_positives="maybe").validate()
+
+
+def test_no_class_with_positives_is_still_an_error():
+    samples = [dataclasses.replace(s, gt_difficult=np.ones(len(s.gt_labels), bool)) for s in make_samples(2, 4)]
+    with pytest.raises(DetectionError, match="no positive"):
+        train_svms(ListFeatureSource(samples, DIM), K)
 
 
 def test_difficult_only_class_has_no_positives():
     samples = make_samples(2, 6, labels=[0, 1])
     samples = [dataclasses.replace(s, gt_difficult=s.gt_labels == 1) for s in samples]
     with pytest.raises(DetectionError, match="class_1"):
-        train_svms(ListFeatureSource(samples, DIM), K)
+        train_svms(ListFeatureSource(samples, DIM), K, STRICT)
     svms = train_svms(ListFeatureSource(samples, DIM), K, SVMConfig(use_difficult=True))
     assert svms.meta["stats"]["class_1"]["num_pos"] > 0
 

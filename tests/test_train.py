@@ -79,3 +79,32 @@ def test_feature_norm_from_sampled_rows_equals_the_norm_from_every_row():
     a = compute_feature_scale(fast, 20.0, num_images=4, boxes_per_image=25, seed=3)
     b = compute_feature_scale(slow, 20.0, num_images=4, boxes_per_image=25, seed=3)
     assert a == pytest.approx(b, rel=1e-6) and a[0] > 0
+
+
+def test_class_without_training_positives_is_trained_around(caplog):
+    """A class that appears only in the test split: the others are trained, it stays untrained
+    (SVM that never fires, identity box regressor), with a warning; or an error when asked."""
+    import dataclasses
+
+    from detection.backbones import build_backbone
+    from detection.detector import DetectorSettings
+    from detection.errors import DetectionError
+    from detection.svm import UNTRAINED_BIAS, SVMConfig
+    from detection.train import TrainConfig, train_detector
+
+    rng = np.random.default_rng(2)
+    records = [_record(i, rng) for i in range(6)]
+    classes = ["a", "b", "only_in_test"]
+    cfg = TrainConfig(svm=SVMConfig(norm_images=6, norm_boxes_per_image=20),
+                      bbox=BBoxRegressionConfig(norm_images=6, norm_boxes_per_image=20))
+    args = (records, classes, _proposals, build_backbone("zf5"), _pool5, DIM, DetectorSettings(feature_layer="pool5"))
+    with caplog.at_level("WARNING", logger="detection.svm"):
+        detector = train_detector(*args, cfg, progress=False)
+    assert "only_in_test" in caplog.text
+    assert detector.svms.meta["untrained"] == ["only_in_test"]
+    assert detector.svms.biases[2] == UNTRAINED_BIAS and not detector.svms.weights[2].any()
+    assert detector.regressors.meta["stats"]["only_in_test"] == {"num_samples": 0, "untrained": True}
+    assert not detector.regressors.weights[2].any() and detector.regressors.weights[:2].any()
+    strict = dataclasses.replace(cfg, svm=dataclasses.replace(cfg.svm, classes_without_positives="error"))
+    with pytest.raises(DetectionError, match="only_in_test"):
+        train_detector(*args, strict, progress=False)

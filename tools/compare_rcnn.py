@@ -16,20 +16,20 @@ import copy
 import sys
 import time
 
-from detection.cli import run_tool
+from detection.cli import add_skip_bad_arg, run_tool
 from detection.io import write_json
 
 
 def main(args: argparse.Namespace) -> int:
     from detection.backbones import build_backbone
-    from detection.data.voc import VOCDataset, load_image
+    from detection.data.voc import VOCDataset, load_image, report_images
     from detection.detector import DetectorSettings, SPPDetector
     from detection.proposals import selective_search
     from detection.report import timing_table
     from detection.runtime import resolve_device
     from detection.timing import compare_methods, random_detector, rcnn_twin
 
-    ds = VOCDataset(args.data, args.split)
+    ds = VOCDataset(args.data, args.split, skip_bad=args.skip_bad)
     records = ds.records[: args.num_images]
     images = [load_image(r) for r in records]
     t0 = time.perf_counter()
@@ -58,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
     if spp_svd is not None:
         print(f"with SVD fc {args.svd[0]}/{args.svd[1]}: SPP-net total {timing['spp_svd']['total']:.4f} s/img, "
               f"speed-up {timing['speedup_svd']['total']:.1f}x (FLOP ratio {timing['flops']['ratio_svd']['total']:.1f}x)")
+    report_images(ds)
     return 0
 
 
@@ -80,4 +81,5 @@ if __name__ == "__main__":
     p.add_argument("--feature-layer", default="fc7", choices=["pool5", "fc6", "fc7"])
     p.add_argument("--svd", type=int, nargs=2, metavar=("RANK6", "RANK7"),
                    help="truncate fc6/fc7 by SVD to these ranks (Fast R-CNN), e.g. 1024 256")
+    add_skip_bad_arg(p)
     sys.exit(run_tool(main, p))

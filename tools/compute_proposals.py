@@ -17,13 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from detection.data.voc import VOCDataset
-from detection.errors import DetectionError
+from detection.data.voc import VOCDataset, report_images
+from detection.cli import add_skip_bad_arg, run_tool
 from detection.io import write_json
 from detection.proposals import compute_proposals, proposal_recall
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, type=Path, help="VOC-layout dataset folder")
     p.add_argument("--split", required=True, help="image set name (ImageSets/Main/<split>.txt)")
@@ -36,45 +36,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: all CPUs; 1 runs in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    add_skip_bad_arg(p)
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        dataset = VOCDataset(args.data, args.split)
-        start = time.perf_counter()
-        proposals = compute_proposals(
-            dataset, args.out, mode=args.mode, max_boxes=args.max_boxes,
-            resize_to=args.resize_to or None, min_size=args.min_size,
-            num_workers=args.workers, progress=not args.no_progress)
-        seconds = time.perf_counter() - start
-        recall = proposal_recall(dataset, proposals, thresholds=(0.5, 0.7))
-        n = len(proposals)
-        summary = {
-            "num_images": n,
-            "num_boxes": int(len(proposals.boxes)),
-            "boxes_per_image": float(len(proposals.boxes) / n) if n else 0.0,
-            "recall": recall,
-            "settings": proposals.metadata["settings"],
-            "cache_key": proposals.metadata["cache_key"],
-            "split": args.split,
-            "data": str(args.data),
-            "workers": args.workers if args.workers is not None else os.cpu_count(),
-            # Includes reading shards of a resumed run; on a fresh run it is the compute time.
-            "seconds": seconds,
-            "images_per_second": n / seconds if seconds > 0 else None,
-        }
-        write_json(args.out / "summary.json", summary)
-    except DetectionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _main(args: argparse.Namespace) -> int:
+    dataset = VOCDataset(args.data, args.split, skip_bad=args.skip_bad)
+    start = time.perf_counter()
+    proposals = compute_proposals(
+        dataset, args.out, mode=args.mode, max_boxes=args.max_boxes,
+        resize_to=args.resize_to or None, min_size=args.min_size,
+        num_workers=args.workers, progress=not (args.no_progress or args.quiet))
+    seconds = time.perf_counter() - start
+    recall = proposal_recall(dataset, proposals, thresholds=(0.5, 0.7))
+    n = len(proposals)
+    summary = {
+        "num_images": n,
+        "num_boxes": int(len(proposals.boxes)),
+        "boxes_per_image": float(len(proposals.boxes) / n) if n else 0.0,
+        "recall": recall,
+        "settings": proposals.metadata["settings"],
+        "cache_key": proposals.metadata["cache_key"],
+        "split": args.split,
+        "data": str(args.data),
+        "workers": args.workers if args.workers is not None else os.cpu_count(),
+        # Includes reading shards of a resumed run; on a fresh run it is the compute time.
+        "seconds": seconds,
+        "images_per_second": n / seconds if seconds > 0 else None,
+    }
+    write_json(args.out / "summary.json", summary)
     logging.getLogger("compute_proposals").info(
         "%d images, %.1f boxes/image, recall@0.5 %.3f, recall@0.7 %.3f, %.2f images/s -> %s",
         n, summary["boxes_per_image"], recall["0.5"], recall["0.7"], summary["images_per_second"] or 0,
         args.out / "summary.json")
+    report_images(dataset)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(_main, build_parser(), argv)
 
 
 if __name__ == "__main__":

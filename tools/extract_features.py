@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from detection.cli import run_tool
+from detection.cli import add_skip_bad_arg, run_tool
 from detection.errors import DetectionError
 from detection.runtime import resolve_device
 
@@ -38,11 +38,11 @@ def _parse_scales(text: str, spp: object) -> tuple[int, ...]:
 def _extract(args: argparse.Namespace) -> int:
     from detection import spp
     from detection.backbones import build_backbone
-    from detection.data.voc import VOCDataset
+    from detection.data.voc import VOCDataset, report_images
     from detection.features import extract_conv_maps
 
     scales = _parse_scales(args.scales, spp)
-    dataset = VOCDataset(args.data, args.split, use_flipped=args.flip)
+    dataset = VOCDataset(args.data, args.split, use_flipped=args.flip, skip_bad=args.skip_bad)
     if not args.no_proposals:
         from detection.proposals import compute_proposals
 
@@ -69,6 +69,7 @@ def _extract(args: argparse.Namespace) -> int:
 
     write_json(args.out / "features_summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
+    report_images(dataset)
     return 0
 
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--no-proposals", action="store_true", help="do not compute proposals first")
     p.add_argument("--rebuild", action="store_true", help="delete an existing cache of these settings first")
+    add_skip_bad_arg(p)
     return run_tool(_extract, p, argv)
 
 

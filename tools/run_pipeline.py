@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from detection.cli import run_tool
+from detection.cli import add_skip_bad_arg, run_tool
 from detection.config import ConfigError, merge, parse_overrides, read_yaml_mapping
 from detection.pipeline import PipelineConfig, embedded_default_overrides, run_pipeline
 
@@ -27,7 +27,8 @@ def main(args: argparse.Namespace) -> int:
             cfg = merge(cfg, data)
         except ConfigError as e:   # say which file holds the unknown key or wrong value
             raise ConfigError(f"config file {args.config}: {e}") from None
-    flags = {"data": {"root": args.data} if args.data else {},
+    data = {**({"root": args.data} if args.data else {}), **({"skip_bad": True} if args.skip_bad else {})}
+    flags = {"data": data,
              "backbone": {k: v for k, v in (("name", args.backbone), ("weights", args.weights)) if v is not None},
              "features": {"scales": [688] if args.scales == "1" else [480, 576, 688, 864, 1200]} if args.scales else {},
              "method": args.method, "device": args.device}
@@ -49,4 +50,5 @@ if __name__ == "__main__":
     p.add_argument("--device", default=None, help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. svm.C=0.001")
+    add_skip_bad_arg(p)
     sys.exit(run_tool(main, p))

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from detection.cli import run_tool
+from detection.cli import add_skip_bad_arg, run_tool
 from detection.config import merge, parse_overrides
 from detection.errors import CacheError
 
@@ -19,7 +19,7 @@ def main(args: argparse.Namespace) -> int:
     import dataclasses
 
     from detection.backbones import build_backbone
-    from detection.data.voc import VOCDataset
+    from detection.data.voc import VOCDataset, report_images
     from detection.detector import DetectorSettings
     from detection.features import ConvMapCache
     from detection.finetune import FinetuneConfig
@@ -32,9 +32,12 @@ def main(args: argparse.Namespace) -> int:
     summary_path = Path(args.features) / "features_summary.json"
     if not summary_path.is_file():
         raise CacheError(f"{summary_path} is missing: run tools/extract_features.py --out {args.features} first")
-    cache = ConvMapCache.open(read_json(summary_path)["cache"])
+    summary = read_json(summary_path)
+    if not isinstance(summary, dict) or not isinstance(summary.get("cache"), str):
+        raise CacheError(f"{summary_path}: no 'cache' folder named in it; rerun tools/extract_features.py")
+    cache = ConvMapCache.open(summary["cache"])
     s = cache.settings
-    dataset = VOCDataset(args.data, args.split, use_flipped=bool(s["flipped"]))
+    dataset = VOCDataset(args.data, args.split, use_flipped=bool(s["flipped"]), skip_bad=args.skip_bad)
     if s["dataset_fingerprint"] != str(dataset.fingerprint()) or s["split"] != args.split:
         raise CacheError(f"the conv-map cache {cache.root} was made for another dataset or split "
                          f"({s['split']}); rerun tools/extract_features.py for {args.data} {args.split}")
@@ -62,6 +65,7 @@ def main(args: argparse.Namespace) -> int:
     detector.save(args.out, {"dataset": {"root": str(args.data), "split": args.split},
                              "train_config": dataclasses.asdict(cfg)})
     print(f"model written to {args.out}")
+    report_images(dataset)
     return 0
 
 
@@ -84,4 +88,5 @@ if __name__ == "__main__":
     p.add_argument("--workers", type=int, default=None, help="selective-search processes if proposals are missing")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="training config overrides, e.g. svm.C=0.001 finetune.lr=0.0001")
+    add_skip_bad_arg(p)
     sys.exit(run_tool(main, p))

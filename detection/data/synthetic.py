@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..errors import DatasetError
+from ..errors import CacheError, DatasetError
 from ..io import read_json, write_json
 
 __all__ = ["SYNTHETIC_CLASSES", "SYNTHETIC_VERSION", "make_synthetic_voc"]
@@ -248,7 +248,7 @@ def _is_complete(root: Path, settings: dict) -> bool:
         return False
     try:
         return read_json(meta) == settings
-    except (OSError, ValueError):
+    except CacheError:   # damaged: generate again
         return False
 
 

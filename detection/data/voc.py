@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import math
 import os
@@ -35,11 +36,12 @@ from defusedxml import DefusedXmlException
 from PIL import Image, UnidentifiedImageError
 
 from ..boxes import flip_boxes, voc_to_internal
-from ..errors import DatasetError
+from ..errors import DatasetError, DetectionError
+from ..io import check_class_name, describe_missing
 from .records import ImageRecord
 
 __all__ = ["VOC_CLASSES", "MAX_IMAGE_PIXELS", "VOCDataset", "load_image", "read_image", "flip_record",
-           "image_size"]
+           "image_size", "inspect_image", "report_images", "show_id"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,22 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 #: Longest image id or split name, in UTF-8 bytes: file names (``<id>.xml``, cache shards) must
 #: stay under the usual 255-byte limit, else the OS raises "File name too long".
 MAX_NAME_BYTES = 200
+
+#: A truncated JPEG (its data ends early; browsers and OpenCV show it) loads, with a warning,
+#: when the rows its data does not determine are at most this fraction of its height: a file a
+#: few bytes short loses its last row of 8 or 16 pixel blocks (3% of a 480-row photo); a file
+#: cut in half is refused (the detector would be shown a grey half-image).
+MAX_TRUNCATED_FRACTION = 0.1
+
+#: What a suffix says the file holds (a mismatch is reported as imperfect, and read anyway).
+_SUFFIX_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+
+#: Bytes at the end of a JPEG searched for its end-of-image marker when a dataset is read: some
+#: cameras append a few kB after the marker; reading more would read most of every file.
+_JPEG_TAIL_BYTES = 4096
+
+#: Pillow modes that need a conversion to RGB (reported as imperfect, and converted).
+_PLAIN_MODES = ("RGB", "L")
 
 #: Image suffixes tried, in order, for ``JPEGImages/<id>``.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -96,6 +114,8 @@ class _Annotation:
 
 def _open_checked(path: Path) -> Image.Image:
     """``Image.open`` (lazy: header only) with the pixel limit; errors -> DatasetError."""
+    if not _is_file(path):   # a folder or FIFO (opening one would wait forever) is not "missing"
+        raise DatasetError(f"image {_show_path(path)} {describe_missing(path)}")
     try:
         # No warnings filter here (it is process-global state): our limit is below Pillow's
         # warning threshold, so Pillow only warns about images we refuse anyway.
@@ -151,18 +171,88 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Pillow sniffs the content, so a PNG named ``.jpg`` reads fine. EXIF orientation is NOT
     applied: VOC boxes (and the sizes in the XML) refer to the stored pixel grid, and
     annotation tools such as labelImg draw on that grid; rotating would misplace every box.
+    A truncated JPEG whose data still determines all but :data:`MAX_TRUNCATED_FRACTION` of its
+    rows loads with a warning naming it (the rest is filled in by the decoder, as browsers do).
 
     Raises:
-        DatasetError: missing, corrupt, truncated or over-large file (the message names it).
+        DatasetError: missing, corrupt, over-large file, or a truncated one missing more rows
+            (the message names it).
     """
     path = Path(path)
     img = _open_checked(path)
     try:
         with img:
-            img.load()
+            try:
+                img.load()
+            except OSError as e:
+                if img.format != "JPEG" or "truncated" not in str(e):
+                    raise
+                pixels, lost = _decode_truncated_jpeg(path)
+                h = pixels.shape[0]
+                if lost > MAX_TRUNCATED_FRACTION * h:
+                    raise DatasetError(f"cannot decode image {path}: truncated JPEG, {lost} of its {h} rows are "
+                                       f"not in the file (at most {MAX_TRUNCATED_FRACTION:.0%} may be missing)") from None
+                log.warning("%s: truncated JPEG: %s; the decoder fills them in, as image viewers do",
+                            path, f"the last {lost} of its {h} rows are not in the file" if lost
+                            else "only its end marker is missing")
+                return pixels
             return np.ascontiguousarray(_to_rgb(img))
     except _IMAGE_ERRORS as e:
         raise DatasetError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+
+
+def _decode_truncated_jpeg(path: Path) -> tuple[np.ndarray, int]:
+    """Decode a JPEG whose data ends early; return (RGB pixels, rows its data does not determine).
+
+    The data is closed with an end-of-image marker and decoded; decoding it again with two
+    different runs of filler bytes before the marker changes exactly the rows the file's own data
+    does not determine (checked against the intact files of the shared data, cut at 2 bytes to
+    half their size), so the first row that differs is where the file's information ends.
+    """
+    data = path.read_bytes()
+
+    def decode(tail: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data + tail), formats=("JPEG",)) as im:
+            im.load()
+            return _to_rgb(im)
+
+    eoi = b"\xff\xd9"
+    pixels = decode(eoi)
+    changed = np.zeros(pixels.shape[0], bool)
+    for filler in (b"\x55", b"\xaa"):   # no 0xFF: filler must not read as a marker
+        changed |= (decode(filler * 512 + eoi) != pixels).any(axis=(1, 2))
+    rows = np.flatnonzero(changed)
+    lost = int(pixels.shape[0] - rows[0]) if len(rows) else 0
+    return np.ascontiguousarray(pixels), lost
+
+
+def inspect_image(path: str | os.PathLike) -> tuple[tuple[int, int], list[str]]:
+    """(width, height) from the header, and what is imperfect about the file but readable: a
+    suffix that names another format, a colour mode that needs converting, a JPEG without its
+    end-of-image marker (truncated). Reads the header and the last bytes only.
+
+    Raises:
+        DatasetError: unreadable header, over-large image (see :func:`image_size`).
+    """
+    path = Path(path)
+    problems = []
+    with _open_checked(path) as img:
+        size, fmt, mode = img.size, img.format, img.mode
+    expected = _SUFFIX_FORMATS.get(path.suffix.lower())
+    if expected and fmt != expected:
+        problems.append(f"a {fmt} file named {path.suffix}")
+    if mode not in _PLAIN_MODES:
+        problems.append(f"colour mode {mode}")
+    if fmt == "JPEG":
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - _JPEG_TAIL_BYTES))
+                tail = f.read()
+        except OSError as e:
+            raise DatasetError(f"cannot read image {path}: {e.strerror or e}") from None
+        if b"\xff\xd9" not in tail:
+            problems.append(f"no JPEG end marker in its last {_JPEG_TAIL_BYTES // 1024} kB (cut short?)")
+    return size, problems
 
 
 def load_image(record: ImageRecord) -> np.ndarray:
@@ -192,10 +282,22 @@ def flip_record(record: ImageRecord) -> ImageRecord:
 # annotations
 
 
+def show_id(value: str) -> str:
+    """An id as a message shows it: as is when every character is visible, else its ``repr``
+    (``'000001\\u200b'``), so an invisible or look-alike character is never hidden."""
+    if value and value.isprintable() and value.strip() == value and value.isascii():
+        return value
+    return repr(value)
+
+
 def _check_name(value: str, what: str, source: Path) -> None:
-    """Refuse ids/split names that could address files outside the dataset."""
+    """Refuse ids/split names that could address files outside the dataset.
+
+    Any character a file name may hold is accepted (``img..1``, ``caf\u00e9``, a zero-width
+    space) except path separators and NUL; ``.`` and ``..`` alone are refused.
+    """
     bad = (not value or "/" in value or "\\" in value or "\x00" in value or value in (".", "..")
-           or ".." in value or os.path.isabs(value) or re.match(r"^[A-Za-z]:", value) is not None)
+           or os.path.isabs(value) or re.match(r"^[A-Za-z]:", value) is not None)
     if bad:
         raise DatasetError(f"{source}: invalid {what} {value!r} (ids must be plain file stems)")
     if len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
@@ -223,7 +325,7 @@ def _flag(obj: Element, tag: str, xml_path: Path) -> bool:
 
 def _parse_xml(xml_path: Path) -> Element:
     if not xml_path.is_file():
-        raise DatasetError(f"annotation {xml_path} does not exist")
+        raise DatasetError(f"annotation {_show_path(xml_path)} {describe_missing(xml_path)}")
     try:
         # defusedxml refuses entity expansion (billion laughs) and external entities.
         return DET.parse(str(xml_path)).getroot()
@@ -234,7 +336,13 @@ def _parse_xml(xml_path: Path) -> Element:
 
 
 def _object_names(xml_path: Path) -> list[str]:
-    return [(_text(o.find("name")) or "") for o in _parse_xml(xml_path).iter("object")]
+    names = [(_text(o.find("name")) or "") for o in _parse_xml(xml_path).iter("object")]
+    for name in filter(None, names):
+        try:
+            check_class_name(name)
+        except DetectionError as e:
+            raise DatasetError(f"{xml_path}: {e}") from None
+    return names
 
 
 def _read_annotation(xml_path: Path) -> _Annotation:
@@ -251,6 +359,10 @@ def _read_annotation(xml_path: Path) -> _Annotation:
         name = _text(obj.find("name"))
         if not name:
             raise DatasetError(f"{xml_path}: an <object> has no <name>")
+        try:   # it becomes a file name and a model's class: refused here, not after training
+            check_class_name(name)
+        except DetectionError as e:
+            raise DatasetError(f"{xml_path}: {e}") from None
         coords = []
         for tag in ("xmin", "ymin", "xmax", "ymax"):
             text = _text(obj.find(f"bndbox/{tag}"))
@@ -272,12 +384,29 @@ def _read_annotation(xml_path: Path) -> _Annotation:
     return _Annotation(names, np.asarray(boxes, np.float64).reshape(-1, 4), difficult, truncated, size)
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the OS refuses (too long, NUL) instead of raising."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _show_path(path: Path) -> str:
+    """A path whose file name came from data, shown unambiguously (see :func:`show_id`)."""
+    shown = show_id(path.name)
+    return str(path) if shown == path.name else f"{path.parent}{os.sep}{shown}"
+
+
 def _find_image(image_dir: Path, image_id: str) -> Path:
     for suffix in IMAGE_SUFFIXES:
         path = image_dir / f"{image_id}{suffix}"
         if path.is_file():
             return path
-    raise DatasetError(f"image {image_dir / image_id}.jpg does not exist (also tried "
+    first = image_dir / f"{image_id}{IMAGE_SUFFIXES[0]}"
+    if os.path.lexists(first):   # there, but a folder, a FIFO, a broken link...: say so
+        raise DatasetError(f"image {_show_path(first)} {describe_missing(first)}")
+    raise DatasetError(f"image {_show_path(first)} does not exist (also tried "
                        f"{', '.join(IMAGE_SUFFIXES[1:])})")
 
 
@@ -297,19 +426,26 @@ class VOCDataset:
             of names over ALL XML files in ``Annotations`` (so every split of a folder gets the
             same list).
         use_flipped: append a horizontally mirrored record after the originals (same order).
+        skip_bad: decode every image once now and leave out those that cannot be decoded (a
+            warning each; listed in ``skipped``); False: such an image stops the stage that
+            decodes it, naming the file. Decided here, once, so every stage sees the same records.
 
     Attributes:
         root, split, classes, records (list[ImageRecord]); ``size_from_image`` and
-        ``size_mismatch``: ids whose XML size was missing/0 or disagreed with the image header.
+        ``size_mismatch``: ids whose XML size was missing/0 or disagreed with the image header;
+        ``imperfect``: {id: what} of images read despite a flaw (wrong suffix, colour mode,
+        truncated); ``skipped``: {id: error} of images left out by ``skip_bad``.
     """
 
     def __init__(self, root: str | os.PathLike, split: str, classes: Sequence[str] | None = None,
-                 use_flipped: bool = False) -> None:
+                 use_flipped: bool = False, skip_bad: bool = False) -> None:
         self.root = Path(root)
         self.split = split
         self.use_flipped = bool(use_flipped)
+        self.skip_bad = bool(skip_bad)
         if not self.root.is_dir():
-            raise DatasetError(f"dataset folder {self.root} does not exist")
+            raise DatasetError(f"dataset folder {self.root} "
+                               f"{'is not a folder' if os.path.lexists(self.root) else 'does not exist'}")
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         _check_name(split, "split name", split_file)
         ids = self._read_split(split_file)
@@ -322,11 +458,25 @@ class VOCDataset:
         stamp: list[str] = []
         skipped: Counter[str] = Counter()
         size_from_image, size_mismatch, clipped = [], [], 0
+        imperfect: dict[str, str] = {}
+        bad: dict[str, str] = {}
         for image_id in ids:
             ann = annotations[image_id]
             xml_path = ann_dir / f"{image_id}.xml"
             path = _find_image(image_dir, image_id)
-            width, height = image_size(path)  # header only: cheap, and always the truth
+            try:
+                # Header (and last bytes) only: cheap, and the header is always the truth for the size.
+                (width, height), problems = inspect_image(path)
+                if self.skip_bad:
+                    read_image(path)
+            except DatasetError as e:
+                if not self.skip_bad:
+                    raise
+                bad[image_id] = str(e)
+                log.warning("skipping %s (--skip-bad): %s", show_id(image_id), e)
+                continue
+            if problems:
+                imperfect[image_id] = f"{_show_path(path)}: {'; '.join(problems)}"
             if ann.size is None or ann.size[0] <= 0 or ann.size[1] <= 0:
                 size_from_image.append(image_id)
                 log.debug("%s: no usable <size>; image header says %dx%d", xml_path, width, height)
@@ -373,6 +523,14 @@ class VOCDataset:
         if skipped:
             log.warning("%s/%s: skipped %d object(s) of classes not in the class list: %s",
                         self.root, split, sum(skipped.values()), dict(sorted(skipped.items())))
+        if imperfect:
+            log.warning("%s/%s: %d image(s) are imperfect but readable (e.g. %s)", self.root, split,
+                        len(imperfect), "; ".join(list(imperfect.values())[:3]))
+        if not records:
+            raise DatasetError(f"{split_file}: none of its {len(ids)} images can be decoded "
+                               f"(e.g. {next(iter(bad.values()))})")
+        self.imperfect: dict[str, str] = imperfect
+        self.skipped: dict[str, str] = bad
         self.size_from_image: tuple[str, ...] = tuple(size_from_image)
         self.size_mismatch: tuple[str, ...] = tuple(size_mismatch)
         if self.use_flipped:
@@ -385,19 +543,31 @@ class VOCDataset:
     @staticmethod
     def _read_split(split_file: Path) -> list[str]:
         if not split_file.is_file():
-            raise DatasetError(f"split file {split_file} does not exist")
+            raise DatasetError(f"split file {split_file} {describe_missing(split_file)}")
         try:
-            lines = split_file.read_text(encoding="utf-8").splitlines()
+            # utf-8-sig: a byte-order mark (Windows editors add one) is not part of the first id.
+            # Lines end at \n only: str.splitlines would also cut at U+2028, U+0085, ...
+            lines = split_file.read_text(encoding="utf-8-sig").split("\n")
         except (OSError, UnicodeDecodeError) as e:
             raise DatasetError(f"cannot read split file {split_file}: {e}") from None
+        ann_dir = split_file.parents[2] / "Annotations"
         ids: list[str] = []
         seen: set[str] = set()
         duplicates = 0
-        for line in lines:
+        for number, line in enumerate(lines, start=1):
             fields = line.split()
             if not fields:
                 continue
-            image_id = fields[0]  # a second column (VOC per-class lists: 1 / -1 / 0) is ignored
+            image_id = fields[0]
+            # A second column is VOC's per-class flag (1 / -1 / 0), ignored. Anything else means an
+            # id holding whitespace, which the whitespace-separated split and result files cannot
+            # hold: refused with the id shown exactly, never silently cut at the space.
+            if len(fields) > 1 and (len(fields) > 2 or fields[1] not in ("1", "-1", "0")
+                                    or _is_file(ann_dir / f"{line.strip()}.xml")):
+                raise DatasetError(
+                    f"{split_file}:{number}: line {line.strip()[:80]!r} is not '<id>' or '<id> <1|-1|0>'; "
+                    f"image ids holding whitespace are not supported (VOC split and result files "
+                    f"separate fields by whitespace): rename the files")
             _check_name(image_id, "image id", split_file)
             if image_id in seen:
                 duplicates += 1
@@ -446,3 +616,24 @@ class VOCDataset:
     def __repr__(self) -> str:
         return (f"VOCDataset(root={str(self.root)!r}, split={self.split!r}, images={len(self.records)}, "
                 f"classes={len(self.classes)}, use_flipped={self.use_flipped})")
+
+
+#: Files named per category in the end-of-run summary (the rest are counted).
+_SUMMARY_NAMES = 50
+
+
+def report_images(*datasets: VOCDataset) -> list[str]:
+    """Log (WARNING) and return the end-of-run summary of imperfect and skipped images, one line
+    per split and kind; nothing when every image was clean. Tools call it last, so the files a
+    user should look at are not lost in the log of a long run."""
+    lines = []
+    for ds in datasets:
+        for what, items in (("imperfect but used", ds.imperfect), ("skipped (--skip-bad)", ds.skipped)):
+            if items:
+                shown = list(items.values())[:_SUMMARY_NAMES]
+                more = f"; and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+                lines.append(f"summary: {ds.root}/{ds.split}: {len(items)} image(s) {what}: "
+                             f"{' | '.join(shown)}{more}")
+    for line in lines:
+        log.warning("%s", line)
+    return lines

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ..io import atomic_path
+from ..io import atomic_path, make_dirs, path_in_folder, safe_file_part
 
 __all__ = ["plot_pr_curve", "plot_pr_curves"]
 
@@ -66,10 +65,6 @@ def plot_pr_curve(recall: Sequence[float], precision: Sequence[float], path: str
     return path
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "class"
-
-
 def plot_pr_curves(metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """One ``<class>.png`` per class from the ``pr_curves`` of a metrics dict
     (:func:`detection.evaluation.voc.evaluate_detections`).
@@ -77,14 +72,15 @@ def plot_pr_curves(metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
     Returns:
         the written paths (classes without ground truth are skipped).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dirs(out_dir)
     paths = []
     for name, curve in metrics["pr_curves"].items():
         ap = metrics["AP"].get(name, math.nan)
         if ap != ap:   # NaN: no ground truth, no curve
             continue
         title = f"{name}: AP {ap:.3f} ({metrics.get('metric', '')})"
-        paths.append(plot_pr_curve(curve["recall"], curve["precision"], out_dir / f"{_safe_name(name)}.png", title))
+        # Class names come from data: escaped so that a name like "../x" stays in out_dir.
+        dest = path_in_folder(out_dir, f"{safe_file_part(str(name), 'class name')}.png")
+        paths.append(plot_pr_curve(curve["recall"], curve["precision"], dest, title))
     log.info("wrote %d PR curves to %s", len(paths), out_dir)
     return paths

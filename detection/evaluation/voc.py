@@ -49,7 +49,7 @@ import numpy as np
 from ..boxes import internal_to_voc, voc_to_internal
 from ..data.records import ImageRecord
 from ..errors import DatasetError, DetectionError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, make_dirs, path_in_folder, safe_file_part
 
 __all__ = [
     "METRICS",
@@ -470,8 +470,13 @@ def evaluate_detections(records: Sequence[ImageRecord], classes: Sequence[str],
 # Result files
 # ------------------------------------------------------------------------------------------------
 def result_file_name(split: str, class_name: str, prefix: str = _DEFAULT_PREFIX) -> str:
-    """``comp4_det_<split>_<class>.txt``, the devkit's name for a class's result file."""
-    return f"{prefix}{split}_{class_name}.txt"
+    """``comp4_det_<split>_<class>.txt``, the devkit's name for a class's result file.
+
+    Class names come from data (XML files, a model file): a name with a path separator or
+    another character unsafe in a file name is escaped one-to-one (``a/b`` -> ``a%2Fb``, see
+    :func:`detection.io.safe_file_part`), so the file never lands outside the results folder.
+    """
+    return f"{prefix}{safe_file_part(split, 'split')}_{safe_file_part(class_name, 'class name')}.txt"
 
 
 def write_result_files(out_dir: str | Path, split: str, classes: Sequence[str],
@@ -491,13 +496,13 @@ def write_result_files(out_dir: str | Path, split: str, classes: Sequence[str],
     Returns:
         the written paths, in class order (a class without detections gets an empty file).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dirs(out_dir)
     per_class = _as_list(classes, detections)
+    paths_of = {name: path_in_folder(out_dir, result_file_name(split, name, prefix)) for name in classes}
     # Remove the previous run's files first: a run killed part-way then leaves some classes
     # missing (reported when scored), never a silent mix of old and new detections.
     for name in classes:
-        (out_dir / result_file_name(split, name, prefix)).unlink(missing_ok=True)
+        paths_of[name].unlink(missing_ok=True)
     paths = []
     for name, d in zip(classes, per_class):
         if not np.isfinite(d.scores).all() or not np.isfinite(d.boxes).all():
@@ -509,7 +514,7 @@ def write_result_files(out_dir: str | Path, split: str, classes: Sequence[str],
         fmt = f"{{}} {_SCORE_FORMAT} {_BOX_FORMAT} {_BOX_FORMAT} {_BOX_FORMAT} {_BOX_FORMAT}\n"
         text = "".join(fmt.format(i, s, a, b, c, e)
                        for i, s, a, b, c, e in zip(ids, d.scores.tolist(), *voc.T.tolist()))
-        path = out_dir / result_file_name(split, name, prefix)
+        path = paths_of[name]
         atomic_write_text(path, text)
         paths.append(path)
     log.info("wrote %d result files to %s", len(paths), out_dir)
@@ -610,7 +615,8 @@ def read_result_dir(results_dir: str | Path, split: str, classes: Sequence[str],
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise DatasetError(f"{results_dir}: results folder does not exist")
+        what = "does not exist" if not results_dir.exists() else "is not a folder"
+        raise DatasetError(f"{results_dir}: results folder {what}")
     index = {s: i for i, s in enumerate(image_ids)}
     out = []
     it: Iterable[str] = classes
@@ -618,7 +624,7 @@ def read_result_dir(results_dir: str | Path, split: str, classes: Sequence[str],
         from tqdm.auto import tqdm
         it = tqdm(classes, desc="read results", unit="class")
     for name in it:
-        path = results_dir / result_file_name(split, name, prefix)
+        path = path_in_folder(results_dir, result_file_name(split, name, prefix))
         if not path.is_file():
             log.warning("%s: missing, class %r has no detections (AP 0)", path, name)
             out.append(ClassDetections.empty())
