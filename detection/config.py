@@ -152,7 +152,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except (yaml.YAMLError, RecursionError) as e:
+        except (yaml.YAMLError, RecursionError, ValueError) as e:
             raise ConfigError(f"override {item!r}: cannot parse value ({' '.join(str(e).split())})") from None
         node = out
         parts = key.strip().split(".")
@@ -170,7 +170,8 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     # Fix (tests/test_fuzz.py): a file that is not UTF-8 (UnicodeDecodeError) or nests
     # thousands of levels deep (RecursionError in PyYAML's composer) leaked a traceback.
-    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+    # ValueError: PyYAML's scanner calls chr() on an escape such as "\U00110000" (past Unicode).
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as e:
         reason = " ".join(str(e).split())   # PyYAML's messages span lines
         raise ConfigError(f"cannot read config file {path}: {type(e).__name__}: {reason}") from None
     if not isinstance(data, dict):
