@@ -326,7 +326,7 @@ def _per_class(all_dets, records, num_classes: int):
 
 
 def evaluate_results(dataset, results_dir: Path, metric: str | None, out: Path) -> dict[str, Any]:
-    from .evaluation.voc import default_metric, evaluate_result_dir
+    from .evaluation import default_metric, evaluate_result_dir
     metric = metric or default_metric(dataset.root)
     metrics = evaluate_result_dir(dataset, results_dir, metric=metric, coco=True)
     try:

@@ -93,3 +93,16 @@ def test_no_detections_is_zero():
     recs = _records(np.random.default_rng(4), n=3)
     out = evaluate_coco(recs, CLASSES, [ClassDetections.empty(), ClassDetections.empty()])
     assert out == {k: 0.0 for k in COCO_STATS}
+
+
+def test_voc_and_coco_evaluators_never_import_each_other():
+    # Both build on evaluation.detections; the package __init__ combines them.
+    import ast
+    from pathlib import Path
+
+    import detection.evaluation as evaluation
+    folder = Path(evaluation.__file__).parent
+    for name, other in (("voc", "coco"), ("coco", "voc")):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert other not in imported and f"detection.evaluation.{other}" not in imported, name

@@ -58,7 +58,7 @@ def _detect(args: argparse.Namespace, detector, dataset) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from detection.data.voc import VOCDataset, report_images
-    from detection.evaluation.voc import evaluate_result_dir
+    from detection.evaluation import evaluate_result_dir
 
     if args.results is None:
         if not args.model:

@@ -29,7 +29,7 @@ import numpy as np
 from ..data.records import ImageRecord
 from ..errors import DetectionError
 from ..io import atomic_write_text
-from .voc import ClassDetections, _as_list, _eval_records, _IdIndex
+from .detections import ClassDetections, IdIndex, class_list, eval_records
 
 __all__ = ["COCO_STATS", "coco_ground_truth", "coco_detections", "export_coco", "evaluate_coco"]
 
@@ -42,7 +42,7 @@ COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 def coco_ground_truth(records: Sequence[ImageRecord], classes: Sequence[str]) -> dict[str, Any]:
     """The split's ground truth as a COCO dataset dict (``images``, ``annotations``,
     ``categories``). Flipped records are left out; difficult objects get ``iscrowd: 1``."""
-    records = _eval_records(records)
+    records = eval_records(records)
     images, annotations = [], []
     for i, r in enumerate(records):
         images.append({"id": i + 1, "file_name": r.image_id, "width": int(r.width), "height": int(r.height)})
@@ -61,10 +61,10 @@ def coco_detections(records: Sequence[ImageRecord], classes: Sequence[str],
                     detections: Sequence[ClassDetections] | Mapping[str, ClassDetections]) -> list[dict[str, Any]]:
     """Detections as a COCO results list (``image_id``, ``category_id``, ``bbox``, ``score``),
     with the image and category ids of :func:`coco_ground_truth`."""
-    records = _eval_records(records)
-    index = _IdIndex([r.image_id for r in records])
+    records = eval_records(records)
+    index = IdIndex([r.image_id for r in records])
     out: list[dict[str, Any]] = []
-    for c, (name, d) in enumerate(zip(classes, _as_list(classes, detections))):
+    for c, (name, d) in enumerate(zip(classes, class_list(classes, detections))):
         img = index(d.image_ids, f"detections of class {name!r}") + 1
         b = d.boxes
         xywh = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)

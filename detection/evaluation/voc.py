@@ -50,6 +50,7 @@ from ..boxes import internal_to_voc, voc_to_internal
 from ..data.records import ImageRecord
 from ..errors import DatasetError, DetectionError
 from ..io import atomic_write_text, make_dirs, path_in_folder, safe_file_part
+from .detections import ClassDetections, IdIndex, class_list, detections_by_class, eval_records
 
 __all__ = [
     "METRICS",
@@ -61,7 +62,6 @@ __all__ = [
     "evaluate_class",
     "evaluate_class_flat",
     "evaluate_detections",
-    "evaluate_result_dir",
     "read_result_dir",
     "read_result_file",
     "result_file_name",
@@ -81,69 +81,7 @@ METRICS = ("voc07", "voc10")
 #: the usual devkit format.
 _SCORE_FORMAT = "{:.9g}"
 _BOX_FORMAT = "{:.1f}"
-_DEFAULT_PREFIX = "comp4_det_"
-
-
-# ------------------------------------------------------------------------------------------------
-# Detections of one class over a split
-# ------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True, eq=False)
-class ClassDetections:
-    """Every detection of one class over a split.
-
-    Attributes:
-        image_ids: str array[D], the image id (``ImageRecord.image_id``) of each detection.
-        scores: float64 array[D].
-        boxes: float64 array[D, 4], internal convention (0-based continuous x1, y1, x2, y2).
-    """
-
-    image_ids: np.ndarray
-    scores: np.ndarray
-    boxes: np.ndarray
-
-    def __post_init__(self) -> None:
-        ids = np.asarray(self.image_ids, dtype=np.str_).reshape(-1)
-        scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
-        boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
-        if not (len(ids) == len(scores) == len(boxes)):
-            raise ValueError(f"ClassDetections: {len(ids)} image ids, {len(scores)} scores, {len(boxes)} boxes")
-        object.__setattr__(self, "image_ids", ids)
-        object.__setattr__(self, "scores", scores)
-        object.__setattr__(self, "boxes", boxes)
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    @classmethod
-    def empty(cls) -> "ClassDetections":
-        return cls(np.zeros(0, np.str_), np.zeros(0), np.zeros((0, 4)))
-
-
-def detections_by_class(image_ids: Sequence[str], per_image: Sequence[Any], num_classes: int) -> list[ClassDetections]:
-    """Per-image detector outputs -> one :class:`ClassDetections` per class.
-
-    Args:
-        image_ids: the image id of each entry of ``per_image``.
-        per_image: objects with ``boxes`` [K, 4] (internal), ``scores`` [K] and ``labels`` [K]
-            (0-based class indices), e.g. :class:`detection.detector.Detections`.
-        num_classes: number of classes (labels must be in ``[0, num_classes)``).
-    Returns:
-        list of ``num_classes`` ClassDetections, detections in image order.
-    """
-    if len(image_ids) != len(per_image):
-        raise ValueError(f"{len(image_ids)} image ids for {len(per_image)} detection sets")
-    counts = np.array([len(np.asarray(d.scores).reshape(-1)) for d in per_image], dtype=np.int64)
-    if counts.sum() == 0:
-        return [ClassDetections.empty() for _ in range(num_classes)]
-    labels = np.concatenate([np.asarray(d.labels, dtype=np.int64).reshape(-1) for d in per_image])
-    scores = np.concatenate([np.asarray(d.scores, dtype=np.float64).reshape(-1) for d in per_image])
-    boxes = np.concatenate([np.asarray(d.boxes, dtype=np.float64).reshape(-1, 4) for d in per_image])
-    if len(labels) != len(scores) or len(boxes) != len(scores):
-        raise ValueError("detections: boxes, scores and labels differ in length")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"detection labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
-    ids = np.repeat(np.asarray(list(image_ids), dtype=np.str_), counts)
-    return [ClassDetections(ids[labels == c], scores[labels == c], boxes[labels == c]) for c in range(num_classes)]
+DEFAULT_PREFIX = "comp4_det_"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,53 +284,6 @@ def evaluate_class(gt_boxes: Sequence[np.ndarray], gt_difficult: Sequence[np.nda
 # ------------------------------------------------------------------------------------------------
 # A split's ground truth + detections -> metrics
 # ------------------------------------------------------------------------------------------------
-def _eval_records(records: Sequence[ImageRecord]) -> list[ImageRecord]:
-    """The records evaluated: the original images (flipped copies are training augmentation and
-    share their image id)."""
-    out = [r for r in records if not r.flipped]
-    if len(out) != len(records):
-        log.info("evaluation: ignoring %d flipped records", len(records) - len(out))
-    ids = [r.image_id for r in out]
-    if len(set(ids)) != len(ids):
-        raise DatasetError("evaluation: the split lists an image id more than once")
-    return out
-
-
-def _as_list(classes: Sequence[str], detections: Sequence[ClassDetections] | Mapping[str, ClassDetections]
-             ) -> list[ClassDetections]:
-    if isinstance(detections, Mapping):
-        unknown = set(detections) - set(classes)
-        if unknown:
-            raise DetectionError(f"detections for unknown classes: {sorted(unknown)}")
-        return [detections.get(c, ClassDetections.empty()) for c in classes]
-    if len(detections) != len(classes):
-        raise DetectionError(f"{len(detections)} detection sets for {len(classes)} classes")
-    return list(detections)
-
-
-class _IdIndex:
-    """Image id -> record index for whole arrays at once (a sorted-array search in numpy: a
-    Python dict lookup per detection costs ~0.5 s for a VOC2007-sized result set)."""
-
-    def __init__(self, image_ids: Sequence[str]) -> None:
-        ids = np.asarray(list(image_ids), dtype=np.str_)
-        self._order = np.argsort(ids, kind="stable")
-        self._sorted = ids[self._order]
-
-    def __call__(self, ids: np.ndarray, what: str) -> np.ndarray:
-        """int64 array[D] of record indices; DetectionError naming the first unknown id."""
-        if len(ids) == 0:
-            return np.zeros(0, dtype=np.int64)
-        if len(self._sorted) == 0:
-            raise DetectionError(f"{what}: image id {ids[0]!r} is not in the evaluated split")
-        pos = np.minimum(np.searchsorted(self._sorted, ids), len(self._sorted) - 1)
-        known = self._sorted[pos] == ids
-        if not known.all():
-            bad = ids[np.flatnonzero(~known)[0]]
-            raise DetectionError(f"{what}: image id {str(bad)!r} is not in the evaluated split")
-        return self._order[pos].astype(np.int64)
-
-
 def _round_list(a: np.ndarray, decimals: int = 6) -> list[float]:
     return [float(x) for x in np.round(a, decimals)]
 
@@ -420,10 +311,10 @@ def evaluate_detections(records: Sequence[ImageRecord], classes: Sequence[str],
     """
     if metric not in METRICS:
         raise DetectionError(f"unknown AP metric {metric!r}: use one of {', '.join(METRICS)}")
-    records = _eval_records(records)
+    records = eval_records(records)
     classes = list(classes)
-    dets = _as_list(classes, detections)
-    index = _IdIndex([r.image_id for r in records])
+    dets = class_list(classes, detections)
+    index = IdIndex([r.image_id for r in records])
     num_images = len(records)
 
     # All ground truth once, flat and in record order; per class a boolean selection keeps
@@ -469,7 +360,7 @@ def evaluate_detections(records: Sequence[ImageRecord], classes: Sequence[str],
 # ------------------------------------------------------------------------------------------------
 # Result files
 # ------------------------------------------------------------------------------------------------
-def result_file_name(split: str, class_name: str, prefix: str = _DEFAULT_PREFIX) -> str:
+def result_file_name(split: str, class_name: str, prefix: str = DEFAULT_PREFIX) -> str:
     """``comp4_det_<split>_<class>.txt``, the devkit's name for a class's result file.
 
     Class names come from data (XML files, a model file): a name with a path separator or
@@ -481,7 +372,7 @@ def result_file_name(split: str, class_name: str, prefix: str = _DEFAULT_PREFIX)
 
 def write_result_files(out_dir: str | Path, split: str, classes: Sequence[str],
                        detections: Sequence[ClassDetections] | Mapping[str, ClassDetections],
-                       prefix: str = _DEFAULT_PREFIX) -> list[Path]:
+                       prefix: str = DEFAULT_PREFIX) -> list[Path]:
     """Write one devkit result file per class, atomically.
 
     Lines are ``<image_id> <score> <xmin> <ymin> <xmax> <ymax>``: scores with 9 significant
@@ -497,7 +388,7 @@ def write_result_files(out_dir: str | Path, split: str, classes: Sequence[str],
         the written paths, in class order (a class without detections gets an empty file).
     """
     out_dir = make_dirs(out_dir)
-    per_class = _as_list(classes, detections)
+    per_class = class_list(classes, detections)
     paths_of = {name: path_in_folder(out_dir, result_file_name(split, name, prefix)) for name in classes}
     # Remove the previous run's files first: a run killed part-way then leaves some classes
     # missing (reported when scored), never a silent mix of old and new detections.
@@ -607,7 +498,7 @@ def read_result_file(path: str | Path, image_ids: Sequence[str] | Mapping[str, i
 
 
 def read_result_dir(results_dir: str | Path, split: str, classes: Sequence[str], image_ids: Sequence[str],
-                    prefix: str = _DEFAULT_PREFIX, progress: bool = False) -> list[ClassDetections]:
+                    prefix: str = DEFAULT_PREFIX, progress: bool = False) -> list[ClassDetections]:
     """Read every class's result file from a folder; a missing file means no detections (logged).
 
     Returns:
@@ -648,33 +539,6 @@ def default_metric(root: str | Path) -> str:
     return "voc10"
 
 
-def evaluate_result_dir(dataset: Any, results_dir: str | Path, metric: str | None = None, iou_threshold: float = 0.5,
-                        coco: bool = False, prefix: str = _DEFAULT_PREFIX, progress: bool = False) -> dict[str, Any]:
-    """Score a folder of devkit result files against a dataset split.
-
-    Args:
-        dataset: a :class:`detection.data.voc.VOCDataset` (anything with ``root``, ``split``,
-            ``classes`` and ``records``).
-        results_dir: folder with ``comp4_det_<split>_<class>.txt`` files.
-        metric: "voc07", "voc10" or None (:func:`default_metric` of the dataset root).
-        iou_threshold: IoU a match must exceed.
-        coco: also run pycocotools' COCOeval (adds ``metrics["coco"]``).
-        prefix: result file-name prefix.
-        progress: show a tqdm bar while reading.
-    Returns:
-        the dict of :func:`evaluate_detections` plus ``split`` (and ``coco``).
-    """
-    metric = metric or default_metric(dataset.root)
-    records = _eval_records(dataset.records)
-    dets = read_result_dir(results_dir, dataset.split, dataset.classes, [r.image_id for r in records], prefix, progress)
-    metrics = evaluate_detections(records, dataset.classes, dets, metric, iou_threshold)
-    metrics["split"] = dataset.split
-    if coco:
-        from .coco import evaluate_coco
-        metrics["coco"] = evaluate_coco(records, dataset.classes, dets)
-    return metrics
-
-
 # ------------------------------------------------------------------------------------------------
 # detectron2-style evaluator
 # ------------------------------------------------------------------------------------------------
@@ -692,7 +556,7 @@ class VOCEvaluator:
                  iou_threshold: float = 0.5) -> None:
         if metric not in METRICS:
             raise DetectionError(f"unknown AP metric {metric!r}: use one of {', '.join(METRICS)}")
-        self.records = _eval_records(records)
+        self.records = eval_records(records)
         self.classes = tuple(classes)
         self.metric = metric
         self.iou_threshold = iou_threshold
