@@ -15,15 +15,18 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torchvision.ops import batched_nms, clip_boxes_to_image
+from tqdm.auto import tqdm
 
 from .backbones import Backbone, build_backbone
 from .bbox_regression import BoxRegressors
 from .config import from_dict
+from .data.records import ImageRecord
+from .data.voc import load_image
 from .errors import DetectionError, ModelError
 from .features import conv_maps_for_image, pooled_window_features
 from .heads import FCHead
@@ -32,7 +35,7 @@ from .rcnn import rcnn_window_features
 from .svm import LinearSVMs
 from .timer import NO_TIMER, Timer
 
-__all__ = ["DetectorSettings", "Detections", "SPPDetector"]
+__all__ = ["DetectorSettings", "Detections", "SPPDetector", "iter_detections", "detect_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +311,22 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def iter_detections(detector: SPPDetector, records: Sequence[ImageRecord],
+                    proposals_fn: Callable[[ImageRecord], np.ndarray] | None = None,
+                    progress: bool = False) -> Iterator[tuple[ImageRecord, np.ndarray, Detections]]:
+    """The one detection loop over images of a split (the detect stage, ``eval_voc.py --model``,
+    the report): each original image (flipped records are skipped) decoded once and detected with
+    its proposals from ``proposals_fn`` (selective search with the model's settings when None).
+
+    Yields:
+        (record, uint8 RGB image, detections) in record order.
+    """
+    kept = [r for r in records if not r.flipped]
+    for record in tqdm(kept, desc="detect", unit="img", disable=not progress):
+        image = load_image(record)
+        yield record, image, detector.detect(image, proposals_fn(record) if proposals_fn is not None else None)
+
+
 def detect_dataset(model: str | Path | SPPDetector, dataset: Any, proposals_dir: str | Path | None = None,
                    device: str | torch.device = "cpu", progress: bool = True) -> list[Detections]:
     """Detections of every record of ``dataset`` (original images only), in record order.
@@ -315,22 +334,14 @@ def detect_dataset(model: str | Path | SPPDetector, dataset: Any, proposals_dir:
     Proposals come from the selective-search cache in ``proposals_dir`` (computed and cached
     there when missing, with the model's settings), or are computed per image when it is None.
     """
-    from tqdm.auto import tqdm
-
-    from .data.voc import load_image
-
     detector = model if isinstance(model, SPPDetector) else SPPDetector.from_file(model, device=device)
     if tuple(dataset.classes) != detector.classes:
         raise ModelError(f"the model was trained for classes {list(detector.classes)}, the dataset "
                          f"{dataset.root} has {list(dataset.classes)}")
-    records = [r for r in dataset.records if not r.flipped]
     proposals_fn = None
     if proposals_dir is not None:
         from .proposals import compute_proposals
         props = compute_proposals(dataset, proposals_dir, mode=detector.settings.proposal_mode,
                                   max_boxes=detector.settings.max_proposals, progress=progress)
         proposals_fn = props.proposals_for_record
-    out = []
-    for r in tqdm(records, desc="detect", unit="img", disable=not progress):
-        out.append(detector.detect(load_image(r), proposals_fn(r) if proposals_fn else None))
-    return out
+    return [dets for _, _, dets in iter_detections(detector, dataset.records, proposals_fn, progress)]

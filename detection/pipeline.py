@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from .bbox_regression import BBoxRegressionConfig
 from .config import ConfigError, save_config, to_dict
-from .detector import DETECTION_ONLY_SETTINGS, DetectorSettings, SPPDetector
+from .detector import DETECTION_ONLY_SETTINGS, DetectorSettings, SPPDetector, iter_detections
 from .errors import CacheError, DetectionError
 from .finetune import FinetuneConfig
 from .io import make_dirs, read_json, settings_key, write_json
@@ -167,9 +166,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     ``OUT/metrics.json``, ``OUT/timing.json``, ``OUT/report.md`` and the stage caches.
     """
     from .backbones import build_backbone
-    from .data.voc import VOCDataset, load_image, report_images
+    from .data.voc import VOCDataset, report_images
     from .evaluation.voc import write_result_files
-    from .features import ConvMapCache, extract_conv_maps
+    from .features import extract_conv_maps
     from .proposals import compute_proposals
     from .train import TrainConfig, rcnn_pool5_fn, spp_pool5_fn, train_detector
 
@@ -265,7 +264,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     det_key = _key(train_key, cfg.data.test_split, detection_settings)
     if not stages.done("detect", det_key, results_dir):
         t0 = time.perf_counter()
-        all_dets = detect_records(detector, test_ds.records, test_props.proposals_for_record, progress)
+        all_dets = [dets for _, _, dets in iter_detections(detector, test_ds.records,
+                                                            test_props.proposals_for_record, progress)]
         write_result_files(results_dir, test_ds.split, classes, _per_class(all_dets, test_ds.records, len(classes)))
         stages.mark("detect", det_key, time.perf_counter() - t0, seconds_per_image=(time.perf_counter() - t0) / max(1, len(test_ds)))
     timings["detect"] = stages.state["detect"]["seconds"]
@@ -308,15 +308,6 @@ def _refuse_shadowed_test_settings(cfg: PipelineConfig) -> None:
         if getattr(cfg.test, key) != getattr(default, key):
             raise ConfigError(f"test.{key} cannot be set: detection uses the features the SVMs were trained on, "
                               f"so it takes {home}; set {home} instead")
-
-
-def detect_records(detector: SPPDetector, records, proposals_fn, progress: bool = True) -> list:
-    """Run the detector on every record (its cached proposals)."""
-    from tqdm.auto import tqdm
-
-    from .data.voc import load_image
-    return [detector.detect(load_image(r), proposals_fn(r))
-            for r in tqdm(records, desc="detect", disable=not progress, unit="img")]
 
 
 def _per_class(all_dets, records, num_classes: int):

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import cv2
-import numpy as np
 
+from .detector import iter_detections
 from .io import atomic_path, atomic_write_text
 
 __all__ = ["write_report", "timing_table", "ap_table"]
@@ -50,7 +50,6 @@ def timing_table(timing: dict[str, Any]) -> str:
 
 def write_report(out: Path, metrics: dict[str, Any], timing: dict[str, Any] | None, dataset: Any, detector: Any,
                  proposals_fn: Callable, num_images: int = 4) -> Path:
-    from .data.voc import load_image
     from .visualize import draw_detections
 
     out = Path(out)
@@ -74,9 +73,7 @@ def write_report(out: Path, metrics: dict[str, Any], timing: dict[str, Any] | No
     pics = out / "detections"
     pics.mkdir(exist_ok=True)
     parts += ["## Detections (score > 0)", ""]
-    for record in dataset.records[:num_images]:
-        image = load_image(record)
-        dets = detector.detect(image, proposals_fn(record))
+    for record, image, dets in iter_detections(detector, dataset.records[:num_images], proposals_fn):
         drawn = draw_detections(image, dets.boxes, dets.labels, dets.scores, detector.classes, 0.0)
         path = pics / f"{record.image_id}.png"
         with atomic_path(path, suffix=".png") as tmp:
