@@ -61,6 +61,7 @@ __all__ = [
     "TrunkGeometry",
     "trunk_geometry",
     "build_backbone",
+    "rebuild_recorded_backbone",
     "available_backbones",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -470,6 +471,25 @@ def _make_model(name: str, weights: str | Path | None, seed: int) -> tuple[nn.Mo
         torch.manual_seed(seed)
         model = ZF5() if is_zf5 else ctor(weights=None)
     return model, _load_state_dict_file(model, path, name)
+
+
+def rebuild_recorded_backbone(name: str, weights: str | None, seed: int, weights_id: str, recorded_in: str) -> Backbone:
+    """The backbone an earlier stage recorded (``recorded_in``, e.g. a features summary), checked
+    against the weights id it recorded: a weights file that is gone or has changed since is
+    refused with a message saying so, instead of silently giving other features.
+
+    Raises:
+        ModelError: the weights cannot be loaded, or they are not the recorded ones.
+    """
+    try:
+        backbone = build_backbone(name, weights=weights, seed=seed)
+    except ModelError as e:
+        raise ModelError(f"{recorded_in} records backbone {name} with weights {weights!r}, which cannot be "
+                         f"loaded now: {e}") from None
+    if backbone.weights_id != weights_id:
+        raise ModelError(f"{recorded_in} records weights {weights!r} as {weights_id}, but they are now "
+                         f"{backbone.weights_id}: the file changed since; rerun the earlier stage")
+    return backbone
 
 
 def build_backbone(name: str, weights: str | Path | None = None, seed: int = 0) -> Backbone:

@@ -43,3 +43,44 @@ def test_train_svm_refuses_a_cache_of_other_weights(synthetic_voc, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "weights" in proc.stderr
+
+
+def test_train_svm_takes_the_weights_extract_features_recorded(synthetic_voc, tmp_path):
+    # extract_features.py --weights W -> train_svm.py with no option repeated; a changed or
+    # missing W is refused by name.
+    import torch
+
+    from detection.backbones import build_backbone
+    from detection.detector import SPPDetector
+    from detection.io import file_sha256
+
+    weights = tmp_path / "alexnet.pth"
+    torch.save(torchvision_alexnet(seed=3).state_dict(), weights)
+    feat = tmp_path / "feat"
+    run(str(TOOLS / "extract_features.py"), "--data", str(synthetic_voc), "--split", "trainval", "--out", str(feat),
+        "--backbone", "alexnet", "--weights", str(weights), "--scales", "96", "--workers", "0", "--quiet")
+    model = tmp_path / "m.pt"
+    run(str(TOOLS / "train_svm.py"), "--data", str(synthetic_voc), "--split", "trainval", "--features", str(feat),
+        "--out", str(model), "--no-bbox", "--workers", "0", "--quiet")
+    assert SPPDetector.from_file(model).backbone.weights_id == f"sha256:{file_sha256(weights)}"
+    assert build_backbone("alexnet", weights=weights).weights_id == f"sha256:{file_sha256(weights)}"
+
+    def refused() -> str:
+        proc = subprocess.run([sys.executable, str(TOOLS / "train_svm.py"), "--data", str(synthetic_voc), "--split",
+                               "trainval", "--features", str(feat), "--out", str(tmp_path / "m2.pt"), "--quiet"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        return proc.stderr
+
+    torch.save(torchvision_alexnet(seed=4).state_dict(), weights)            # the file changed
+    assert "the file changed since" in refused()
+    weights.unlink()                                                           # the file is gone
+    assert "cannot be loaded now" in refused() and "no such file" in refused()
+
+
+def torchvision_alexnet(seed: int):
+    import torch
+    import torchvision
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torchvision.models.alexnet()

@@ -64,6 +64,12 @@ def _extract(args: argparse.Namespace) -> int:
         "bytes_on_disk": nbytes,
         "bytes_per_image": round(nbytes / max(n, 1)),
         "settings": cache.settings,
+        # What the next stage (train_svm.py) rebuilds the trunk from; the weights id in the
+        # settings checks that the file is still the same.
+        "backbone": {"name": args.backbone, "seed": args.seed,
+                     "weights": None if args.weights is None else
+                     (args.weights if not Path(args.weights).expanduser().is_file()
+                      else str(Path(args.weights).expanduser().resolve()))},
     }
     from detection.io import write_json
 

@@ -18,7 +18,7 @@ from detection.errors import CacheError
 def main(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from detection.backbones import build_backbone
+    from detection.backbones import rebuild_recorded_backbone
     from detection.data.voc import VOCDataset, report_images
     from detection.detector import DetectorSettings
     from detection.features import ConvMapCache
@@ -41,10 +41,12 @@ def main(args: argparse.Namespace) -> int:
     if s["dataset_fingerprint"] != str(dataset.fingerprint()) or s["split"] != args.split:
         raise CacheError(f"the conv-map cache {cache.root} was made for another dataset or split "
                          f"({s['split']}); rerun tools/extract_features.py for {args.data} {args.split}")
-    backbone = build_backbone(s["backbone"], weights=args.weights, seed=args.seed)
-    if backbone.weights_id != s["weights_id"]:
-        raise CacheError(f"the conv maps were computed with weights {s['weights_id']}, not {backbone.weights_id}: "
-                         "pass the same --weights/--seed as to extract_features.py")
+    recorded = summary.get("backbone") if isinstance(summary.get("backbone"), dict) else {}
+    weights = args.weights if args.weights is not None else recorded.get("weights")
+    seed = args.seed if args.seed is not None else recorded.get("seed", 0)
+    if not (weights is None or isinstance(weights, str)) or isinstance(seed, bool) or not isinstance(seed, int):
+        raise CacheError(f"{summary_path}: malformed backbone record {str(recorded)[:200]}; rerun tools/extract_features.py")
+    backbone = rebuild_recorded_backbone(s["backbone"], weights, seed, s["weights_id"], str(summary_path))
     proposals = compute_proposals(dataset, Path(args.features) / "proposals", num_workers=args.workers)
     settings = DetectorSettings(scales=tuple(s["scales"]), max_size=int(s["max_size"]), feature_layer=args.layer,
                                 scale_rule=args.scale_rule)
@@ -75,8 +77,9 @@ if __name__ == "__main__":
     p.add_argument("--split", required=True)
     p.add_argument("--features", required=True, help="the --out folder of tools/extract_features.py")
     p.add_argument("--out", required=True, help="model file to write")
-    p.add_argument("--weights", default=None, help="the weights given to extract_features.py")
-    p.add_argument("--seed", type=int, default=0, help="the seed given to extract_features.py")
+    p.add_argument("--weights", default=None,
+                   help="default: the weights extract_features.py recorded in FEAT/features_summary.json")
+    p.add_argument("--seed", type=int, default=None, help="default: the seed extract_features.py recorded")
     p.add_argument("--layer", default=None, choices=["pool5", "fc6", "fc7"],
                    help="SVM features (default fc7 with --finetune, else pool5)")
     p.add_argument("--finetune", type=int, default=0, metavar="ITERATIONS",
