@@ -32,6 +32,7 @@ from .features import conv_maps_for_image, pooled_window_features
 from .heads import FCHead
 from .model import check_class_names, load_model, prefixed, save_model, unprefixed
 from .rcnn import rcnn_window_features
+from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1
 from .svm import LinearSVMs
 from .timer import NO_TIMER, Timer
 
@@ -45,9 +46,9 @@ class DetectorSettings:
     """How the detector turns an image into window features and detections."""
 
     method: str = "spp"                       # "spp" or "rcnn" (crop and warp every window)
-    scales: tuple[int, ...] = (688,)          # shorter side per scale (1-scale: 688)
-    max_size: int = 2000                      # cap on the longer side after resizing
-    levels: tuple[int, ...] = (6, 3, 2, 1)    # pyramid: 50 bins per channel
+    scales: tuple[int, ...] = DEFAULT_SCALES_1  # shorter side per scale (1-scale: 688)
+    max_size: int = DEFAULT_MAX_SIZE          # cap on the longer side after resizing
+    levels: tuple[int, ...] = DEFAULT_LEVELS  # pyramid: 50 bins per channel
     projection_rule: str = "paper"            # window -> conv-cell rule ("paper" or "code")
     scale_rule: str = "area"                  # multi-scale: window area nearest 224^2 ("area", paper)
                                               # or side nearest 208 ("code"); docs/spp.md

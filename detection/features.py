@@ -35,8 +35,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from .boxes import flip_boxes
 from .data.records import ImageRecord
+from .data.voc import load_image
 from .errors import CacheError, DetectionError
 from .io import atomic_path, make_dirs, read_json, settings_key, write_json
+from .spp import (DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1, choose_scale, pool_windows, project_boxes,
+                  scale_factors)
 from .workers import init_worker_process
 
 __all__ = [
@@ -59,8 +62,6 @@ CONVMAP_FORMAT_VERSION = 1
 #: Largest finite float16 (65,504): a float16 cache refuses maps beyond it instead of storing inf.
 FP16_MAX = float(np.finfo(np.float16).max)
 
-#: The paper's 4-level pyramid {6x6, 3x3, 2x2, 1x1} = 50 bins per channel.
-DEFAULT_LEVELS: tuple[int, ...] = (6, 3, 2, 1)
 
 # Record keys become folder names when they are plain, portable names (all VOC ids are);
 # other keys are hashed.
@@ -89,7 +90,6 @@ def select_scales(boxes: torch.Tensor, factors: Sequence[float], scale_rule: str
     Returns:
         LongTensor[N] of indices into ``factors``.
     """
-    from .spp import choose_scale
 
     n, num_scales = len(boxes), len(factors)
     if num_scales == 0:
@@ -138,7 +138,6 @@ def pooled_window_features(maps: Sequence[torch.Tensor | np.ndarray], factors: S
     Returns:
         float32 Tensor[N, C * sum(n^2)] (C * 50 for the default levels).
     """
-    from .spp import pool_windows, project_boxes
 
     if len(maps) != len(factors) or len(maps) == 0:
         raise ValueError(f"{len(maps)} maps but {len(factors)} scale factors")
@@ -246,7 +245,6 @@ def conv_maps_for_image(backbone: torch.nn.Module, image: np.ndarray, scales: Se
     Returns:
         ImageConvMaps with float32 maps on ``device``.
     """
-    from .spp import scale_factors
 
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -663,8 +661,6 @@ class _ResizedImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor], list[float], tuple[int, int],
                                            DetectionError | None]:
-        from .data.voc import load_image
-        from .spp import scale_factors
 
         record = self.records[i]
         try:
@@ -724,11 +720,9 @@ def extract_conv_maps(dataset: Any, backbone: torch.nn.Module, out_dir: str | Pa
         DetectionError: an image cannot be read or is too small for the trunk (named).
         CacheError: the cache folder holds other settings / another format version.
     """
-    from . import spp
-
-    scales = tuple(spp.DEFAULT_SCALES_1 if scales is None else scales)
+    scales = tuple(DEFAULT_SCALES_1 if scales is None else scales)
     if max_size is None:
-        max_size = spp.DEFAULT_MAX_SIZE
+        max_size = DEFAULT_MAX_SIZE
     records = cache_records(dataset, include_flipped)
     settings = convmap_settings(dataset, backbone, scales, max_size, fp16, records)
     cache = ConvMapCache.create(out_dir, settings, rebuild=rebuild)

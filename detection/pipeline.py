@@ -24,6 +24,7 @@ from .finetune import FinetuneConfig
 from .io import make_dirs, read_json, settings_key, write_json
 from .svm import SVMConfig
 from .runtime import resolve_device
+from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1
 from .train import refuse_unused_finetune
 
 __all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "FeatureConfig", "ConvFinetuneConfig",
@@ -63,10 +64,10 @@ class BackboneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
-    scales: tuple[int, ...] = (688,)      # 1-scale; 5-scale: [480, 576, 688, 864, 1200]
-    max_size: int = 2000
+    scales: tuple[int, ...] = DEFAULT_SCALES_1   # 1-scale; 5-scale: spp.DEFAULT_SCALES_5
+    max_size: int = DEFAULT_MAX_SIZE
     fp16: bool = False
-    levels: tuple[int, ...] = (6, 3, 2, 1)
+    levels: tuple[int, ...] = DEFAULT_LEVELS
     projection_rule: str = "paper"
     workers: int = 2
 

@@ -28,12 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import DetectionError
+
 __all__ = [
     "DEFAULT_LEVELS",
     "DEFAULT_SCALES_1",
     "DEFAULT_SCALES_5",
     "CODE_SCALES_5",
     "DEFAULT_MAX_SIZE",
+    "named_scales",
     "CODE_OFFSET",
     "CODE_TARGET",
     "PAPER_TARGET",
@@ -54,6 +57,23 @@ DEFAULT_SCALES_1: tuple[int, ...] = (688,)
 #: 5-scale: the paper's {480, 576, 688, 864, 1200}; the official code uses 874 for 864.
 DEFAULT_SCALES_5: tuple[int, ...] = (480, 576, 688, 864, 1200)
 CODE_SCALES_5: tuple[int, ...] = (480, 576, 688, 874, 1200)
+
+
+def named_scales(text: str) -> tuple[int, ...]:
+    """The tools' ``--scales``: "1" (the paper's 1-scale, 688), "5" (its 5 scales), "code5" (the
+    official code's, 874 for 864), or a comma-separated list of shorter sides ("480,688")."""
+    named = {"1": DEFAULT_SCALES_1, "5": DEFAULT_SCALES_5, "code5": CODE_SCALES_5}
+    if text in named:
+        return named[text]
+    try:
+        scales = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        scales = ()
+    if not scales or min(scales) <= 0:
+        raise DetectionError(f"--scales {text!r}: use 1, 5, code5 or a comma-separated list of positive sizes")
+    return scales
+
+
 #: Cap on the longer side after resizing. Neither the paper nor the code caps the size (the code
 #: only falls back to the CPU above 1200x2400x3 input values); 2000 keeps every VOC image at
 #: every paper scale untouched (500x375 at s=1200 is 1200x1600) and bounds a 3160x4605 photo,

@@ -370,3 +370,15 @@ def test_choose_scale_code_matches_matlab():
     d = np.abs(scales[None, :] - exact[:, None])
     assert np.all(np.abs(d[np.arange(len(differ)), matlab[differ]] - d[np.arange(len(differ)), ours[differ]]) <= 1.0)
     assert len(differ) <= 5
+
+
+def test_named_scales_are_defined_once():
+    from detection.errors import DetectionError
+    from detection.spp import CODE_SCALES_5, DEFAULT_SCALES_1, DEFAULT_SCALES_5, named_scales
+    assert named_scales("1") == DEFAULT_SCALES_1 == (688,)
+    assert named_scales("5") == DEFAULT_SCALES_5 == (480, 576, 688, 864, 1200)
+    assert named_scales("code5") == CODE_SCALES_5 == (480, 576, 688, 874, 1200)
+    assert named_scales("480,688") == (480, 688)
+    for bad in ("", "0", "a,b", "-3"):
+        with pytest.raises(DetectionError, match="--scales"):
+            named_scales(bad)

@@ -27,6 +27,7 @@ def main(args: argparse.Namespace) -> int:
     from detection.proposals import selective_search
     from detection.report import timing_table
     from detection.runtime import resolve_device
+    from detection.spp import named_scales
     from detection.timing import compare_methods, random_detector, rcnn_twin
 
     ds = VOCDataset(args.data, args.split, skip_bad=args.skip_bad)
@@ -38,8 +39,7 @@ def main(args: argparse.Namespace) -> int:
     if args.model:
         spp = SPPDetector.from_file(args.model, device=resolve_device(args.device))
     else:
-        scales = (688,) if args.scales == "1" else (480, 576, 688, 864, 1200)
-        settings = DetectorSettings(scales=scales, feature_layer=args.feature_layer, scale_rule=args.scale_rule)
+        settings = DetectorSettings(scales=named_scales(args.scales), feature_layer=args.feature_layer, scale_rule=args.scale_rule)
         backbone = build_backbone(args.backbone, weights=args.weights)
         spp = random_detector(backbone, len(ds.classes), settings, device=resolve_device(args.device))
     rcnn = rcnn_twin(spp)
@@ -70,7 +70,7 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True, help="timing.json")
     p.add_argument("--backbone", default="zf5")
     p.add_argument("--weights", default=None)
-    p.add_argument("--scales", choices=["1", "5"], default="1")
+    p.add_argument("--scales", default="1", help="without --model: 1, 5, code5 or a list, e.g. 480,688")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--model", help="a trained model file (its backbone, head and SVMs are timed)")
     p.add_argument("--windows", type=int, default=2000, help="selective-search windows per image (at most)")

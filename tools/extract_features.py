@@ -19,29 +19,15 @@ from pathlib import Path
 from detection.cli import add_skip_bad_arg, run_tool
 from detection.errors import DetectionError
 from detection.runtime import resolve_device
-
-
-def _parse_scales(text: str, spp: object) -> tuple[int, ...]:
-    if text == "1":
-        return tuple(spp.DEFAULT_SCALES_1)
-    if text == "5":
-        return tuple(spp.DEFAULT_SCALES_5)
-    try:
-        scales = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        scales = ()
-    if not scales or min(scales) <= 0:
-        raise DetectionError(f"--scales {text!r}: use 1, 5 or a comma-separated list of positive sizes")
-    return scales
+from detection.spp import named_scales
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from detection import spp
     from detection.backbones import build_backbone
     from detection.data.voc import VOCDataset, report_images
     from detection.features import extract_conv_maps
 
-    scales = _parse_scales(args.scales, spp)
+    scales = named_scales(args.scales)
     dataset = VOCDataset(args.data, args.split, use_flipped=args.flip, skip_bad=args.skip_bad)
     if not args.no_proposals:
         from detection.proposals import compute_proposals

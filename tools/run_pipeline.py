@@ -9,12 +9,12 @@ pretrained weights needed). Every stage is resumable: rerun the same command aft
     python tools/run_pipeline.py --data VOCdevkit/VOC2007 --out runs/voc07 --backbone zf5 --weights zf5.pth
 """
 import argparse
-import json
 import sys
 
 from detection.cli import add_skip_bad_arg, run_tool
 from detection.config import ConfigError, merge, parse_overrides, read_yaml_mapping
 from detection.pipeline import PipelineConfig, embedded_default_overrides, run_pipeline
+from detection.spp import named_scales
 
 
 def main(args: argparse.Namespace) -> int:
@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
     data = {**({"root": args.data} if args.data else {}), **({"skip_bad": True} if args.skip_bad else {})}
     flags = {"data": data,
              "backbone": {k: v for k, v in (("name", args.backbone), ("weights", args.weights)) if v is not None},
-             "features": {"scales": [688] if args.scales == "1" else [480, 576, 688, 864, 1200]} if args.scales else {},
+             "features": {"scales": list(named_scales(args.scales))} if args.scales else {},
              "method": args.method, "device": args.device}
     cfg = merge(cfg, {k: v for k, v in flags.items() if v not in ({}, None)})
     cfg = merge(cfg, parse_overrides(args.set))
@@ -45,7 +45,7 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--backbone", help="zf5, alexnet, vgg16, squeezenet1_0, squeezenet1_1")
     p.add_argument("--weights", help="state-dict file, or 'imagenet' for torchvision's weights")
-    p.add_argument("--scales", choices=["1", "5"], help="1-scale (688) or 5-scale")
+    p.add_argument("--scales", help="1 (688), 5 (480, 576, 688, 864, 1200), code5 (874 for 864) or a list, e.g. 480,688")
     p.add_argument("--method", choices=["spp", "rcnn"], default=None)
     p.add_argument("--device", default=None, help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--config", help="YAML config file")
