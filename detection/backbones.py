@@ -52,6 +52,7 @@ from torch import nn
 
 from .errors import DetectionError, ModelError
 from .io import describe_missing, file_sha256
+from .model import torch_load_reason
 
 __all__ = [
     "Backbone",
@@ -404,7 +405,6 @@ def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> str:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for unreadable files
-        from .model import torch_load_reason
         raise ModelError(f"cannot read weights file {path}: {torch_load_reason(e)}") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]         # a training checkpoint wrapping the state dict

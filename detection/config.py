@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import DetectionError
+from .io import atomic_write_text
 
 __all__ = ["ConfigError", "merge", "load_config", "read_yaml_mapping", "parse_overrides", "to_dict", "save_config", "from_dict"]
 
@@ -191,5 +192,4 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from .io import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

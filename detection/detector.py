@@ -31,6 +31,7 @@ from .errors import DetectionError, ModelError
 from .features import conv_maps_for_image, pooled_window_features
 from .heads import FCHead
 from .model import check_class_names, load_model, prefixed, save_model, unprefixed
+from .proposals import compute_proposals, selective_search
 from .rcnn import rcnn_window_features
 from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1
 from .svm import LinearSVMs
@@ -197,7 +198,6 @@ class SPPDetector:
     # ---- detection ------------------------------------------------------------------------------
 
     def proposals(self, image: np.ndarray) -> np.ndarray:
-        from .proposals import selective_search
         return selective_search(image, mode=self.settings.proposal_mode, max_boxes=self.settings.max_proposals)
 
     @torch.inference_mode()
@@ -341,7 +341,6 @@ def detect_dataset(model: str | Path | SPPDetector, dataset: Any, proposals_dir:
                          f"{dataset.root} has {list(dataset.classes)}")
     proposals_fn = None
     if proposals_dir is not None:
-        from .proposals import compute_proposals
         props = compute_proposals(dataset, proposals_dir, mode=detector.settings.proposal_mode,
                                   max_boxes=detector.settings.max_proposals, progress=progress)
         proposals_fn = props.proposals_for_record

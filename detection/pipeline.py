@@ -16,16 +16,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backbones import build_backbone
 from .bbox_regression import BBoxRegressionConfig
 from .config import ConfigError, save_config, to_dict
+from .data.synthetic import make_synthetic_voc
+from .data.voc import VOCDataset, load_image, report_images
 from .detector import DETECTION_ONLY_SETTINGS, DetectorSettings, SPPDetector, iter_detections
 from .errors import CacheError, DetectionError
-from .finetune import FinetuneConfig
-from .io import make_dirs, read_json, settings_key, write_json
-from .svm import SVMConfig
+from .evaluation import default_metric, detections_by_class, evaluate_result_dir, write_result_files
+from .features import extract_conv_maps, pooled_window_features
+from .finetune import FinetuneConfig, finetune, label_windows
+from .heads import FCHead
+from .io import atomic_torch_save, make_dirs, read_json, settings_key, write_json
+from .proposals import compute_proposals
+from .report import write_report
 from .runtime import resolve_device
-from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1
-from .train import refuse_unused_finetune
+from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1, scale_factors
+from .svm import SVMConfig
+from .timing import compare_methods, rcnn_twin
+from .train import TrainConfig, rcnn_pool5_fn, refuse_unused_finetune, spp_pool5_fn, train_detector
 
 __all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "FeatureConfig", "ConvFinetuneConfig",
            "TimingConfig", "PipelineConfig", "run_pipeline", "embedded_default_overrides"]
@@ -166,12 +175,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     Writes ``OUT/config.yaml`` (resolved config), ``OUT/model.pt``, ``OUT/results/``,
     ``OUT/metrics.json``, ``OUT/timing.json``, ``OUT/report.md`` and the stage caches.
     """
-    from .backbones import build_backbone
-    from .data.voc import VOCDataset, report_images
-    from .evaluation.voc import write_result_files
-    from .features import extract_conv_maps
-    from .proposals import compute_proposals
-    from .train import TrainConfig, rcnn_pool5_fn, spp_pool5_fn, train_detector
 
     _refuse_shadowed_test_settings(cfg)
     refuse_unused_finetune(cfg.feature_layer, cfg.finetune)
@@ -184,7 +187,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     # 1. data -----------------------------------------------------------------------------------
     root = cfg.data.root
     if root is None:
-        from .data.synthetic import make_synthetic_voc
         t0 = time.perf_counter()
         root = str(make_synthetic_voc(out / "synthetic_voc", num_trainval=cfg.data.synthetic_trainval,
                                       num_test=cfg.data.synthetic_test, seed=cfg.data.synthetic_seed))
@@ -290,7 +292,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
         timing = read_json(out / "timing.json")
 
     # 9. report ------------------------------------------------------------------------------------
-    from .report import write_report
     write_report(out, metrics, timing, test_ds, detector, test_props.proposals_for_record)
     report_images(train_ds, test_ds)
     return metrics
@@ -313,12 +314,10 @@ def _refuse_shadowed_test_settings(cfg: PipelineConfig) -> None:
 
 def _per_class(all_dets, records, num_classes: int):
     """Per-image detections -> per class (image ids, scores, boxes) for the result files."""
-    from .evaluation.voc import detections_by_class
     return detections_by_class([r.image_id for r in records], all_dets, num_classes)
 
 
 def evaluate_results(dataset, results_dir: Path, metric: str | None, out: Path) -> dict[str, Any]:
-    from .evaluation import default_metric, evaluate_result_dir
     metric = metric or default_metric(dataset.root)
     metrics = evaluate_result_dir(dataset, results_dir, metric=metric, coco=True)
     try:
@@ -331,8 +330,6 @@ def evaluate_results(dataset, results_dir: Path, metric: str | None, out: Path) 
 
 def compare_on_records(detector: SPPDetector, records, proposals_fn, rcnn_windows: int | None = None) -> dict[str, Any]:
     """SPP-net vs R-CNN timing with the trained model's head/SVMs on a few test images."""
-    from .data.voc import load_image
-    from .timing import compare_methods, rcnn_twin
 
     images = [load_image(r) for r in records]
     props = [np.asarray(proposals_fn(r), np.float32) for r in records]
@@ -347,12 +344,6 @@ def _finetune_conv(cfg: PipelineConfig, backbone, train_ds, train_props, work: P
     the trunk. Resumable through the fine-tuning checkpoint; skipped when already done."""
     from tqdm.auto import tqdm
 
-    from .data.voc import load_image
-    from .features import pooled_window_features
-    from .finetune import finetune, label_windows
-    from .heads import FCHead
-    from .io import atomic_torch_save
-    from .spp import scale_factors
 
     c = cfg.conv_finetune
     key = _key(cfg.data, cfg.proposals, cfg.backbone, cfg.features, c)

@@ -9,6 +9,7 @@ import cv2
 
 from .detector import iter_detections
 from .io import atomic_path, atomic_write_text
+from .visualize import draw_detections
 
 __all__ = ["write_report", "timing_table", "ap_table"]
 
@@ -50,7 +51,6 @@ def timing_table(timing: dict[str, Any]) -> str:
 
 def write_report(out: Path, metrics: dict[str, Any], timing: dict[str, Any] | None, dataset: Any, detector: Any,
                  proposals_fn: Callable, num_images: int = 4) -> Path:
-    from .visualize import draw_detections
 
     out = Path(out)
     parts = ["# SPP-net detection report", "",

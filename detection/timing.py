@@ -18,7 +18,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .bbox_regression import BoxRegressors
 from .detector import SPPDetector
+from .heads import FCHead
+from .svm import LinearSVMs
 from .timer import StageTimer
 
 __all__ = ["STAGES", "StageTimer", "time_detector", "rcnn_twin", "compare_methods", "random_detector"]
@@ -110,9 +113,6 @@ def random_detector(backbone, num_classes: int, settings, hidden: tuple[int, int
                     device: str | torch.device = "cpu", bbox: bool = True) -> SPPDetector:
     """A detector with randomly initialised fc layers, SVMs and box regressors: it costs exactly
     what a trained one costs, so it times the pipeline when no trained model is at hand."""
-    from .bbox_regression import BoxRegressors
-    from .heads import FCHead
-    from .svm import LinearSVMs
 
     g = torch.Generator().manual_seed(seed)
     pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)

@@ -16,13 +16,15 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .bbox_regression import BBoxRegressionConfig, train_box_regressors
-from .data.records import ImageRecord
+from .bbox_regression import BBoxRegressionConfig, proposal_subset, train_box_regressors
+from .boxes import box_iou_numpy
 from .config import ConfigError
+from .data.records import ImageRecord
+from .data.voc import load_image
 from .detector import DetectorSettings, SPPDetector
-from .errors import DetectionError
 from .finetune import FinetuneConfig, finetune, label_windows
 from .heads import FCHead
+from .rcnn import rcnn_window_features
 from .svm import ImageSample, SVMConfig, compute_feature_scale, train_svms
 
 __all__ = ["TrainConfig", "WindowFeatureSource", "spp_pool5_fn", "rcnn_pool5_fn", "refuse_unused_finetune",
@@ -57,8 +59,6 @@ def spp_pool5_fn(cache, settings: DetectorSettings) -> Pool5Fn:
 def rcnn_pool5_fn(backbone: Backbone, levels: Sequence[int], batch_size: int = 128,
                   device: str | torch.device = "cpu") -> Pool5Fn:
     """pool5 features of warped crops (R-CNN), computed on the fly."""
-    from .data.voc import load_image
-    from .rcnn import rcnn_window_features
 
     def fn(record: ImageRecord, boxes: torch.Tensor) -> torch.Tensor:
         image = load_image(record)
@@ -244,8 +244,6 @@ def _regression_samples_plan(source: WindowFeatureSource, num_classes: int,
     :func:`detection.bbox_regression.collect_regression_samples` caps them. Records with a GT
     of the class are listed even without proposal samples (the GT boxes are samples). Boxes
     only, no features."""
-    from .bbox_regression import proposal_subset
-    from .boxes import box_iou_numpy
 
     found: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(num_classes)]
     for r in source.records:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 from detection.cli import add_skip_bad_arg, run_tool
-from detection.errors import DetectionError
 from detection.runtime import resolve_device
 from detection.spp import named_scales
 
