@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .bbox_regression import BBoxRegressionConfig, train_box_regressors
+from .bbox_regression import BBoxRegressionConfig, plan_regression_samples, train_box_regressors
 from .data.records import ImageRecord
 from .detector import DetectorSettings, SPPDetector
 from .errors import DetectionError
@@ -95,6 +95,11 @@ class WindowFeatureSource:
         if self.keep_proposals is not None:
             boxes = np.asarray(self.keep_proposals(record, boxes), dtype=np.float32).reshape(-1, 4)
         return boxes
+
+    def candidate_boxes(self, index: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(key, gt_boxes, gt_labels, gt_difficult, proposals) of image ``index``: no features."""
+        r = self.records[index]
+        return r.key, r.boxes, r.labels, r.difficult, self._boxes(r)
 
     @torch.inference_mode()
     def sample_candidates(self, index: int, choose: Callable[[int], np.ndarray]) -> tuple[str, np.ndarray]:
@@ -215,53 +220,22 @@ def _same_norm_sample(a: SVMConfig, b: BBoxRegressionConfig) -> bool:
 def regression_sources(source: WindowFeatureSource, num_classes: int, cfg: BBoxRegressionConfig
                        ) -> list[WindowFeatureSource]:
     """One pool5 source per class for :func:`train_box_regressors`: class k's source reads only
-    the images with a GT of class k and only their proposals that are class-k samples."""
-    plan = _regression_samples_plan(source, num_classes, cfg)
-    return [WindowFeatureSource([r for r in source.records if r.key in plan[c]], source.proposals,
-                                source.pool5_fn, None, "pool5", source.dim, source.max_windows,
-                                keep_proposals=lambda r, b, c=c: b[plan[c][r.key]])
-            for c in range(num_classes)]
-
-
-def _regression_samples_plan(source: WindowFeatureSource, num_classes: int,
-                             cfg: BBoxRegressionConfig) -> list[dict[str, np.ndarray]]:
-    """Per class: record key -> indices of the proposals that are its box-regression samples
-    (best IoU with a non-difficult GT above ``min_iou``, that GT of the class), capped as
-    :func:`detection.bbox_regression.collect_regression_samples` caps them. Records with a GT
-    of the class are listed even without proposal samples (the GT boxes are samples). Boxes
-    only, no features."""
-    from .bbox_regression import proposal_subset
-    from .boxes import box_iou_numpy
-
-    found: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(num_classes)]
-    for r in source.records:
-        keep = np.ones(len(r.boxes), bool) if cfg.use_difficult else ~np.asarray(r.difficult, bool)
-        gt, labels = r.boxes[keep], np.asarray(r.labels)[keep]
-        if len(gt) == 0:
-            continue
-        boxes = source._boxes(r)
-        if len(boxes):
-            iou = box_iou_numpy(boxes, gt)
-            best = iou.argmax(axis=1)
-            near = iou[np.arange(len(boxes)), best] > cfg.min_iou
-        else:
-            best, near = np.zeros(0, int), np.zeros(0, bool)
-        for c in np.unique(labels):
-            found[c].append((r.key, np.flatnonzero(near & (labels[best] == c))))
-    plan = []
+    the images with a non-difficult GT of class k and only their proposals that are (capped)
+    class-k samples (:func:`detection.bbox_regression.plan_regression_samples`, boxes only).
+    Planning again on it keeps every one of those proposals and the same GT subset, so the
+    samples are those of planning on ``source``."""
+    plan = plan_regression_samples(source, num_classes, cfg)
+    chosen = [{source.records[s.image].key: s.proposal_rows for s in p} for p in plan]
+    none = np.zeros(0, np.int64)
+    sources = []
     for c in range(num_classes):
-        total = sum(len(idx) for _, idx in found[c])
-        subset = proposal_subset(total, c, cfg)
-        chosen = {}
-        start = 0
-        for key, idx in found[c]:
-            if subset is not None:
-                mine = subset[(subset >= start) & (subset < start + len(idx))] - start
-                start += len(idx)
-                idx = idx[mine]
-            chosen[key] = idx
-        plan.append(chosen)
-    return plan
+        def has_gt(r: ImageRecord) -> bool:
+            keep = np.ones(len(r.boxes), bool) if cfg.use_difficult else ~np.asarray(r.difficult, bool)
+            return bool((np.asarray(r.labels)[keep] == c).any())
+        sources.append(WindowFeatureSource([r for r in source.records if has_gt(r)], source.proposals,
+                                           source.pool5_fn, None, "pool5", source.dim, source.max_windows,
+                                           keep_proposals=lambda r, b, c=c: b[chosen[c].get(r.key, none)]))
+    return sources
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
