@@ -279,8 +279,17 @@ class SVMConfig:
     tol: float = 0.1
     #: Cap on coordinate-descent epochs per retraining (liblinear's own cap is 1000).
     max_iter: int = 1000
-    #: Seed of liblinear's coordinate order and of the feature-norm sample.
+    #: Seed of liblinear's coordinate order, of the feature-norm sample and of the positives' subset.
     seed: int = 0
+    #: At most this many positives per class: a seeded random subset (in image order) when a
+    #: class has more. Crowded scenes have thousands of boxes of one class (6,700 with flips),
+    #: and every positive is in memory and in every retraining. None: every GT box.
+    max_positives: int | None = 2000
+    #: At most this many cached hard negatives per class: beyond it the cache keeps the hardest
+    #: (highest-scoring under the current model). Bounds the cache and each retraining (liblinear
+    #: copies its rows to float64 and to its own sparse format, ~24 bytes per element). The
+    #: reference has no cap; crowded scenes cached 13,000 for one class. None: no cap.
+    max_negatives: int | None = 5000
 
     def validate(self) -> None:
         if not (self.C > 0 and self.bias_multiplier > 0 and self.pos_weight > 0 and self.target_norm > 0):
@@ -294,6 +303,9 @@ class SVMConfig:
             raise DetectionError("svm: retrain_every, passes and max_iter must be >= 1")
         if self.norm_images < 1 or self.norm_boxes_per_image < 1:
             raise DetectionError("svm: norm_images and norm_boxes_per_image must be >= 1")
+        for name in ("max_positives", "max_negatives"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise DetectionError(f"svm: {name} must be >= 1 or null, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -391,6 +403,7 @@ class _ClassCache:
     retrains: int = 0
     peak_cached: int = 0
     evicted: int = 0
+    dropped: int = 0                                     # trimmed by max_negatives
     last: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -401,7 +414,19 @@ class _ClassCache:
         self.pending.append((keys, feats))
         self.key_set.update(keys.tolist())
         self.num_added += len(keys)
-        self.peak_cached = max(self.peak_cached, self.num_neg)
+
+    def trim(self, cap: int, w: np.ndarray, b: float) -> None:
+        """Keep the ``cap`` negatives scoring highest under ``(w, b)`` (ties: the earlier)."""
+        self.consolidate()
+        if len(self.neg) <= cap:
+            return
+        z = self.neg @ w + np.float32(b)
+        keep = np.zeros(len(z), bool)
+        keep[np.argsort(-z, kind="stable")[:cap]] = True
+        self.key_set.difference_update(self.neg_keys[~keep].tolist())
+        self.dropped += int((~keep).sum())
+        self.neg = self.neg[keep]
+        self.neg_keys = self.neg_keys[keep]
 
     def consolidate(self) -> None:
         if self.pending:
@@ -415,6 +440,38 @@ class _ClassCache:
             self.neg = self.neg[~mask]
             self.neg_keys = self.neg_keys[~mask]
             self.evicted += int(mask.sum())
+
+
+class _Reservoir:
+    """A seeded uniform random subset of at most ``cap`` rows of a stream (reservoir sampling,
+    Algorithm R), returned in stream order; every row while there are at most ``cap``. Memory:
+    ``cap`` rows, whatever the length of the stream."""
+
+    def __init__(self, cap: int | None, dim: int, rng: np.random.Generator) -> None:
+        self.cap, self.dim, self.rng = cap, dim, rng
+        self.parts: list[np.ndarray] = []          # below the cap: the rows as they came
+        self.buf: np.ndarray | None = None         # at the cap: [cap, D] and each slot's stream index
+        self.index: np.ndarray | None = None
+        self.seen = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        for row in rows:
+            t = self.seen
+            self.seen += 1
+            if self.cap is None or t < self.cap:
+                self.parts.append(row[None])
+                continue
+            if self.buf is None:
+                self.buf, self.index = np.concatenate(self.parts), np.arange(self.cap)
+                self.parts = []
+            j = int(self.rng.integers(0, t + 1))
+            if j < self.cap:
+                self.buf[j], self.index[j] = row, t
+
+    def rows(self) -> np.ndarray:
+        if self.buf is None:
+            return np.concatenate(self.parts) if self.parts else np.zeros((0, self.dim), np.float32)
+        return self.buf[np.argsort(self.index)]
 
 
 class SVMTrainer:
@@ -503,7 +560,8 @@ class SVMTrainer:
                                  f"{', '.join(missing)}; every candidate window overlaps them")
 
         stats = {name: dict(cache.last, num_pos=len(cache.pos), num_neg_cached=cache.num_neg,
-                            peak_cached=cache.peak_cached, evicted=cache.evicted, retrains=cache.retrains)
+                            peak_cached=cache.peak_cached, evicted=cache.evicted, dropped=cache.dropped,
+                            retrains=cache.retrains)
                  for name, cache in zip(self.class_names, self._caches)}
         meta = {
             "classes": list(self.class_names),
@@ -529,21 +587,23 @@ class SVMTrainer:
 
     # -- steps ----------------------------------------------------------------------------------
     def _collect_positives(self, n: int, dim: int, scale: float) -> list[_ClassCache]:
-        pos: list[list[np.ndarray]] = [[] for _ in range(self.num_classes)]
+        pos = [_Reservoir(self.cfg.max_positives, dim, np.random.default_rng([self.cfg.seed, c]))
+               for c in range(self.num_classes)]
         for i in tqdm(range(n), desc="positives", disable=not self.progress):
             s = self.source.image(i, with_proposals=False)
             check_sample(s, i, dim, self.num_classes)
             keep = np.ones(len(s.gt_labels), bool) if self.cfg.use_difficult else ~s.gt_difficult
             for c in np.unique(s.gt_labels[keep]):
-                pos[c].append(s.gt_features[keep & (s.gt_labels == c)] * np.float32(scale))
-        empty = [self.class_names[c] for c in range(self.num_classes) if not pos[c]]
+                pos[c].add(s.gt_features[keep & (s.gt_labels == c)] * np.float32(scale))
+        empty = [self.class_names[c] for c in range(self.num_classes) if not pos[c].seen]
         if empty:
             raise DetectionError(f"svm: no positive (non-difficult GT) examples for class(es) {', '.join(empty)} "
                                  f"in the {n} training images; cannot train their SVMs")
         caches = []
         for c in range(self.num_classes):
-            x = np.concatenate(pos[c], axis=0)
-            logger.info("%s: %d positives", self.class_names[c], len(x))
+            x = pos[c].rows()
+            logger.info("%s: %d positives%s", self.class_names[c], len(x),
+                        f" (a seeded subset of {pos[c].seen}: svm.max_positives)" if pos[c].seen > len(x) else "")
             caches.append(_ClassCache(pos=x, neg=np.zeros((0, dim), np.float32), neg_keys=np.zeros(0, np.int64)))
         return caches
 
@@ -576,6 +636,9 @@ class SVMTrainer:
             if fresh.any():
                 cache.add(keys[fresh], feats[idx[fresh]])
                 added += int(fresh.sum())
+                if cfg.max_negatives is not None and cache.num_neg > cfg.max_negatives:
+                    cache.trim(cfg.max_negatives, weights[c], biases[c])
+                cache.peak_cached = max(cache.peak_cached, cache.num_neg)
         return added
 
     def _retrain(self, c: int, weights: np.ndarray, biases: np.ndarray) -> None:
