@@ -62,6 +62,7 @@ __all__ = [
     "check_sample",
     "fit_linear_svm",
     "svm_objective",
+    "svm_memory_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -716,6 +717,20 @@ def svm_objective(w: np.ndarray, b: float, z_pos: np.ndarray, z_neg: np.ndarray,
         "pos_support_vectors": int((z_pos < 1 + 1e-6).sum()),
         "neg_support_vectors": int((z_neg > -1 - 1e-6).sum()),
     }
+
+
+def svm_memory_bytes(cfg: SVMConfig, num_classes: int, dim: int, max_candidates: int) -> int | None:
+    """Bytes the SVM training holds at most (None: unbounded, a cap is null): every class's
+    float32 positives and negatives, one image's candidate features (read and scaled) plus a
+    cache being trimmed, and one retraining (liblinear takes a float64 copy, 8 bytes per element,
+    and builds its own sparse copy, 16 bytes per non-zero: counted as if all were non-zero)."""
+    if cfg.max_positives is None or cfg.max_negatives is None:
+        return None
+    rows = cfg.max_positives + cfg.max_negatives
+    caches = num_classes * rows * dim * 4
+    image = 2 * max_candidates * dim * 4 + (cfg.max_negatives + max_candidates) * dim * 4
+    retrain = rows * dim * (8 + 16)
+    return caches + image + retrain
 
 
 def train_svms(source: FeatureSource, num_classes: int, cfg: SVMConfig = SVMConfig(), *,

@@ -16,15 +16,18 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .bbox_regression import BBoxRegressionConfig, plan_regression_samples, train_box_regressors
+from .bbox_regression import (BBoxRegressionConfig, ClassRegressor, plan_regression_samples,
+                              regression_memory_bytes, train_box_regressors)
 from .data.records import ImageRecord
 from .detector import DetectorSettings, SPPDetector
 from .errors import DetectionError
 from .finetune import FinetuneConfig, finetune, label_windows
 from .heads import FCHead
-from .svm import ImageSample, SVMConfig, compute_feature_scale, train_svms
+from .io import atomic_torch_save
+from .svm import ImageSample, LinearSVMs, SVMConfig, compute_feature_scale, svm_memory_bytes, train_svms
 
-__all__ = ["TrainConfig", "WindowFeatureSource", "spp_pool5_fn", "rcnn_pool5_fn", "train_detector"]
+__all__ = ["TrainConfig", "WindowFeatureSource", "spp_pool5_fn", "rcnn_pool5_fn", "train_detector",
+           "check_train_memory", "TrainCheckpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,51 @@ class TrainConfig:
     #: Cap on proposals per training image used for the SVMs (None: all). R-CNN's crops are costly.
     max_train_windows: int | None = None
     seed: int = 0
+    #: Budget in GB for the large arrays of this stage (SVM caches and retraining, each box
+    #: regressor's samples and solve), checked before training starts (:func:`check_train_memory`)
+    #: and again per class before box regression reads features. 8 GB fits a 24 GB machine with
+    #: room to spare (the process adds ~1 GB of libraries and one image's conv maps). None: no check.
+    memory_gb: float | None = 8.0
+
+
+def check_train_memory(cfg: TrainConfig, num_classes: int, pool5_dim: int, layer_dim: int,
+                       max_candidates: int) -> dict[str, float]:
+    """Check the train stage's worst case against ``cfg.memory_gb`` before anything runs.
+
+    Args:
+        num_classes, pool5_dim: K and the pool5 length (box regression).
+        layer_dim: length of the SVMs' features (pool5, fc6 or fc7).
+        max_candidates: most GT boxes + proposals of one training image.
+    Returns:
+        GB needed by each part (``svm``, ``bbox``), None where unbounded (a null cap).
+    Raises:
+        DetectionError: a part needs more than the budget, or a null SVM cap under a budget;
+            the message names the part and the settings to lower.
+    """
+    svm = svm_memory_bytes(cfg.svm, num_classes, layer_dim, max_candidates)
+    caps = cfg.bbox.max_samples, cfg.bbox.max_gt_samples
+    bbox = regression_memory_bytes(caps[0] + caps[1], pool5_dim) if cfg.bbox_regression and None not in caps else None
+    need = {"svm": None if svm is None else svm / 2**30, "bbox": None if bbox is None else bbox / 2**30}
+    if cfg.memory_gb is None:
+        return need
+    if not cfg.memory_gb > 0:
+        raise DetectionError(f"memory_gb must be > 0 or null, got {cfg.memory_gb}")
+    if svm is None:
+        raise DetectionError(f"train stage (SVM hard-negative mining): svm.max_positives / svm.max_negatives is "
+                             f"null, so its memory is unbounded under memory_gb={cfg.memory_gb:g}; set both caps "
+                             "or memory_gb=null")
+    if need["svm"] > cfg.memory_gb:
+        raise DetectionError(
+            f"train stage (SVM hard-negative mining) needs up to {need['svm']:.2f} GB for {num_classes} classes of "
+            f"{layer_dim:,}-d features (svm.max_positives={cfg.svm.max_positives}, "
+            f"svm.max_negatives={cfg.svm.max_negatives}), above memory_gb={cfg.memory_gb:g}: lower "
+            "svm.max_negatives or svm.max_positives, or raise memory_gb")
+    if need["bbox"] is not None and need["bbox"] > cfg.memory_gb:
+        raise DetectionError(
+            f"train stage (box regression) needs up to {need['bbox']:.2f} GB per class for {caps[1]} GT + {caps[0]} "
+            f"proposal samples of {pool5_dim:,}-d pool5 features (bbox.max_gt_samples, bbox.max_samples), above "
+            f"memory_gb={cfg.memory_gb:g}: lower bbox.max_samples or bbox.max_gt_samples, or raise memory_gb")
+    return need
 
 
 def spp_pool5_fn(cache, levels: Sequence[int], rule: str) -> Pool5Fn:
@@ -134,7 +182,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                    pool5_dim: int, settings: DetectorSettings, cfg: TrainConfig,
                    out_dir: str | Path | None = None, progress: bool = True,
                    finetune_pool5_fn: Callable[[int, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                   ) -> SPPDetector:
+                   checkpoint_key: str | None = None) -> SPPDetector:
     """(fc fine-tuning) -> SVMs on ``settings.feature_layer`` -> box regressors on pool5.
 
     Args:
@@ -149,10 +197,23 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         out_dir: where fine-tuning checkpoints go (resumable).
         finetune_pool5_fn: pooled features for fine-tuning (random scale per window); defaults
             to ``pool5_fn``.
+        checkpoint_key: with ``out_dir``, checkpoint the SVMs and then each class's box regressor
+            under ``out_dir/train_checkpoint/`` (:class:`TrainCheckpoint`); a rerun with the same
+            key continues from them. The key must change with anything they depend on.
     Returns:
         The trained detector (not yet saved).
+    Raises:
+        DetectionError: the settings do not fit ``cfg.memory_gb`` (before anything is trained).
     """
     k = len(classes)
+    max_candidates = max((len(r.boxes) + len(proposals(r)) for r in records), default=0)
+    if cfg.max_train_windows is not None:
+        max_candidates = min(max_candidates, cfg.max_train_windows + max((len(r.boxes) for r in records), default=0))
+    layer_dim0 = pool5_dim if settings.feature_layer == "pool5" else \
+        cfg.finetune.hidden[1 if settings.feature_layer == "fc7" else 0]
+    check_train_memory(cfg, k, pool5_dim, layer_dim0, max_candidates)
+    ckpt = TrainCheckpoint(Path(out_dir) / "train_checkpoint", checkpoint_key) \
+        if out_dir is not None and checkpoint_key is not None else None
     gen = torch.Generator().manual_seed(cfg.seed)
     # SVMs on pool5 use no fc layer: an empty head keeps ~400 MB of unused fc6/fc7 out of the
     # model file (and out of memory).
@@ -190,7 +251,13 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
     layer_dim = pool5_dim if settings.feature_layer == "pool5" else head.hidden[1 if settings.feature_layer == "fc7" else 0]
     source = WindowFeatureSource(records, proposals, pool5_fn, head, settings.feature_layer, layer_dim,
                                  cfg.max_train_windows)
-    svms = train_svms(source, k, cfg.svm, class_names=classes, progress=progress)
+    svms = ckpt.svms() if ckpt is not None else None
+    if svms is None:
+        svms = train_svms(source, k, cfg.svm, class_names=classes, progress=progress)
+        if ckpt is not None:
+            ckpt.save_svms(svms)
+    else:
+        log.info("SVMs from the checkpoint %s", ckpt.root)
     regressors = None
     if cfg.bbox_regression:
         pool5_source = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim,
@@ -203,13 +270,69 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         # With the scale known, only proposals that can become samples need features (a few
         # percent of them), and one class at a time: the same samples, in the same order, as
         # reading every proposal, with one class's features in memory instead of all.
+        budget = None if cfg.memory_gb is None else int(cfg.memory_gb * 2**30)
         regressors = train_box_regressors(regression_sources(pool5_source, k, cfg.bbox), k, cfg.bbox,
-                                          class_names=classes, feature_scale=scale, progress=progress)
+                                          class_names=classes, feature_scale=scale, progress=progress,
+                                          memory_budget=budget,
+                                          done=ckpt.regressors(k, scale) if ckpt is not None else None,
+                                          on_class=(lambda c, r: ckpt.save_regressor(c, r, scale)) if ckpt is not None else None)
     return SPPDetector(backbone, head, svms, regressors, classes, settings,
                        meta={"train": {"num_images": len(records), "seed": cfg.seed,
                                        "finetune": dataclasses.asdict(cfg.finetune),
                                        "svm": dataclasses.asdict(cfg.svm),
                                        "bbox": dataclasses.asdict(cfg.bbox) if cfg.bbox_regression else None}})
+
+
+class TrainCheckpoint:
+    """The train stage's progress on disk: ``svms.pt``, then ``bbox_<k>.pt`` per class, each
+    written atomically and holding the key of the settings it was made with (a file with another
+    key, or unreadable, is ignored and redone). Tensors and JSON strings only (no pickles)."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        self.root, self.key = Path(root), key
+
+    def _load(self, name: str) -> dict | None:
+        path = self.root / name
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is redone, never trusted
+            log.warning("ignoring the unreadable checkpoint %s (%s)", path, " ".join(str(e).split())[:200])
+            return None
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            log.info("ignoring %s: made with other settings", path)
+            return None
+        return state
+
+    def svms(self) -> LinearSVMs | None:
+        state = self._load("svms.pt")
+        if state is None:
+            return None
+        return LinearSVMs.from_state(state["tensors"], json.loads(state["meta"]))
+
+    def save_svms(self, svms: LinearSVMs) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self.root / "svms.pt", {"key": self.key, "tensors": svms.tensors(),
+                                                  "meta": json.dumps(svms.to_meta())})
+
+    def regressors(self, num_classes: int, scale: float) -> dict[int, ClassRegressor]:
+        done = {}
+        for c in range(num_classes):
+            state = self._load(f"bbox_{c}.pt")
+            if state is not None and state.get("feature_scale") == scale:
+                done[c] = ClassRegressor(*(state[n].numpy() for n in ("weight", "bias", "target_mean",
+                                                                         "target_unwhiten")),
+                                         stats=json.loads(state["stats"]))
+        return done
+
+    def save_regressor(self, c: int, r: ClassRegressor, scale: float) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self.root / f"bbox_{c}.pt", {
+            "key": self.key, "feature_scale": scale, "stats": json.dumps(r.stats),
+            **{n: torch.from_numpy(np.ascontiguousarray(getattr(r, n), dtype=np.float64))
+               for n in ("weight", "bias", "target_mean", "target_unwhiten")}})
+        log.info("box regressor %d checkpointed in %s", c, self.root)
 
 
 def _same_norm_sample(a: SVMConfig, b: BBoxRegressionConfig) -> bool:
