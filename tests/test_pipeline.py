@@ -121,3 +121,24 @@ def test_kill_in_box_regression_keeps_the_svms_and_the_rerun_continues(synthetic
     for name, tensor in model.svms.tensors().items():
         assert torch.equal(tensor, saved["tensors"][name]), name
     assert not ckpt.exists()                                  # model.pt holds everything now
+    # The budget refuses or allows a run, it never changes what is trained: another budget
+    # keeps every stage.
+    before = _stages(out)
+    run_pipeline(merge(cfg, {"memory_gb": 12.0}), out, progress=False)
+    assert _stages(out) == before
+
+
+@pytest.mark.parametrize("updates,match", [
+    ({"memory_gb": 0.5}, r"train stage \(SVM hard-negative mining\).*memory_gb=0\.5.*lower svm\.max_negatives"),
+    ({"memory_gb": 1.0, "svm": {"max_positives": 10, "max_negatives": 10}},
+     r"train stage \(box regression\).*memory_gb=1.*lower bbox\.max_samples or bbox\.max_gt_samples"),
+    ({"svm": {"max_negatives": None}}, r"svm\.max_positives / svm\.max_negatives is null.*memory_gb=8"),
+    ({"memory_gb": -1.0}, r"memory_gb must be > 0"),
+])
+def test_memory_budget_is_checked_before_any_stage(synthetic_voc, tmp_path, updates, match):
+    from detection.errors import DetectionError
+
+    cfg = merge(_config(synthetic_voc), updates)
+    with pytest.raises(DetectionError, match=match):
+        run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "proposals").exists()
