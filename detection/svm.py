@@ -2,9 +2,9 @@
 
 The trainer reads features through a small :class:`FeatureSource` protocol, one image at a time,
 so it does not care where features come from (conv-map cache + SPP + fc layers, an in-memory
-list, a synthetic generator). Memory is bounded by the positives (ground-truth features, a few
-per image) plus each class's cache of hard negatives; the features of one image are dropped as
-soon as it has been mined.
+list, a synthetic generator). Memory is bounded by the settings: at most ``max_positives``
+positives and ``max_negatives`` cached hard negatives per class (:func:`svm_memory_bytes`); the
+features of one image are dropped as soon as it has been mined.
 
 The recipe (R-CNN ``rcnn_train.m``, SPP-net ``spp_train.m``; reference doc section 7):
 
@@ -12,14 +12,16 @@ The recipe (R-CNN ``rcnn_train.m``, SPP-net ``spp_train.m``; reference doc secti
    features (200 boxes from each of up to 200 images) becomes 20. Every feature the SVMs see,
    at training and at test time, is multiplied by ``s``.
 2. Positives: the ground-truth boxes of the class (all of them, including flipped copies when the
-   source has flipped images); difficult objects only with ``use_difficult``.
+   source has flipped images); difficult objects only with ``use_difficult``. Beyond
+   ``max_positives`` a seeded random subset (crowded scenes: thousands per class).
 3. One pass over the images (configurable). Candidates of an image are its ground-truth boxes
    followed by its proposals (as in the reference, whose ``roidb`` puts GT rows first, so a GT box
    of one class is a candidate negative for every other class). A candidate is a negative for
    class ``c`` when its IoU with every GT box of class ``c`` is below 0.3. It is *hard* when the
    current model scores it above -1.0001; hard negatives not yet cached are added to the class's
    cache. The model starts at zero, so every negative of the first image scores 0 and is hard,
-   which is how the reference seeds its caches.
+   which is how the reference seeds its caches. Beyond ``max_negatives`` (not in the reference)
+   a cache keeps the hardest, those scoring highest under the current model.
 4. A class is retrained (on all its positives and cached negatives) after the first image, and
    whenever more than 2,000 new hard negatives have been added since its last retraining. After
    each retraining, cached negatives scoring below -1.2 are evicted. After the pass, every class
