@@ -173,6 +173,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 
     # 1. data -----------------------------------------------------------------------------------
     root = cfg.data.root
+    if root is not None and cfg.data.synthetic_crowded:
+        raise DetectionError("data.synthetic_crowded applies to the generated dataset only; it cannot be set "
+                             f"with data.root ({root})")
     if root is None:
         from .data.synthetic import make_synthetic_voc
         t0 = time.perf_counter()

@@ -134,6 +134,7 @@ def test_kill_in_box_regression_keeps_the_svms_and_the_rerun_continues(synthetic
      r"train stage \(box regression\).*memory_gb=1.*lower bbox\.max_samples or bbox\.max_gt_samples"),
     ({"svm": {"max_negatives": None}}, r"svm\.max_positives / svm\.max_negatives is null.*memory_gb=8"),
     ({"memory_gb": -1.0}, r"memory_gb must be > 0"),
+    ({"data": {"synthetic_crowded": True}}, r"data\.synthetic_crowded .* data\.root"),
 ])
 def test_memory_budget_is_checked_before_any_stage(synthetic_voc, tmp_path, updates, match):
     from detection.errors import DetectionError
