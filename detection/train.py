@@ -209,10 +209,10 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
     max_candidates = max((len(r.boxes) + len(proposals(r)) for r in records), default=0)
     if cfg.max_train_windows is not None:
         max_candidates = min(max_candidates, cfg.max_train_windows + max((len(r.boxes) for r in records), default=0))
-    layer_dim0 = pool5_dim if settings.feature_layer == "pool5" else \
+    svm_dim = pool5_dim if settings.feature_layer == "pool5" else \
         cfg.finetune.hidden[1 if settings.feature_layer == "fc7" else 0]
-    check_train_memory(cfg, k, pool5_dim, layer_dim0, max_candidates)
-    ckpt = TrainCheckpoint(Path(out_dir) / "train_checkpoint", checkpoint_key) \
+    check_train_memory(cfg, k, pool5_dim, svm_dim, max_candidates)
+    train_ckpt = TrainCheckpoint(Path(out_dir) / "train_checkpoint", checkpoint_key) \
         if out_dir is not None and checkpoint_key is not None else None
     gen = torch.Generator().manual_seed(cfg.seed)
     # SVMs on pool5 use no fc layer: an empty head keeps ~400 MB of unused fc6/fc7 out of the
@@ -251,13 +251,13 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
     layer_dim = pool5_dim if settings.feature_layer == "pool5" else head.hidden[1 if settings.feature_layer == "fc7" else 0]
     source = WindowFeatureSource(records, proposals, pool5_fn, head, settings.feature_layer, layer_dim,
                                  cfg.max_train_windows)
-    svms = ckpt.svms() if ckpt is not None else None
+    svms = train_ckpt.svms() if train_ckpt is not None else None
     if svms is None:
         svms = train_svms(source, k, cfg.svm, class_names=classes, progress=progress)
-        if ckpt is not None:
-            ckpt.save_svms(svms)
+        if train_ckpt is not None:
+            train_ckpt.save_svms(svms)
     else:
-        log.info("SVMs from the checkpoint %s", ckpt.root)
+        log.info("SVMs from the checkpoint %s", train_ckpt.root)
     regressors = None
     if cfg.bbox_regression:
         pool5_source = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim,
@@ -271,11 +271,15 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         # percent of them), and one class at a time: the same samples, in the same order, as
         # reading every proposal, with one class's features in memory instead of all.
         budget = None if cfg.memory_gb is None else int(cfg.memory_gb * 2**30)
+        done, on_class = None, None
+        if train_ckpt is not None:
+            done = train_ckpt.regressors(k, scale)
+
+            def on_class(c: int, r: ClassRegressor) -> None:
+                train_ckpt.save_regressor(c, r, scale)
         regressors = train_box_regressors(regression_sources(pool5_source, k, cfg.bbox), k, cfg.bbox,
                                           class_names=classes, feature_scale=scale, progress=progress,
-                                          memory_budget=budget,
-                                          done=ckpt.regressors(k, scale) if ckpt is not None else None,
-                                          on_class=(lambda c, r: ckpt.save_regressor(c, r, scale)) if ckpt is not None else None)
+                                          memory_budget=budget, done=done, on_class=on_class)
     return SPPDetector(backbone, head, svms, regressors, classes, settings,
                        meta={"train": {"num_images": len(records), "seed": cfg.seed,
                                        "finetune": dataclasses.asdict(cfg.finetune),
