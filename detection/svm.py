@@ -290,7 +290,7 @@ class SVMConfig:
     max_positives: int | None = 2000
     #: At most this many cached hard negatives per class: beyond it the cache keeps the hardest
     #: (highest-scoring under the current model). Bounds the cache and each retraining (liblinear
-    #: copies its rows to float64 and to its own sparse format, ~24 bytes per element). The
+    #: copies its rows to float64 and to its own sparse format: up to 24 bytes per element). The
     #: reference has no cap; crowded scenes cached 13,000 for one class. None: no cap.
     max_negatives: int | None = 5000
 
