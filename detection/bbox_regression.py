@@ -27,17 +27,21 @@ Training (SPP-net ``spp_train_bbox_regressor.m``; reference doc section 8):
   R-CNN: 1,000). As in the reference the bias is a constant-1 feature and is regularised with
   the rest; ``regularize_bias=False`` fits an unpenalised intercept instead.
 
-Memory: only the selected samples are kept (a few per GT object per image), never all proposals,
-and at most ``max_samples`` proposal samples per class (a seeded random subset beyond that: the
-solve holds an N x N float64 kernel). Given one feature source per class, only one class's
-samples are in memory at a time (:func:`train_box_regressors`).
+Memory: the samples are planned from the boxes before any feature is read
+(:func:`plan_regression_samples`), at most ``max_gt_samples`` GT and ``max_samples`` proposal
+samples per class (seeded random subsets beyond that), and each class's arrays are allocated once
+at their final size after checking them against the memory budget
+(:func:`check_regression_memory`), so no native call (BLAS, LAPACK) is ever handed more than the
+budget allows. The solve is primal (D x D) or dual (N x N), whichever is smaller. Given one
+feature source per class, only one class's samples are in memory at a time
+(:func:`train_box_regressors`), and a callback can save each class's regressor as it is done.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import scipy.linalg
@@ -49,7 +53,8 @@ from .errors import DetectionError, ModelError
 from .svm import FeatureSource, check_sample, compute_feature_scale
 
 __all__ = ["encode", "decode", "BBoxRegressionConfig", "BoxRegressors", "train_box_regressors",
-           "collect_regression_samples", "MAX_LOG_SCALE"]
+           "collect_regression_samples", "plan_regression_samples", "ImageSamples", "ClassRegressor",
+           "regression_memory_bytes", "check_regression_memory", "MAX_LOG_SCALE"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +145,10 @@ class BBoxRegressionConfig:
     #: their kernel 0.8 GB; fruit with quality-mode proposals had ~25,000 per class and the
     #: unbounded solve went past 19 GB. None: every sample.
     max_samples: int | None = 10000
+    #: At most this many GT samples per class, a seeded random subset beyond that. Crowded scenes
+    #: have thousands of boxes of one class (6,700 with flips in a 300-image cell dataset): GT
+    #: rows were uncapped and, added to the 10,000 proposals, made a 16,700-row fit. None: every GT.
+    max_gt_samples: int | None = 3000
 
     def validate(self) -> None:
         if not (self.lam >= 0 and self.target_norm > 0):
@@ -150,6 +159,8 @@ class BBoxRegressionConfig:
             raise DetectionError("bbox_regression: norm_images and norm_boxes_per_image must be >= 1")
         if self.max_samples is not None and self.max_samples < 1:
             raise DetectionError(f"bbox_regression: max_samples must be >= 1 or null, got {self.max_samples}")
+        if self.max_gt_samples is not None and self.max_gt_samples < 1:
+            raise DetectionError(f"bbox_regression: max_gt_samples must be >= 1 or null, got {self.max_gt_samples}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -257,68 +268,167 @@ class BoxRegressors:
         return cls(**arrays, feature_scale=scale, meta=rest)
 
 
+def _subset(num: int, cap: int | None, seed: Sequence[int]) -> np.ndarray | None:
+    """Sorted indices of a seeded random subset of ``cap`` of ``num`` rows, or None (keep all)."""
+    if cap is None or num <= cap:
+        return None
+    return np.sort(np.random.default_rng(list(seed)).choice(num, cap, replace=False))
+
+
 def proposal_subset(num: int, class_index: int, cfg: BBoxRegressionConfig) -> np.ndarray | None:
     """Sorted indices of the proposal samples a class keeps when it has ``num`` of them (in
     image order, then proposal order), or None when it keeps them all (``cfg.max_samples``)."""
-    if cfg.max_samples is None or num <= cfg.max_samples:
-        return None
-    rng = np.random.default_rng([cfg.seed, class_index])
-    return np.sort(rng.choice(num, cfg.max_samples, replace=False))
+    return _subset(num, cfg.max_samples, (cfg.seed, class_index))
+
+
+def gt_subset(num: int, class_index: int, cfg: BBoxRegressionConfig) -> np.ndarray | None:
+    """As :func:`proposal_subset` for the ground-truth samples (``cfg.max_gt_samples``); its own
+    random stream, so capping one kind does not move the other's subset."""
+    return _subset(num, cfg.max_gt_samples, (cfg.seed, class_index, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSamples:
+    """The box-regression samples of one class in one image, boxes only.
+
+    Attributes:
+        image: index of the image in its source.
+        gt_rows: int array[g], rows of the image's GT boxes that are samples (GT candidates).
+        gt_targets: int array[g], the GT row each of them regresses to (itself, bar duplicates).
+        proposal_rows: int array[p], rows of the image's proposals that are samples.
+        proposal_targets: int array[p], the GT row each regresses to.
+    """
+
+    image: int
+    gt_rows: np.ndarray
+    gt_targets: np.ndarray
+    proposal_rows: np.ndarray
+    proposal_targets: np.ndarray
+
+
+def _candidate_boxes(source: FeatureSource, i: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(key, gt_boxes, gt_labels, gt_difficult, proposals) of image ``i``, without features when
+    the source can (``candidate_boxes``)."""
+    fast = getattr(source, "candidate_boxes", None)
+    if fast is not None:
+        return fast(i)
+    s = source.image(i)
+    return s.key, s.gt_boxes, s.gt_labels, s.gt_difficult, s.boxes
+
+
+def plan_regression_samples(source: FeatureSource, num_classes: int, cfg: BBoxRegressionConfig,
+                            classes: Sequence[int] | None = None) -> list[list[ImageSamples]]:
+    """Per class, the samples to train on (boxes only, before any feature is read), capped.
+
+    A candidate (GT boxes first, then proposals) is a sample when its best IoU with a
+    non-difficult GT box is above ``cfg.min_iou``; it regresses to that GT box and trains that
+    box's class. A class with more than ``cfg.max_gt_samples`` GT samples or ``cfg.max_samples``
+    proposal samples keeps a seeded random subset of each (counted in image order, then row
+    order), so its memory is bounded by the settings whatever the number of objects.
+
+    Returns:
+        For each class (empty lists for the classes not in ``classes``), the images with a
+        sample of it, in image order.
+    """
+    wanted = set(range(num_classes) if classes is None else classes)
+    found: list[list[ImageSamples]] = [[] for _ in range(num_classes)]
+    for i in range(source.num_images()):
+        _, gt_all, labels_all, difficult, boxes = _candidate_boxes(source, i)
+        gt_all = np.asarray(gt_all, np.float64).reshape(-1, 4)
+        labels_all = np.asarray(labels_all, np.int64).reshape(-1)
+        keep = np.ones(len(gt_all), bool) if cfg.use_difficult or difficult is None else ~np.asarray(difficult, bool)
+        kept = np.flatnonzero(keep)
+        if len(kept) == 0:
+            continue
+        gt, labels = gt_all[kept], labels_all[kept]
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        parts = []
+        for cand, is_gt in ((gt, True), (boxes, False)):
+            if (is_gt and not cfg.include_gt) or len(cand) == 0:
+                parts.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
+                continue
+            iou = box_iou_numpy(cand, gt)                           # [M, G]
+            best = iou.argmax(axis=1)
+            near = np.flatnonzero(iou[np.arange(len(cand)), best] > cfg.min_iou)
+            rows = kept[near] if is_gt else near                    # GT rows index the full GT array
+            parts.append((rows, kept[best[near]]))
+        for c in wanted:
+            (gr, gtg), (pr, ptg) = parts
+            gm, pm = labels_all[gtg] == c, labels_all[ptg] == c
+            if gm.any() or pm.any():
+                found[c].append(ImageSamples(i, gr[gm], gtg[gm], pr[pm], ptg[pm]))
+    for c in wanted:
+        found[c] = _cap(found[c], gt_subset(sum(len(s.gt_rows) for s in found[c]), c, cfg),
+                        proposal_subset(sum(len(s.proposal_rows) for s in found[c]), c, cfg))
+    return found
+
+
+def _cap(images: list[ImageSamples], gt_keep: np.ndarray | None, prop_keep: np.ndarray | None) -> list[ImageSamples]:
+    """Keep the rows whose running index (over ``images``) is in ``gt_keep`` / ``prop_keep``."""
+    if gt_keep is None and prop_keep is None:
+        return images
+    out, g0, p0 = [], 0, 0
+    for s in images:
+        g = np.ones(len(s.gt_rows), bool) if gt_keep is None else np.isin(np.arange(g0, g0 + len(s.gt_rows)), gt_keep)
+        p = np.ones(len(s.proposal_rows), bool) if prop_keep is None else \
+            np.isin(np.arange(p0, p0 + len(s.proposal_rows)), prop_keep)
+        g0, p0 = g0 + len(s.gt_rows), p0 + len(s.proposal_rows)
+        if g.any() or p.any():
+            out.append(ImageSamples(s.image, s.gt_rows[g], s.gt_targets[g], s.proposal_rows[p], s.proposal_targets[p]))
+    return out
+
+
+def regression_memory_bytes(num_samples: int, dim: int) -> int:
+    """Bytes one class's box-regression fit holds at most: its float32 features [N, D], the
+    solve's float64 matrix (``min(N, D + 1)`` square: primal or dual, whichever is smaller) and
+    two float64 blocks of ``_CHUNK`` rows or columns."""
+    m = min(num_samples, dim + 1)
+    return 4 * num_samples * dim + 8 * m * m + 2 * 8 * _CHUNK * max(num_samples, dim + 1)
+
+
+def check_regression_memory(num_samples: int, dim: int, budget_bytes: int | None, what: str) -> None:
+    """Raise :class:`DetectionError` before allocating when a fit would exceed the budget."""
+    need = regression_memory_bytes(num_samples, dim)
+    if budget_bytes is not None and need > budget_bytes:
+        raise DetectionError(
+            f"train stage, box regression ({what}): {num_samples:,} samples of {dim:,}-d features need "
+            f"~{need / 2**30:.2f} GB, above memory_gb={budget_bytes / 2**30:g}; lower bbox.max_samples / "
+            "bbox.max_gt_samples or raise memory_gb")
 
 
 def collect_regression_samples(source: FeatureSource, num_classes: int, cfg: BBoxRegressionConfig,
                                feature_scale: float, progress: bool = False,
-                               classes: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                               classes: Sequence[int] | None = None,
+                               memory_budget: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per class, the scaled features float32 [N_k, D] and targets float64 [N_k, 4] of its samples
-    (GT and proposal rows in image order; proposals capped by ``cfg.max_samples``). Only the
-    classes in ``classes`` (default: all) are collected; the others come back empty."""
+    (:func:`plan_regression_samples`: GT and proposal rows in image order, each kind capped).
+    Only the classes in ``classes`` (default: all) are collected; the others come back empty.
+    The samples are planned from the boxes first, so each class's arrays are allocated once at
+    their final size, after checking them against ``memory_budget`` (bytes, per class)."""
     dim = int(source.dim)
-    wanted = np.zeros(num_classes, bool)
-    wanted[list(range(num_classes)) if classes is None else list(classes)] = True
-    feats: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
-    targets: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
-    is_gt: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
-    for i in tqdm(range(source.num_images()), desc="bbox samples", disable=not progress):
+    plan = plan_regression_samples(source, num_classes, cfg, classes)
+    counts = [sum(len(s.gt_rows) + len(s.proposal_rows) for s in p) for p in plan]
+    for c in range(num_classes):
+        check_regression_memory(counts[c], dim, memory_budget, f"class {c}")
+    xs = [np.empty((n, dim), np.float32) for n in counts]
+    ys = [np.empty((n, 4)) for n in counts]
+    fill = [0] * num_classes
+    by_image: dict[int, list[tuple[int, ImageSamples]]] = {}
+    for c, p in enumerate(plan):
+        for s in p:
+            by_image.setdefault(s.image, []).append((c, s))
+    for i in tqdm(sorted(by_image), desc="bbox samples", disable=not progress):
         s = source.image(i)
         check_sample(s, i, dim, num_classes)
-        keep = np.ones(len(s.gt_labels), bool) if cfg.use_difficult else ~s.gt_difficult
-        gt, gt_labels = s.gt_boxes[keep], s.gt_labels[keep]
-        if len(gt) == 0:
-            continue
-        if cfg.include_gt:
-            cand, cand_feats = np.concatenate([gt, s.boxes]), np.concatenate([s.gt_features[keep], s.features])
-        else:
-            cand, cand_feats = s.boxes, s.features
-        if len(cand) == 0:
-            continue
-        iou = box_iou_numpy(cand, gt)                               # [M, G]
-        best = iou.argmax(axis=1)
-        sel = np.flatnonzero(iou[np.arange(len(cand)), best] > cfg.min_iou)
-        if len(sel) == 0:
-            continue
-        t = encode(cand[sel], gt[best[sel]])
-        cls = gt_labels[best[sel]]
-        from_gt = sel < (len(gt) if cfg.include_gt else 0)
-        for c in np.unique(cls):
-            if not wanted[c]:
-                continue
-            m = cls == c
-            feats[c].append(cand_feats[sel[m]] * np.float32(feature_scale))
-            targets[c].append(t[m])
-            is_gt[c].append(from_gt[m])
-    out = []
-    for c in range(num_classes):
-        if not feats[c]:
-            out.append((np.zeros((0, dim), np.float32), np.zeros((0, 4))))
-            continue
-        x, y, gt_rows = np.concatenate(feats[c]), np.concatenate(targets[c]), np.concatenate(is_gt[c])
-        proposal_rows = np.flatnonzero(~gt_rows)
-        subset = proposal_subset(len(proposal_rows), c, cfg)
-        if subset is not None:
-            rows = np.sort(np.concatenate([np.flatnonzero(gt_rows), proposal_rows[subset]]))
-            x, y = x[rows], y[rows]
-        out.append((x, y))
-    return out
+        for c, rows in by_image[i]:
+            feats = np.concatenate([s.gt_features[rows.gt_rows], s.features[rows.proposal_rows]])
+            cand = np.concatenate([s.gt_boxes[rows.gt_rows], s.boxes[rows.proposal_rows]])
+            target = s.gt_boxes[np.concatenate([rows.gt_targets, rows.proposal_targets])]
+            n = len(feats)
+            xs[c][fill[c]:fill[c] + n] = feats * np.float32(feature_scale)
+            ys[c][fill[c]:fill[c] + n] = encode(cand, target)
+            fill[c] += n
+    return list(zip(xs, ys))
 
 
 #: Rows / columns converted to float64 at a time by the ridge solver.
@@ -417,10 +527,27 @@ def _fit_class(x: np.ndarray, y: np.ndarray, cfg: BBoxRegressionConfig) -> tuple
     return weight, bias, mean, unwhiten, mse
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClassRegressor:
+    """One class's fitted regressor (a row of :class:`BoxRegressors`), what a checkpoint holds.
+
+    Attributes: weight float64 [D, 4], bias [4], target_mean [4], target_unwhiten [4, 4], and
+    ``stats`` (JSON-able: num_samples, train_mse, target_std).
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    target_mean: np.ndarray
+    target_unwhiten: np.ndarray
+    stats: dict[str, Any]
+
+
 def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_classes: int,
                          cfg: BBoxRegressionConfig = BBoxRegressionConfig(),
                          *, class_names: Sequence[str] | None = None, feature_scale: float | None = None,
-                         progress: bool = False, untrained: Sequence[str] = ()) -> BoxRegressors:
+                         progress: bool = False, untrained: Sequence[str] = (), memory_budget: int | None = None,
+                         done: dict[int, ClassRegressor] | None = None,
+                         on_class: Callable[[int, ClassRegressor], None] | None = None) -> BoxRegressors:
     """Train one box regressor per class (see the module docstring).
 
     Args:
@@ -434,11 +561,17 @@ def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_cl
         progress: tqdm bars.
         untrained: names of classes whose SVMs could not be trained (no positives): without
             samples they get the identity regressor (boxes unchanged) instead of an error.
+        memory_budget: bytes one class's fit may hold (:func:`regression_memory_bytes`); a class
+            that would need more is refused before its features are read. None: no limit.
+        done: classes already trained (a resumed run): used as they are, not refitted.
+        on_class: called with each newly fitted class (to checkpoint it).
     Raises:
         DetectionError: a class without samples (no non-difficult GT) not in ``untrained``,
-            NaN/inf or all-zero features, degenerate boxes, an invalid config.
+            NaN/inf or all-zero features, degenerate boxes, an invalid config, a class above the
+            memory budget.
     """
     cfg.validate()
+    done = dict(done or {})
     names = tuple(class_names) if class_names is not None else tuple(f"class_{k}" for k in range(num_classes))
     if len(names) != num_classes or num_classes < 1:
         raise DetectionError(f"bbox_regression: {len(names)} class names for {num_classes} classes")
@@ -459,31 +592,47 @@ def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_cl
         feature_scale, mean_norm = compute_feature_scale(source, cfg.target_norm, cfg.norm_images,
                                                          cfg.norm_boxes_per_image, cfg.seed, progress)
         logger.info("mean feature norm %.4g -> feature scale %.6g", mean_norm, feature_scale)
-    samples = None if per_class else collect_regression_samples(source, num_classes, cfg, feature_scale, progress)
+    todo = [c for c in range(num_classes) if c not in done]
+    samples = None if per_class or not todo else \
+        collect_regression_samples(source, num_classes, cfg, feature_scale, progress, classes=todo,
+                                   memory_budget=memory_budget)
     dim = int((source[0] if per_class else source).dim)
-    weights = np.zeros((num_classes, dim, 4))
-    biases, means = np.zeros((num_classes, 4)), np.zeros((num_classes, 4))
-    unwhiten = np.zeros((num_classes, 4, 4))
-    stats: dict[str, Any] = {}
+    fitted: dict[int, ClassRegressor] = {}
     for c in range(num_classes):
+        if c in done:
+            fitted[c] = done[c]
+            logger.info("%s: box regressor from the checkpoint", names[c])
+            continue
         if per_class:        # read this class's samples now, after the previous class's are freed
-            x, y = collect_regression_samples(source[c], num_classes, cfg, feature_scale, progress, classes=[c])[c]
+            x, y = collect_regression_samples(source[c], num_classes, cfg, feature_scale, progress, classes=[c],
+                                              memory_budget=memory_budget)[c]
         else:
             x, y = samples[c]
         if len(x) == 0 and names[c] in untrained:
-            stats[names[c]] = {"num_samples": 0, "untrained": True}   # all zeros: boxes unchanged
+            # All zeros: the regressor leaves the boxes unchanged.
+            fitted[c] = ClassRegressor(np.zeros((dim, 4)), np.zeros(4), np.zeros(4), np.zeros((4, 4)),
+                                       {"num_samples": 0, "untrained": True})
             continue
         if len(x) == 0:
             raise DetectionError(f"bbox_regression: no training samples (IoU > {cfg.min_iou} with a non-difficult "
                                  f"GT) for class {names[c]}")
         if samples is not None:
             samples[c] = (np.zeros((0, dim), np.float32), y)     # free the features as we go
-        weights[c], biases[c], means[c], unwhiten[c], mse = _fit_class(x, y, cfg)
+        logger.info("%s: fitting %d samples x %d features (%s form)", names[c], len(x), dim,
+                    "primal D x D" if len(x) > dim else "dual N x N")
+        weight, bias, mean, unwhiten, mse = _fit_class(x, y, cfg)
         del x                                                     # before the next class's samples
-        stats[names[c]] = {"num_samples": len(y), "train_mse": mse.tolist(),
-                           "target_std": y.std(axis=0).tolist()}
+        fitted[c] = ClassRegressor(weight, bias, mean, unwhiten,
+                                   {"num_samples": len(y), "train_mse": mse.tolist(),
+                                    "target_std": y.std(axis=0).tolist()})
         logger.info("%s: %d samples, train MSE %s (target variance %s)", names[c], len(y),
                     np.round(mse, 5).tolist(), np.round(y.var(axis=0), 5).tolist())
-    meta = {"classes": list(names), "mean_norm": mean_norm, "config": dataclasses.asdict(cfg), "stats": stats}
-    return BoxRegressors(weights=weights, biases=biases, target_mean=means, target_unwhiten=unwhiten,
+        if on_class is not None:
+            on_class(c, fitted[c])
+    meta = {"classes": list(names), "mean_norm": mean_norm, "config": dataclasses.asdict(cfg),
+            "stats": {names[c]: fitted[c].stats for c in range(num_classes)}}
+    return BoxRegressors(weights=np.stack([fitted[c].weight for c in range(num_classes)]),
+                         biases=np.stack([fitted[c].bias for c in range(num_classes)]),
+                         target_mean=np.stack([fitted[c].target_mean for c in range(num_classes)]),
+                         target_unwhiten=np.stack([fitted[c].target_unwhiten for c in range(num_classes)]),
                          feature_scale=feature_scale, meta=meta)

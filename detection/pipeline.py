@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ from .runtime import resolve_device
 from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1, scale_factors
 from .svm import SVMConfig
 from .timing import compare_methods, rcnn_twin
-from .train import TrainConfig, rcnn_pool5_fn, refuse_unused_finetune, spp_pool5_fn, train_detector
+from .train import (TrainConfig, check_train_memory, rcnn_pool5_fn, refuse_unused_finetune, spp_pool5_fn,
+                    train_detector)
 
 __all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "FeatureConfig", "ConvFinetuneConfig",
            "TimingConfig", "PipelineConfig", "run_pipeline", "embedded_default_overrides"]
@@ -53,6 +55,7 @@ class DataConfig:
     synthetic_trainval: int = 120
     synthetic_test: int = 60
     synthetic_seed: int = 0
+    synthetic_crowded: bool = False       # the crowded variant (detection.data.synthetic)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +122,9 @@ class PipelineConfig:
     bbox_regression: bool = True
     bbox: BBoxRegressionConfig = BBoxRegressionConfig()
     max_train_windows: int | None = None
+    #: GB for the train stage's large arrays; see detection.train.TrainConfig.memory_gb (checked
+    #: before the first stage runs). null: no check.
+    memory_gb: float | None = 8.0
     test: DetectorSettings = DetectorSettings()
     metric: str | None = None             # voc07 / voc10; None: voc07 for VOC2007, else voc10
     timing: TimingConfig = TimingConfig()
@@ -186,16 +192,34 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 
     # 1. data -----------------------------------------------------------------------------------
     root = cfg.data.root
+    if root is not None and cfg.data.synthetic_crowded:
+        raise DetectionError("data.synthetic_crowded applies to the generated dataset only; it cannot be set "
+                             f"with data.root ({root})")
     if root is None:
         t0 = time.perf_counter()
         root = str(make_synthetic_voc(out / "synthetic_voc", num_trainval=cfg.data.synthetic_trainval,
-                                      num_test=cfg.data.synthetic_test, seed=cfg.data.synthetic_seed))
+                                      num_test=cfg.data.synthetic_test, seed=cfg.data.synthetic_seed,
+                                      crowded=cfg.data.synthetic_crowded))
         timings["data"] = time.perf_counter() - t0
     train_ds = VOCDataset(root, cfg.data.train_split, classes=cfg.data.classes, use_flipped=cfg.data.flip,
                           skip_bad=cfg.data.skip_bad)
     test_ds = VOCDataset(root, cfg.data.test_split, classes=train_ds.classes, skip_bad=cfg.data.skip_bad)
     classes = train_ds.classes
     log.info("data: %s, %d training records, %d test images, classes %s", root, len(train_ds), len(test_ds), classes)
+
+    # The train stage's memory, checked before anything runs: the worst case its settings allow.
+    device = resolve_device(cfg.device)
+    backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, seed=cfg.backbone.seed)
+    tcfg = TrainConfig(finetune=cfg.finetune, svm=cfg.svm, bbox=cfg.bbox, bbox_regression=cfg.bbox_regression,
+                       max_train_windows=cfg.max_train_windows, seed=cfg.seed, memory_gb=cfg.memory_gb)
+    pool5_dim = backbone.out_channels * sum(n * n for n in cfg.features.levels)
+    layer_dim = pool5_dim if cfg.feature_layer == "pool5" else cfg.finetune.hidden[1 if cfg.feature_layer == "fc7" else 0]
+    windows = cfg.proposals.max_boxes if cfg.max_train_windows is None else min(cfg.proposals.max_boxes,
+                                                                                  cfg.max_train_windows)
+    need = check_train_memory(tcfg, len(classes), pool5_dim, layer_dim,
+                              windows + max((len(r.boxes) for r in train_ds.records), default=0))
+    log.info("train stage memory, worst case: %s GB (memory_gb=%s)",
+             {k: None if v is None else round(v, 2) for k, v in need.items()}, cfg.memory_gb)
 
     # 2. proposals ------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -205,9 +229,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     test_props = compute_proposals(test_ds, out / "proposals", **ss)
     timings["proposals"] = time.perf_counter() - t0
 
-    # 3. backbone (+ conv fine-tuning through SPP) -----------------------------------------------
-    device = resolve_device(cfg.device)
-    backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, seed=cfg.backbone.seed)
+    # 3. conv fine-tuning through SPP (optional) -------------------------------------------------
     if cfg.conv_finetune.enabled:
         t0 = time.perf_counter()
         _finetune_conv(cfg, backbone, train_ds, train_props, out / "conv_finetune", stages, progress)
@@ -217,7 +239,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     settings = dataclasses.replace(cfg.test, method=cfg.method, scales=tuple(cfg.features.scales),
                                    max_size=cfg.features.max_size, levels=tuple(cfg.features.levels),
                                    projection_rule=cfg.features.projection_rule, feature_layer=cfg.feature_layer)
-    pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)
     t0 = time.perf_counter()
     if cfg.method == "spp":
         cache = extract_conv_maps(train_ds, backbone, out / "features", scales=settings.scales,
@@ -247,13 +268,14 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
                      cfg.max_train_windows, train_settings)
     if not stages.done("train", train_key, model_path):
         t0 = time.perf_counter()
-        tcfg = TrainConfig(finetune=cfg.finetune, svm=cfg.svm, bbox=cfg.bbox, bbox_regression=cfg.bbox_regression,
-                           max_train_windows=cfg.max_train_windows, seed=cfg.seed)
+        # The SVMs and each box regressor are checkpointed as they finish: a crash or kill in box
+        # regression keeps the SVMs, and the rerun continues (train_key: everything they depend on).
         detector = train_detector(train_ds.records, classes, train_props.proposals_for_record, backbone, pool5_fn,
                                   pool5_dim, settings, tcfg, out_dir=out, progress=progress,
-                                  finetune_pool5_fn=finetune_fn)
+                                  finetune_pool5_fn=finetune_fn, checkpoint_key=train_key)
         detector.save(model_path, model_meta)
         stages.mark("train", train_key, time.perf_counter() - t0)
+        shutil.rmtree(out / "train_checkpoint", ignore_errors=True)    # model.pt holds it all now
     timings["train"] = stages.state["train"]["seconds"]
     detector = SPPDetector.from_file(model_path, device=device)
     detection_settings = {k: getattr(settings, k) for k in DETECTION_ONLY_SETTINGS}

@@ -2,9 +2,9 @@
 
 The trainer reads features through a small :class:`FeatureSource` protocol, one image at a time,
 so it does not care where features come from (conv-map cache + SPP + fc layers, an in-memory
-list, a synthetic generator). Memory is bounded by the positives (ground-truth features, a few
-per image) plus each class's cache of hard negatives; the features of one image are dropped as
-soon as it has been mined.
+list, a synthetic generator). Memory is bounded by the settings: at most ``max_positives``
+positives and ``max_negatives`` cached hard negatives per class (:func:`svm_memory_bytes`); the
+features of one image are dropped as soon as it has been mined.
 
 The recipe (R-CNN ``rcnn_train.m``, SPP-net ``spp_train.m``; reference doc section 7):
 
@@ -12,14 +12,16 @@ The recipe (R-CNN ``rcnn_train.m``, SPP-net ``spp_train.m``; reference doc secti
    features (200 boxes from each of up to 200 images) becomes 20. Every feature the SVMs see,
    at training and at test time, is multiplied by ``s``.
 2. Positives: the ground-truth boxes of the class (all of them, including flipped copies when the
-   source has flipped images); difficult objects only with ``use_difficult``.
+   source has flipped images); difficult objects only with ``use_difficult``. Beyond
+   ``max_positives`` a seeded random subset (crowded scenes: thousands per class).
 3. One pass over the images (configurable). Candidates of an image are its ground-truth boxes
    followed by its proposals (as in the reference, whose ``roidb`` puts GT rows first, so a GT box
    of one class is a candidate negative for every other class). A candidate is a negative for
    class ``c`` when its IoU with every GT box of class ``c`` is below 0.3. It is *hard* when the
    current model scores it above -1.0001; hard negatives not yet cached are added to the class's
    cache. The model starts at zero, so every negative of the first image scores 0 and is hard,
-   which is how the reference seeds its caches.
+   which is how the reference seeds its caches. Beyond ``max_negatives`` (not in the reference)
+   a cache keeps the hardest, those scoring highest under the current model.
 4. A class is retrained (on all its positives and cached negatives) after the first image, and
    whenever more than 2,000 new hard negatives have been added since its last retraining. After
    each retraining, cached negatives scoring below -1.2 are evicted. After the pass, every class
@@ -62,6 +64,7 @@ __all__ = [
     "check_sample",
     "fit_linear_svm",
     "svm_objective",
+    "svm_memory_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -283,12 +286,21 @@ class SVMConfig:
     tol: float = 0.1
     #: Cap on coordinate-descent epochs per retraining (liblinear's own cap is 1000).
     max_iter: int = 1000
-    #: Seed of liblinear's coordinate order and of the feature-norm sample.
+    #: Seed of liblinear's coordinate order, of the feature-norm sample and of the positives' subset.
     seed: int = 0
     #: A class without positives in the training images (e.g. it appears only in the test split):
     #: "warn" trains the others and leaves it untrained (it never detects; listed in the model's
     #: ``svm.untrained`` and in the metrics), "error" stops training naming it.
     classes_without_positives: str = "warn"
+    #: At most this many positives per class: a seeded random subset (in image order) when a
+    #: class has more. Crowded scenes have thousands of boxes of one class (6,700 with flips),
+    #: and every positive is in memory and in every retraining. None: every GT box.
+    max_positives: int | None = 2000
+    #: At most this many cached hard negatives per class: beyond it the cache keeps the hardest
+    #: (highest-scoring under the current model). Bounds the cache and each retraining (liblinear
+    #: copies its rows to float64 and to its own sparse format: up to 24 bytes per element). The
+    #: reference has no cap; crowded scenes cached 13,000 for one class. None: no cap.
+    max_negatives: int | None = 5000
 
     def validate(self) -> None:
         if self.classes_without_positives not in ("warn", "error"):
@@ -305,6 +317,9 @@ class SVMConfig:
             raise DetectionError("svm: retrain_every, passes and max_iter must be >= 1")
         if self.norm_images < 1 or self.norm_boxes_per_image < 1:
             raise DetectionError("svm: norm_images and norm_boxes_per_image must be >= 1")
+        for name in ("max_positives", "max_negatives"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise DetectionError(f"svm: {name} must be >= 1 or null, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -402,6 +417,7 @@ class _ClassCache:
     retrains: int = 0
     peak_cached: int = 0
     evicted: int = 0
+    dropped: int = 0                                     # trimmed by max_negatives
     last: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -412,7 +428,19 @@ class _ClassCache:
         self.pending.append((keys, feats))
         self.key_set.update(keys.tolist())
         self.num_added += len(keys)
-        self.peak_cached = max(self.peak_cached, self.num_neg)
+
+    def trim(self, cap: int, w: np.ndarray, b: float) -> None:
+        """Keep the ``cap`` negatives scoring highest under ``(w, b)`` (ties: the earlier)."""
+        self.consolidate()
+        if len(self.neg) <= cap:
+            return
+        z = self.neg @ w + np.float32(b)
+        keep = np.zeros(len(z), bool)
+        keep[np.argsort(-z, kind="stable")[:cap]] = True
+        self.key_set.difference_update(self.neg_keys[~keep].tolist())
+        self.dropped += int((~keep).sum())
+        self.neg = self.neg[keep]
+        self.neg_keys = self.neg_keys[keep]
 
     def consolidate(self) -> None:
         if self.pending:
@@ -426,6 +454,38 @@ class _ClassCache:
             self.neg = self.neg[~mask]
             self.neg_keys = self.neg_keys[~mask]
             self.evicted += int(mask.sum())
+
+
+class _Reservoir:
+    """A seeded uniform random subset of at most ``cap`` rows of a stream (reservoir sampling,
+    Algorithm R), returned in stream order; every row while there are at most ``cap``. Memory:
+    ``cap`` rows, whatever the length of the stream."""
+
+    def __init__(self, cap: int | None, dim: int, rng: np.random.Generator) -> None:
+        self.cap, self.dim, self.rng = cap, dim, rng
+        self.parts: list[np.ndarray] = []          # below the cap: the rows as they came
+        self.buf: np.ndarray | None = None         # at the cap: [cap, D] and each slot's stream index
+        self.index: np.ndarray | None = None
+        self.seen = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        for row in rows:
+            t = self.seen
+            self.seen += 1
+            if self.cap is None or t < self.cap:
+                self.parts.append(row[None])
+                continue
+            if self.buf is None:
+                self.buf, self.index = np.concatenate(self.parts), np.arange(self.cap)
+                self.parts = []
+            j = int(self.rng.integers(0, t + 1))
+            if j < self.cap:
+                self.buf[j], self.index[j] = row, t
+
+    def rows(self) -> np.ndarray:
+        if self.buf is None:
+            return np.concatenate(self.parts) if self.parts else np.zeros((0, self.dim), np.float32)
+        return self.buf[np.argsort(self.index)]
 
 
 class SVMTrainer:
@@ -522,7 +582,8 @@ class SVMTrainer:
                                  f"{', '.join(missing)}; every candidate window overlaps them")
 
         stats = {name: dict(cache.last, num_pos=len(cache.pos), num_neg_cached=cache.num_neg,
-                            peak_cached=cache.peak_cached, evicted=cache.evicted, retrains=cache.retrains)
+                            peak_cached=cache.peak_cached, evicted=cache.evicted, dropped=cache.dropped,
+                            retrains=cache.retrains)
                  for name, cache in zip(self.class_names, self._caches)}
         meta = {
             "classes": list(self.class_names),
@@ -549,14 +610,15 @@ class SVMTrainer:
 
     # -- steps ----------------------------------------------------------------------------------
     def _collect_positives(self, n: int, dim: int, scale: float) -> list[_ClassCache]:
-        pos: list[list[np.ndarray]] = [[] for _ in range(self.num_classes)]
+        pos = [_Reservoir(self.cfg.max_positives, dim, np.random.default_rng([self.cfg.seed, c]))
+               for c in range(self.num_classes)]
         for i in tqdm(range(n), desc="positives", disable=not self.progress):
             s = self.source.image(i, with_proposals=False)
             check_sample(s, i, dim, self.num_classes)
             keep = np.ones(len(s.gt_labels), bool) if self.cfg.use_difficult else ~s.gt_difficult
             for c in np.unique(s.gt_labels[keep]):
-                pos[c].append(s.gt_features[keep & (s.gt_labels == c)] * np.float32(scale))
-        empty = [self.class_names[c] for c in range(self.num_classes) if not pos[c]]
+                pos[c].add(s.gt_features[keep & (s.gt_labels == c)] * np.float32(scale))
+        empty = [self.class_names[c] for c in range(self.num_classes) if not pos[c].seen]
         if empty and (self.cfg.classes_without_positives == "error" or len(empty) == self.num_classes):
             raise DetectionError(f"svm: no positive (non-difficult GT) examples for class(es) {', '.join(empty)} "
                                  f"in the {n} training images; cannot train their SVMs")
@@ -566,8 +628,9 @@ class SVMTrainer:
                            "makes this an error)", ", ".join(empty), n)
         caches = []
         for c in range(self.num_classes):
-            x = np.concatenate(pos[c], axis=0) if pos[c] else np.zeros((0, dim), np.float32)
-            logger.info("%s: %d positives", self.class_names[c], len(x))
+            x = pos[c].rows()
+            logger.info("%s: %d positives%s", self.class_names[c], len(x),
+                        f" (a seeded subset of {pos[c].seen}: svm.max_positives)" if pos[c].seen > len(x) else "")
             caches.append(_ClassCache(pos=x, neg=np.zeros((0, dim), np.float32), neg_keys=np.zeros(0, np.int64)))
         return caches
 
@@ -601,6 +664,9 @@ class SVMTrainer:
             if fresh.any():
                 cache.add(keys[fresh], feats[idx[fresh]])
                 added += int(fresh.sum())
+                if cfg.max_negatives is not None and cache.num_neg > cfg.max_negatives:
+                    cache.trim(cfg.max_negatives, weights[c], biases[c])
+                cache.peak_cached = max(cache.peak_cached, cache.num_neg)
         return added
 
     def _retrain(self, c: int, weights: np.ndarray, biases: np.ndarray) -> None:
@@ -678,6 +744,20 @@ def svm_objective(w: np.ndarray, b: float, z_pos: np.ndarray, z_neg: np.ndarray,
         "pos_support_vectors": int((z_pos < 1 + 1e-6).sum()),
         "neg_support_vectors": int((z_neg > -1 - 1e-6).sum()),
     }
+
+
+def svm_memory_bytes(cfg: SVMConfig, num_classes: int, dim: int, max_candidates: int) -> int | None:
+    """Bytes the SVM training holds at most (None: unbounded, a cap is null): every class's
+    float32 positives and negatives, one image's candidate features (read and scaled) plus a
+    cache being trimmed, and one retraining (liblinear takes a float64 copy, 8 bytes per element,
+    and builds its own sparse copy, 16 bytes per non-zero: counted as if all were non-zero)."""
+    if cfg.max_positives is None or cfg.max_negatives is None:
+        return None
+    rows = cfg.max_positives + cfg.max_negatives
+    caches = num_classes * rows * dim * 4
+    image = 2 * max_candidates * dim * 4 + (cfg.max_negatives + max_candidates) * dim * 4
+    retrain = rows * dim * (8 + 16)
+    return caches + image + retrain
 
 
 def train_svms(source: FeatureSource, num_classes: int, cfg: SVMConfig = SVMConfig(), *,

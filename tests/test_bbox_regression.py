@@ -9,8 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from detection.bbox_regression import (MAX_LOG_SCALE, BBoxRegressionConfig, BoxRegressors, _fit_class,
-                                       collect_regression_samples, decode, encode, train_box_regressors)
+from detection.bbox_regression import (MAX_LOG_SCALE, BBoxRegressionConfig, BoxRegressors, _fit_class, _ridge,
+                                       collect_regression_samples, decode, encode, regression_memory_bytes,
+                                       train_box_regressors)
 from detection.boxes import box_iou_numpy
 from detection.errors import DetectionError, ModelError
 from detection.svm import ImageSample, ListFeatureSource
@@ -244,3 +245,56 @@ def test_max_samples_keeps_every_gt_and_a_seeded_subset_of_proposals():
     assert rows == sorted(rows) and len(set(rows)) == 50
     again = collect_regression_samples(src, 1, BBoxRegressionConfig(max_samples=50), feature_scale=1.0)[0]
     np.testing.assert_array_equal(capped[0], again[0])              # seeded: the same subset
+
+
+def test_max_gt_samples_keeps_a_seeded_subset_of_the_gt_and_every_proposal():
+    src, _ = linear_map_source(3, 40, 4, np.tile(np.eye(4) * 0.01, (1, 1, 1)), np.zeros((1, 4)), per_image=3)
+    full = collect_regression_samples(src, 1, BBoxRegressionConfig(max_gt_samples=None), feature_scale=1.0)[0]
+    capped = collect_regression_samples(src, 1, BBoxRegressionConfig(max_gt_samples=7), feature_scale=1.0)[0]
+    assert len(full[0]) == 40 + 120 and len(capped[0]) == 7 + 120
+    gt_rows = (capped[0] == 1).all(axis=1)                      # GT features are all ones, targets 0
+    assert gt_rows.sum() == 7 and (np.abs(capped[1][gt_rows]).sum(axis=1) == 0).all()
+    np.testing.assert_array_equal(capped[0][~gt_rows], full[0][~(full[0] == 1).all(axis=1)])
+    again = collect_regression_samples(src, 1, BBoxRegressionConfig(max_gt_samples=7), feature_scale=1.0)[0]
+    np.testing.assert_array_equal(capped[1], again[1])
+    # the two caps draw from their own streams: capping the proposals too keeps the same GT rows
+    both = collect_regression_samples(src, 1, BBoxRegressionConfig(max_gt_samples=7, max_samples=20),
+                                      feature_scale=1.0)[0]
+    assert len(both[0]) == 7 + 20
+    with pytest.raises(DetectionError, match="max_gt_samples"):
+        train_box_regressors(src, 1, BBoxRegressionConfig(max_gt_samples=0), feature_scale=1.0)
+
+
+def test_memory_budget_refuses_a_class_before_reading_its_features():
+    class Counting(ListFeatureSource):
+        reads = 0
+
+        def candidate_boxes(self, i):
+            s = self.samples[i]
+            return s.key, s.gt_boxes, s.gt_labels, s.gt_difficult, s.boxes
+
+        def image(self, i, *, with_proposals=True):
+            Counting.reads += 1
+            return super().image(i, with_proposals=with_proposals)
+
+    plain, _ = linear_map_source(3, 10, 4, np.tile(np.eye(4) * 0.01, (1, 1, 1)), np.zeros((1, 4)))
+    src = Counting(plain.samples, plain.dim)
+    need = regression_memory_bytes(10 + 200, 4)
+    with pytest.raises(DetectionError, match=r"box regression.*210 samples.*memory_gb.*bbox\.max_samples"):
+        train_box_regressors(src, 1, feature_scale=1.0, memory_budget=need - 1)
+    assert Counting.reads == 0
+    reg = train_box_regressors(src, 1, feature_scale=1.0, memory_budget=need)
+    assert Counting.reads == 10 and reg.meta["stats"]["class_0"]["num_samples"] == 210
+
+
+@pytest.mark.parametrize("n", [30, 5])
+def test_primal_and_dual_forms_agree(monkeypatch, n):
+    # n > D: primal (D+1) x (D+1); n <= D: dual n x n. Both must be the ridge solution.
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 12)).astype(np.float32)
+    y = rng.normal(size=(n, 4))
+    w, b = _ridge(x, y, 3.0, True)
+    a = np.concatenate([x.astype(np.float64), np.ones((n, 1))], axis=1)
+    beta = np.linalg.solve(a.T @ a + 3.0 * np.eye(13), a.T @ y)
+    np.testing.assert_allclose(np.concatenate([w, b[None]]), beta, rtol=1e-8, atol=1e-10)
+    assert regression_memory_bytes(n, 12) >= 8 * min(n, 13) ** 2 + 4 * n * 12

@@ -84,3 +84,88 @@ def test_fc_finetuning_with_pool5_svms_is_refused(synthetic_voc, tmp_path):
     with pytest.raises(ConfigError, match="finetune.enabled=true trains fc6/fc7, but the SVMs read pool5"):
         run_pipeline(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# The child: run_pipeline with the config above, paused for a minute right after class 0's box
+# regressor is checkpointed (a logging handler, so the pipeline's own code runs unchanged), which
+# is when the test kills it: inside box regression, the SVMs done, the model not yet written.
+_CHILD = """
+import logging, sys, time
+from detection.config import from_dict
+from detection.pipeline import PipelineConfig, run_pipeline
+import json, torch
+torch.set_num_threads(1)
+
+class PauseInBoxRegression(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("box regressor 0 checkpointed"):
+            print("PAUSED", flush=True)
+            time.sleep(60)
+
+logging.getLogger("detection.train").addHandler(PauseInBoxRegression())
+logging.getLogger("detection.train").setLevel(logging.INFO)
+run_pipeline(from_dict(PipelineConfig, json.loads(sys.argv[1])), sys.argv[2], progress=False)
+"""
+
+
+def test_kill_in_box_regression_keeps_the_svms_and_the_rerun_continues(synthetic_voc, tmp_path, caplog):
+    import logging
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from detection.config import to_dict
+
+    cfg = _config(synthetic_voc)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(to_dict(cfg)), str(out)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = child.stdout.readline()           # blocks until the pause (or the child's end)
+        assert line.strip() == "PAUSED", "the child finished or failed before box regression"
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    ckpt = out / "train_checkpoint"
+    assert (ckpt / "svms.pt").is_file() and (ckpt / "bbox_0.pt").is_file()
+    assert not (ckpt / "bbox_1.pt").exists() and not (out / "model.pt").exists()
+    assert not (out / "stages.json").exists() or "train" not in _stages(out)
+    saved = torch.load(ckpt / "svms.pt", weights_only=True)
+
+    with caplog.at_level(logging.INFO, logger="detection"):
+        run_pipeline(cfg, out, progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("SVMs from the checkpoint") for m in messages)
+    assert not any("hard negatives" in m and "pass" in m for m in messages)          # no mining again
+    assert any(m.endswith("box regressor from the checkpoint") for m in messages)    # class 0 kept
+    model = SPPDetector.from_file(out / "model.pt")
+    for name, tensor in model.svms.tensors().items():
+        assert torch.equal(tensor, saved["tensors"][name]), name
+    assert not ckpt.exists()                                  # model.pt holds everything now
+    # The budget refuses or allows a run, it never changes what is trained: another budget
+    # keeps every stage.
+    before = _stages(out)
+    run_pipeline(merge(cfg, {"memory_gb": 12.0}), out, progress=False)
+    assert _stages(out) == before
+
+
+@pytest.mark.parametrize("updates,match", [
+    ({"memory_gb": 0.5}, r"train stage \(SVM hard-negative mining\).*memory_gb=0\.5.*lower svm\.max_negatives"),
+    ({"memory_gb": 1.0, "svm": {"max_positives": 10, "max_negatives": 10}},
+     r"train stage \(box regression\).*memory_gb=1.*lower bbox\.max_samples or bbox\.max_gt_samples"),
+    ({"svm": {"max_negatives": None}}, r"svm\.max_positives / svm\.max_negatives is null.*memory_gb=8"),
+    ({"memory_gb": -1.0}, r"memory_gb must be > 0"),
+    ({"data": {"synthetic_crowded": True}}, r"data\.synthetic_crowded .* data\.root"),
+])
+def test_memory_budget_is_checked_before_any_stage(synthetic_voc, tmp_path, updates, match):
+    from detection.errors import DetectionError
+
+    cfg = merge(_config(synthetic_voc), updates)
+    with pytest.raises(DetectionError, match=match):
+        run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "proposals").exists()

@@ -269,3 +269,46 @@ def test_feature_scale_brings_mean_norm_to_target(train_samples):
     feats = np.concatenate([s.candidate_features() for s in train_samples]).astype(np.float64)
     assert mean_norm == pytest.approx(np.linalg.norm(feats, axis=1).mean(), rel=1e-6)
     assert np.linalg.norm(feats * scale, axis=1).mean() == pytest.approx(20.0, rel=1e-6)
+
+
+def test_max_positives_keeps_a_seeded_subset_in_image_order():
+    # 60 images with 1-2 objects of 2 classes: ~45 positives per class; a cap of 10 keeps 10 of
+    # them (the same 10 every time), each one a real GT feature, in image order.
+    samples = make_samples(4, 60)
+    src = ListFeatureSource(samples, DIM)
+    cfg = SVMConfig(max_positives=10, passes=1)
+
+    def positives(c):
+        return SVMTrainer(src, K, cfg, feature_scale=1.0)._collect_positives(len(samples), DIM, 1.0)[c].pos
+
+    every = SVMTrainer(src, K, dataclasses.replace(cfg, max_positives=None), feature_scale=1.0
+                       )._collect_positives(len(samples), DIM, 1.0)
+    for c in range(K):
+        kept = positives(c)
+        assert len(every[c].pos) > 30 and len(kept) == 10
+        rows = [int(np.flatnonzero((every[c].pos == r).all(axis=1))[0]) for r in kept]
+        assert rows == sorted(rows) and len(set(rows)) == 10
+        np.testing.assert_array_equal(kept, positives(c))
+    # At or above the class sizes the cap changes nothing.
+    a = train_svms(src, K, SVMConfig(max_positives=None))
+    b = train_svms(src, K, SVMConfig(max_positives=1000))
+    np.testing.assert_array_equal(a.weights, b.weights)
+
+
+def test_max_negatives_bounds_every_cache_and_keeps_the_hardest(train_samples):
+    src = ListFeatureSource(train_samples, DIM)
+    free = train_svms(src, K, SVMConfig(retrain_every=10**9, max_negatives=None))
+    assert all(st["peak_cached"] > 300 for st in free.meta["stats"].values())
+    capped = train_svms(src, K, SVMConfig(retrain_every=10**9, max_negatives=150))
+    for st in capped.meta["stats"].values():
+        assert st["peak_cached"] <= 150 and st["num_neg_cached"] <= 150 and st["dropped"] > 0
+    # The hardest negatives carry the model: the capped SVMs still separate the classes.
+    test = make_samples(1, 30)
+    for svms in (free, capped):
+        pos = np.concatenate([s.gt_features[s.gt_labels == 0] for s in test])
+        neg = np.concatenate([s.features[box_iou_numpy(s.boxes, s.gt_boxes).max(axis=1) < 0.1] for s in test])
+        assert (svms.scores(pos)[:, 0] > 0).mean() > 0.9 and (svms.scores(neg)[:, 0] < 0).mean() > 0.9
+    big = train_svms(src, K, SVMConfig(retrain_every=10**9, max_negatives=10**6))
+    np.testing.assert_array_equal(big.weights, free.weights)
+    with pytest.raises(DetectionError, match="max_negatives"):
+        train_svms(src, K, SVMConfig(max_negatives=0))

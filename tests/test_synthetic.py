@@ -157,3 +157,22 @@ def test_tool(tmp_path, capsys):
     assert read_json(out / "synthetic.json")["seed"] == 5
     assert tool.main(["--out", str(tmp_path), "--num-trainval", "2", "--num-test", "1", "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_crowded_option_many_overlapping_objects_one_dominant_class(tmp_path):
+    root = make_synthetic_voc(tmp_path / "crowd", num_trainval=12, num_test=3, seed=1, crowded=True)
+    ds = VOCDataset(root, "trainval")
+    assert ds.classes == ("circle", "square", "triangle")           # stars never appear
+    counts = np.array([len(r.boxes) for r in ds.records])
+    assert counts.min() >= 8 and 12 <= counts.mean() <= 16           # 12-16 wanted; a few may not fit
+    labels = np.concatenate([r.labels for r in ds.records])
+    assert 0.55 < (labels == 0).mean() < 0.8                         # circles: 2/3 of the boxes
+    overlapping = [(box_iou_numpy(r.boxes, r.boxes) - np.eye(len(r.boxes)) > 0).any(axis=1).mean()
+                   for r in ds.records]
+    assert np.mean(overlapping) > 0.3                                # many objects overlap another
+    assert read_json(root / "synthetic.json")["crowded"] is True
+    # the default dataset's settings file has no "crowded" key: datasets made before the option
+    # are still reused
+    plain = make_synthetic_voc(tmp_path / "plain", num_trainval=2, num_test=1, seed=1)
+    assert "crowded" not in read_json(plain / "synthetic.json")
+    assert make_synthetic_voc(root, num_trainval=12, num_test=3, seed=1, crowded=True) == root

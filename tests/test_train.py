@@ -40,13 +40,14 @@ def _pool5(record: ImageRecord, boxes: torch.Tensor) -> torch.Tensor:
     return torch.relu(torch.sin(b[:, :1] * basis / 40) + torch.cos(b[:, 2:3] * basis / 50) + b[:, 1:2] / 100).float()
 
 
-@pytest.mark.parametrize("max_samples", [None, 15])
-def test_per_class_regression_sources_give_the_regressors_of_every_proposal(max_samples):
-    # max_samples=15 caps both classes (~30-60 samples each): the per-class sources pick the
-    # capped subset before pooling; the single source pools everything and subsets afterwards.
+@pytest.mark.parametrize("max_samples,max_gt_samples", [(None, None), (15, None), (15, 5)])
+def test_per_class_regression_sources_give_the_regressors_of_every_proposal(max_samples, max_gt_samples):
+    # max_samples=15 caps both classes (~30-60 samples each), max_gt_samples=5 their GT rows (12
+    # and 8): the per-class sources pick the capped subsets before pooling; the single source
+    # plans on every proposal.
     rng = np.random.default_rng(0)
     records = [_record(i, rng) for i in range(12)]
-    cfg = BBoxRegressionConfig(lam=10.0, max_samples=max_samples)
+    cfg = BBoxRegressionConfig(lam=10.0, max_samples=max_samples, max_gt_samples=max_gt_samples)
     every = WindowFeatureSource(records, _proposals, _pool5, None, "pool5", DIM)
     per_class = regression_sources(every, 2, cfg)
     # class 1 is difficult in every third image: those images are not read for it
@@ -60,8 +61,10 @@ def test_per_class_regression_sources_give_the_regressors_of_every_proposal(max_
     counts = [a.meta["stats"][f"class_{c}"]["num_samples"] for c in range(2)]
     if max_samples is None:
         assert min(counts) > 15
-    else:                                    # the GT boxes (12 and 8) plus 15 proposals each
+    elif max_gt_samples is None:             # the GT boxes (12 and 8) plus 15 proposals each
         assert counts == [12 + 15, 8 + 15]
+    else:
+        assert counts == [5 + 15, 5 + 15]
 
 
 def test_feature_norm_from_sampled_rows_equals_the_norm_from_every_row():

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..errors import CacheError, DatasetError
 from ..io import read_json, write_json
 
-__all__ = ["SYNTHETIC_CLASSES", "SYNTHETIC_VERSION", "make_synthetic_voc"]
+__all__ = ["SYNTHETIC_CLASSES", "SYNTHETIC_VERSION", "CROWDED_LAYOUT", "make_synthetic_voc"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,23 @@ PLACEMENT_TRIES = 30
 JPEG_QUALITY = 92  # high enough that JPEG artefacts do not blur the small shapes
 # JPEGs are saved without chroma subsampling (4:4:4): with 4:2:0 the one-pixel tips of stars and
 # triangles lose their colour and the visible object no longer reaches its box.
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How many objects an image holds, of which classes, how large and how hidden."""
+
+    num_objects: tuple[int, int] = (1, MAX_OBJECTS)          # inclusive range, uniform
+    class_probs: tuple[float, ...] | None = None             # None: uniform over SYNTHETIC_CLASSES
+    size_range: tuple[float, float] = SIZE_RANGE
+    min_visible: float = MIN_VISIBLE
+
+
+#: The crowded variant (crowds of cells, cars, people): 12-16 smaller objects per image (14 on
+#: average), three classes of which circles hold 2/3 of the boxes (stars never appear), and more
+#: occlusion allowed (each object keeps at least 45 % of its pixels visible).
+CROWDED_LAYOUT = _Layout(num_objects=(12, 16), class_probs=(2 / 3, 1 / 6, 0.0, 1 / 6), size_range=(20.0, 70.0),
+                         min_visible=0.45)
 
 
 @dataclass(frozen=True)
@@ -159,18 +176,22 @@ def _texture(name: str, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
     return tex + rng.normal(0.0, 6.0, size=tex.shape)
 
 
-def _render_image(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, list[_Object]]:
+def _render_image(rng: np.random.Generator, width: int, height: int,
+                  layout: _Layout = _Layout()) -> tuple[Image.Image, list[_Object]]:
     """One image and its objects (visible-extent boxes, VOC 1-based)."""
     canvas = np.asarray(_background(rng, width, height), dtype=np.float64).copy()
     owner = np.full((height, width), -1, np.int32)  # which object is visible at each pixel
     full_count: list[int] = []
     names: list[str] = []
     truncated: list[bool] = []
-    n_wanted = int(rng.integers(1, MAX_OBJECTS + 1))
+    n_wanted = int(rng.integers(layout.num_objects[0], layout.num_objects[1] + 1))
     for _ in range(n_wanted):
-        name = SYNTHETIC_CLASSES[int(rng.integers(len(SYNTHETIC_CLASSES)))]
+        if layout.class_probs is None:
+            name = SYNTHETIC_CLASSES[int(rng.integers(len(SYNTHETIC_CLASSES)))]
+        else:
+            name = SYNTHETIC_CLASSES[int(rng.choice(len(SYNTHETIC_CLASSES), p=layout.class_probs))]
         for _try in range(PLACEMENT_TRIES):
-            lo, hi = TINY_RANGE if rng.random() < TINY_PROB else SIZE_RANGE
+            lo, hi = TINY_RANGE if rng.random() < TINY_PROB else layout.size_range
             long_side = math.exp(rng.uniform(math.log(lo), math.log(min(hi, min(width, height) - 4))))
             aspect = math.exp(rng.uniform(math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1])))
             w, h = (long_side, long_side / aspect) if aspect >= 1 else (long_side * aspect, long_side)
@@ -190,7 +211,7 @@ def _render_image(rng: np.random.Generator, width: int, height: int) -> tuple[Im
                 continue
             new_owner = owner.copy()
             new_owner[cy0:cy1, cx0:cx1][local] = len(names)
-            if any((new_owner == k).sum() < MIN_VISIBLE * full_count[k] for k in range(len(names))):
+            if any((new_owner == k).sum() < layout.min_visible * full_count[k] for k in range(len(names))):
                 continue  # would hide too much of an earlier object
             tex = _texture(name, w, h, rng)[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
             region = canvas[cy0:cy1, cx0:cx1]
@@ -236,10 +257,14 @@ def _annotation_xml(image_id: str, width: int, height: int, objects: list[_Objec
     return "\n".join(parts)
 
 
-def _settings(num_trainval: int, num_test: int, image_size: tuple[int, int], seed: int) -> dict:
-    return {"version": SYNTHETIC_VERSION, "num_trainval": num_trainval, "num_test": num_test,
-            "image_size": [int(image_size[0]), int(image_size[1])], "seed": int(seed),
-            "classes": list(SYNTHETIC_CLASSES), "jpeg_quality": JPEG_QUALITY}
+def _settings(num_trainval: int, num_test: int, image_size: tuple[int, int], seed: int, crowded: bool) -> dict:
+    out = {"version": SYNTHETIC_VERSION, "num_trainval": num_trainval, "num_test": num_test,
+           "image_size": [int(image_size[0]), int(image_size[1])], "seed": int(seed),
+           "classes": list(SYNTHETIC_CLASSES), "jpeg_quality": JPEG_QUALITY}
+    if crowded:        # only when set: the datasets written before the option are still reused
+        out["crowded"] = True
+        out["classes"] = [c for c, p in zip(SYNTHETIC_CLASSES, CROWDED_LAYOUT.class_probs) if p > 0]
+    return out
 
 
 def _is_complete(root: Path, settings: dict) -> bool:
@@ -253,7 +278,8 @@ def _is_complete(root: Path, settings: dict) -> bool:
 
 
 def make_synthetic_voc(root: str | os.PathLike, num_trainval: int = 120, num_test: int = 60,
-                       image_size: tuple[int, int] = (320, 240), seed: int = 0, progress: bool = False) -> Path:
+                       image_size: tuple[int, int] = (320, 240), seed: int = 0, progress: bool = False,
+                       crowded: bool = False) -> Path:
     """Write (or reuse) a synthetic VOC-layout dataset at ``root``.
 
     Layout: ``Annotations/<id>.xml`` (1-based inclusive boxes), ``JPEGImages/<id>.jpg``,
@@ -268,6 +294,8 @@ def make_synthetic_voc(root: str | os.PathLike, num_trainval: int = 120, num_tes
         image_size: (width, height) of every image.
         seed: seed of the one ``np.random.Generator`` that draws everything.
         progress: show a tqdm bar while rendering.
+        crowded: the crowded variant (:data:`CROWDED_LAYOUT`): 12-16 overlapping objects per
+            image, three classes (circle, square, triangle), circles 2/3 of the boxes.
     Returns:
         The dataset root as a Path.
     """
@@ -277,7 +305,7 @@ def make_synthetic_voc(root: str | os.PathLike, num_trainval: int = 120, num_tes
         raise DatasetError(f"synthetic dataset {root}: num_trainval and num_test must be >= 1")
     if width < 64 or height < 64:  # objects are up to 150 px, capped by the image; 64 keeps room
         raise DatasetError(f"synthetic dataset {root}: image_size {image_size} is below 64x64")
-    settings = _settings(num_trainval, num_test, (width, height), seed)
+    settings = _settings(num_trainval, num_test, (width, height), seed, crowded)
     if _is_complete(root, settings):
         log.info("reusing synthetic dataset %s", root)
         return root
@@ -302,7 +330,7 @@ def _write_dataset(tmp: Path, settings: dict, width: int, height: int, progress:
     ids = [f"{i:06d}" for i in range(1, n_tv + n_te + 1)]
     n_objects = 0
     for image_id in tqdm(ids, desc="synthetic images", disable=not progress):
-        img, objects = _render_image(rng, width, height)
+        img, objects = _render_image(rng, width, height, CROWDED_LAYOUT if settings.get("crowded") else _Layout())
         img.save(tmp / "JPEGImages" / f"{image_id}.jpg", format="JPEG", quality=JPEG_QUALITY, subsampling=0)
         (tmp / "Annotations" / f"{image_id}.xml").write_text(
             _annotation_xml(image_id, width, height, objects), encoding="utf-8")
