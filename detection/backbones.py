@@ -58,6 +58,7 @@ __all__ = [
     "Backbone",
     "ZF5",
     "Conv2dSame",
+    "tf_same_padding",
     "WithinChannelLRN",
     "TrunkGeometry",
     "trunk_geometry",
@@ -105,7 +106,7 @@ class Conv2dSame(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
-def _tf_same_padding(features: nn.Module) -> None:
+def tf_same_padding(features: nn.Module) -> None:
     """Replace every strided conv of ``features`` by a :class:`Conv2dSame` sharing its weights."""
     for parent in list(features.modules()):
         for name, child in list(parent.named_children()):
@@ -484,11 +485,12 @@ def rebuild_recorded_backbone(name: str, weights: str | None, seed: int, weights
     try:
         backbone = build_backbone(name, weights=weights, seed=seed)
     except ModelError as e:
-        raise ModelError(f"{recorded_in} records backbone {name} with weights {weights!r}, which cannot be "
-                         f"loaded now: {e}") from None
+        raise ModelError(f"the conv maps of {recorded_in} need backbone {name} with weights {weights!r}, which "
+                         f"cannot be loaded now: {e}") from None
     if backbone.weights_id != weights_id:
-        raise ModelError(f"{recorded_in} records weights {weights!r} as {weights_id}, but they are now "
-                         f"{backbone.weights_id}: the file changed since; rerun the earlier stage")
+        raise ModelError(f"the conv maps of {recorded_in} were computed with weights {weights_id}, but "
+                         f"{weights!r} (seed {seed}) gives {backbone.weights_id}: the file changed since, or "
+                         "other --weights/--seed were given; rerun the earlier stage")
     return backbone
 
 
@@ -528,7 +530,7 @@ def build_backbone(name: str, weights: str | Path | None = None, seed: int = 0) 
         trunk = _freeze_batchnorm(nn.Sequential(*model.features[:14], model.features[14].conv[0]))
         channels, input_size = 576, 224
         if name.endswith("_tf"):
-            _tf_same_padding(trunk)
+            tf_same_padding(trunk)
     else:  # ResNet family: C4 trunk
         trunk = _freeze_batchnorm(nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
                                                 model.layer1, model.layer2, model.layer3))

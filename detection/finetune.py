@@ -97,6 +97,10 @@ def label_windows(record: ImageRecord, proposals: np.ndarray, cfg: FinetuneConfi
     return WindowLabels(boxes, labels, np.flatnonzero(fg), np.flatnonzero(bg))
 
 
+#: Pools up to this size are drawn without replacement (a permutation of 10^5 costs ~1 ms).
+_PERMUTE_LIMIT = 100_000
+
+
 def _draw(n: int, total: int, generator: torch.Generator) -> torch.Tensor:
     """n positions in [0, total): without replacement when the pool holds n, else with
     replacement (the pool is short; the code's window data layer always draws with replacement)."""
@@ -105,10 +109,6 @@ def _draw(n: int, total: int, generator: torch.Generator) -> torch.Tensor:
     # A pool of millions of windows (the whole of VOC): a permutation per mini-batch would cost
     # more than the step; with replacement, a repeat among 128 of 10^6 has probability < 1 %.
     return torch.randint(total, (n,), generator=generator)
-
-
-#: Pools up to this size are drawn without replacement (a permutation of 10^5 costs ~1 ms).
-_PERMUTE_LIMIT = 100_000
 
 
 def sample_minibatch(windows: Sequence[WindowLabels], cfg: FinetuneConfig,

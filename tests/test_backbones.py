@@ -177,21 +177,26 @@ def test_shared_squeezenet_weights_load_strictly():
 def test_pretrained_trunk_gives_sensible_imagenet_predictions(weights, name):
     """The loaded trunk + the file's classifier recognise a banana and an orange photo
     (ImageNet classes 954 and 950)."""
-    import cv2
-
     b = build_backbone(name, weights=weights)
     full = torchvision.models.get_model(name)
     full.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     full.eval()
-    for image_name, label in (("banana_1.jpg", 954), ("orange_1.jpg", 950)):
-        rgb = np.ascontiguousarray(cv2.imread(str(FRUIT / image_name))[:, :, ::-1])
-        x = b.preprocess(rgb, 224 / min(rgb.shape[:2]))
+    for _, x, label in _fruit_photos(b):
         with torch.inference_mode():
             fmap = b(x)
             torch.testing.assert_close(fmap, full.features(x))
             logits = full.classifier(fmap).flatten(1)
         assert torch.isfinite(logits).all()
         assert int(logits.argmax()) == label
+
+
+def _fruit_photos(backbone):
+    """(name, the photo preprocessed at a 224-px shorter side, its ImageNet class) for a banana
+    and an orange photo of the shared fruit set (classes 954 and 950)."""
+    import cv2
+    for image_name, label in (("banana_1.jpg", 954), ("orange_1.jpg", 950)):
+        rgb = np.ascontiguousarray(cv2.imread(str(FRUIT / image_name))[:, :, ::-1])
+        yield image_name, backbone.preprocess(rgb, 224 / min(rgb.shape[:2])), label
 
 
 def test_conv2d_same_pads_as_tensorflow():
@@ -237,19 +242,15 @@ def test_shared_mobilenet_v2_with_tf_padding_recognises_fruit():
     """The TF-trained weights in the TF-padded trunk: the trunk equals the full network's first
     layers, and with the file's classifier (the rest of the network, TF-padded too) a banana and
     an orange photo are recognised (ImageNet classes 954 and 950)."""
-    import cv2
-
-    from detection.backbones import _tf_same_padding
+    from detection.backbones import tf_same_padding
 
     b = build_backbone("mobilenet_v2_tf", weights=MOBILENET)
     assert b.weights_id == "sha256:32d0377862079eeefcdd86974b4bc5f0b464babca0f409897211aab929d59ae9"
     full = torchvision.models.mobilenet_v2()
     full.load_state_dict(torch.load(MOBILENET, map_location="cpu", weights_only=True))
-    _tf_same_padding(full.features)
+    tf_same_padding(full.features)
     full.eval()
-    for image_name, label in (("banana_1.jpg", 954), ("orange_1.jpg", 950)):
-        rgb = np.ascontiguousarray(cv2.imread(str(FRUIT / image_name))[:, :, ::-1])
-        x = b.preprocess(rgb, 224 / min(rgb.shape[:2]))
+    for image_name, x, label in _fruit_photos(b):
         with torch.inference_mode():
             fmap = b(x)
             torch.testing.assert_close(fmap, full.features[14].conv[0](full.features[:14](x)), rtol=1e-4, atol=1e-4)
