@@ -25,7 +25,8 @@ def main(args: argparse.Namespace) -> int:
     from detection.finetune import FinetuneConfig
     from detection.io import read_json
     from detection.proposals import compute_proposals
-    from detection.train import TrainConfig, spp_pool5_fn, train_detector
+    from detection.train import spp_pool5_fn
+    from detection.training.detector_training import TrainConfig, train_detector
 
     if args.layer is None:
         args.layer = "fc7" if args.finetune > 0 else "pool5"
