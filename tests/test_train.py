@@ -17,6 +17,7 @@ from detection.linear import UNTRAINED_BIAS
 from detection.train import WindowFeatureSource
 from detection.training.bbox_regression import BBoxRegressionConfig, train_box_regressors
 from detection.training.detector_training import TrainConfig, regression_sources, train_detector
+from detection.training.from_features import fc_finetune_schedule
 from detection.training.samples import compute_feature_scale
 from detection.training.svm import SVMConfig
 
@@ -109,3 +110,11 @@ def test_class_without_training_positives_is_trained_around(caplog):
     strict = dataclasses.replace(cfg, svm=dataclasses.replace(cfg.svm, classes_without_positives="error"))
     with pytest.raises(DetectionError, match="only_in_test"):
         train_detector(*args, strict, progress=False)
+
+
+def test_fc_finetune_schedule_of_train_svm():
+    # tools/train_svm.py --finetune N: the learning rate drops at half and three quarters of the run.
+    on = fc_finetune_schedule(24)
+    assert (on.enabled, on.iterations, on.lr_steps) == (True, 24, (12, 18))
+    off = fc_finetune_schedule(0)
+    assert (off.enabled, off.iterations) == (False, 1)

@@ -26,7 +26,7 @@ The recipe (R-CNN ``rcnn_train.m``, SPP-net ``spp_train.m``; reference doc secti
    each retraining, cached negatives scoring below -1.2 are evicted. After the pass, every class
    that gained negatives since its last retraining is retrained once more.
 5. Each retraining is liblinear's L2-regularised L1-loss (hinge) dual SVM, ``-s 3 -c 1e-3 -w1 2
-   -B 10``, through :class:`sklearn.svm.LinearSVC`.
+   -B 10``, through :class:`sklearn.svm.LinearSVC` (:func:`~detection.training.svm.fit_linear_svm`).
 
 Example::
 
