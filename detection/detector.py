@@ -23,7 +23,6 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, build_backbone
-from .bbox_regression import BoxRegressors
 from .calibration import ScoreCalibration
 from .config import from_dict
 from .data.records import ImageRecord
@@ -31,11 +30,11 @@ from .data.voc import load_image
 from .errors import DetectionError, ModelError
 from .features import conv_maps_for_image, pooled_window_features
 from .heads import FCHead
+from .linear import BoxRegressors, LinearSVMs
 from .model import check_class_names, load_model, prefixed, save_model, unprefixed
 from .proposals import compute_proposals, selective_search
 from .rcnn import rcnn_window_features
 from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1
-from .svm import LinearSVMs
 from .timer import NO_TIMER, Timer
 
 __all__ = ["DetectorSettings", "Detections", "SPPDetector", "iter_detections", "detect_dataset"]

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from .backbones import build_backbone
-from .bbox_regression import BBoxRegressionConfig
 from .calibration import calibration_report
-from .calibration_fit import CalibrationConfig
+from .training.calibration import CalibrationConfig
 from .config import ConfigError, save_config, to_dict
 from .data.synthetic import make_synthetic_voc
 from .data.voc import VOCDataset, load_image, report_images
@@ -35,10 +34,11 @@ from .proposals import compute_proposals
 from .report import write_report
 from .runtime import resolve_device
 from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1, scale_factors
-from .svm import SVMConfig
 from .timing import compare_methods, rcnn_twin
-from .train import (TrainConfig, check_train_memory, rcnn_pool5_fn, refuse_unused_finetune, spp_pool5_fn,
-                    train_detector)
+from .train import rcnn_pool5_fn, spp_pool5_fn
+from .training.bbox_regression import BBoxRegressionConfig
+from .training.detector_training import TrainConfig, check_train_memory, refuse_unused_finetune, train_detector
+from .training.svm import SVMConfig
 
 __all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "FeatureConfig", "ConvFinetuneConfig",
            "TimingConfig", "PipelineConfig", "run_pipeline", "embedded_default_overrides"]
@@ -124,8 +124,8 @@ class PipelineConfig:
     bbox_regression: bool = True
     bbox: BBoxRegressionConfig = BBoxRegressionConfig()
     max_train_windows: int | None = None
-    #: GB for the train stage's large arrays; see detection.train.TrainConfig.memory_gb (checked
-    #: before the first stage runs). null: no check.
+    #: GB for the train stage's large arrays; see detection.training.detector_training.TrainConfig
+    #: .memory_gb (checked before the first stage runs). null: no check.
     memory_gb: float | None = 8.0
     calibration: CalibrationConfig = CalibrationConfig()   # probabilities for the SVM scores
     test: DetectorSettings = DetectorSettings()

@@ -18,10 +18,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .bbox_regression import BoxRegressors
 from .detector import SPPDetector
 from .heads import FCHead
-from .svm import LinearSVMs
+from .linear import BoxRegressors, LinearSVMs
 from .timer import StageTimer
 
 __all__ = ["STAGES", "StageTimer", "time_detector", "rcnn_twin", "compare_methods", "random_detector"]

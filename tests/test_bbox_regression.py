@@ -9,12 +9,13 @@ import math
 import numpy as np
 import pytest
 
-from detection.bbox_regression import (MAX_LOG_SCALE, BBoxRegressionConfig, BoxRegressors, _fit_class, _ridge,
-                                       collect_regression_samples, decode, encode, regression_memory_bytes,
-                                       train_box_regressors)
+import detection.training.ridge as ridge_module
 from detection.boxes import box_iou_numpy
 from detection.errors import DetectionError, ModelError
-from detection.svm import ImageSample, ListFeatureSource
+from detection.linear import MAX_LOG_SCALE, BoxRegressors, decode, encode
+from detection.training.bbox_regression import BBoxRegressionConfig, collect_regression_samples, train_box_regressors
+from detection.training.ridge import fit_class_regressor, regression_memory_bytes, ridge
+from detection.training.samples import ImageSample, ListFeatureSource
 
 
 def random_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -103,7 +104,7 @@ def test_fit_matches_closed_form_ridge(regularize_bias, n, lam):
     x = rng.normal(size=(n, d)) + 0.5
     y = x[:, :4] @ rng.normal(size=(4, 4)) * 0.1 + rng.normal(scale=0.05, size=(n, 4)) + [0.1, -0.2, 0.3, 0.0]
     cfg = BBoxRegressionConfig(lam=lam, regularize_bias=regularize_bias)
-    w, b, mean, unwhiten, _ = _fit_class(x.astype(np.float32), y, cfg)
+    w, b, mean, unwhiten, _ = fit_class_regressor(x.astype(np.float32), y, cfg)
     reg = BoxRegressors(weights=w[None], biases=b[None], target_mean=mean[None], target_unwhiten=unwhiten[None],
                         feature_scale=1.0)
     f = rng.normal(size=(7, d)) + 0.5
@@ -221,12 +222,12 @@ def test_default_config_is_spp_net():
 @pytest.mark.parametrize("n", [40, 9])
 def test_fit_in_chunks_equals_the_closed_form(monkeypatch, regularize_bias, n):
     # Chunks of 5 rows / columns: the float64 accumulation across chunks must give the same fit.
-    import detection.bbox_regression as bbr
-    monkeypatch.setattr(bbr, "_CHUNK", 5)
+    monkeypatch.setattr(ridge_module, "SOLVE_CHUNK", 5)
     rng = np.random.default_rng(5)
     x = (rng.normal(size=(n, 12)) + 0.5).astype(np.float32)
     y = rng.normal(scale=0.1, size=(n, 4))
-    w, b, mean, unwhiten, mse = _fit_class(x, y, BBoxRegressionConfig(lam=2.0, regularize_bias=regularize_bias))
+    cfg = BBoxRegressionConfig(lam=2.0, regularize_bias=regularize_bias)
+    w, b, mean, unwhiten, mse = fit_class_regressor(x, y, cfg)
     f = rng.normal(size=(6, 12)) + 0.5
     want = ridge_slow(x.astype(np.float64), y, 2.0, regularize_bias)(f)
     np.testing.assert_allclose((f @ w + b) @ unwhiten + mean, want, rtol=1e-6, atol=1e-8)
@@ -293,7 +294,7 @@ def test_primal_and_dual_forms_agree(monkeypatch, n):
     rng = np.random.default_rng(n)
     x = rng.normal(size=(n, 12)).astype(np.float32)
     y = rng.normal(size=(n, 4))
-    w, b = _ridge(x, y, 3.0, True)
+    w, b = ridge(x, y, 3.0, True)
     a = np.concatenate([x.astype(np.float64), np.ones((n, 1))], axis=1)
     beta = np.linalg.solve(a.T @ a + 3.0 * np.eye(13), a.T @ y)
     np.testing.assert_allclose(np.concatenate([w, b[None]]), beta, rtol=1e-8, atol=1e-10)

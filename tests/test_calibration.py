@@ -1,4 +1,4 @@
-"""Tests of the score calibration (detection.calibration, detection.calibration_fit): the map is
+"""Tests of the score calibration (detection.calibration, detection.training.calibration): the map is
 monotonic and survives the model file, Platt's fit recovers a known logistic model, the folds
 keep an image with its mirror, the windows are the ones the detector keeps, the ECE matches a
 slow reference, and hostile calibration metadata is refused."""
@@ -12,11 +12,12 @@ import torch
 
 from detection.calibration import (ScoreCalibration, calibration_report, expected_calibration_error,
                                    label_detections, reliability_bins)
-from detection.calibration_fit import (CalibrationConfig, FoldSource, assign_folds, fit_calibration, fit_platt,
+from detection.training.calibration import (CalibrationConfig, FoldSource, assign_folds, fit_calibration, fit_platt,
                                        window_samples)
 from detection.detector import Detections
 from detection.errors import DetectionError, ModelError
-from detection.svm import ImageSample, ListFeatureSource, SVMConfig
+from detection.training.samples import ImageSample, ListFeatureSource
+from detection.training.svm import SVMConfig
 
 
 def _calibration() -> ScoreCalibration:

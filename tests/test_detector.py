@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from detection.backbones import build_backbone
-from detection.bbox_regression import BoxRegressors, decode
 from detection.calibration import ScoreCalibration
 from detection.detector import Detections, DetectorSettings, SPPDetector
 from detection.errors import ModelError
 from detection.features import conv_maps_for_image
 from detection.heads import FCHead
+from detection.linear import BoxRegressors, LinearSVMs, decode
 from detection.model import save_model
 from detection.rcnn import rcnn_window_features
-from detection.svm import LinearSVMs
 
 CLASSES = ("cat", "dog", "bird")
 LEVELS = (4, 2, 1)              # 21 bins: keeps the random head and regressors small

@@ -107,8 +107,8 @@ class PauseInBoxRegression(logging.Handler):
             print("PAUSED", flush=True)
             time.sleep(60)
 
-logging.getLogger("detection.train").addHandler(PauseInBoxRegression())
-logging.getLogger("detection.train").setLevel(logging.INFO)
+logging.getLogger("detection.training.detector_training").addHandler(PauseInBoxRegression())
+logging.getLogger("detection.training.detector_training").setLevel(logging.INFO)
 run_pipeline(from_dict(PipelineConfig, json.loads(sys.argv[1])), sys.argv[2], progress=False)
 """
 

@@ -18,8 +18,10 @@ from sklearn.svm import LinearSVC
 
 from detection.boxes import box_iou_numpy
 from detection.errors import DetectionError, ModelError
-from detection.svm import (UNTRAINED_BIAS, ImageSample, LinearSVMs, ListFeatureSource, SVMConfig, SVMTrainer,
-                           compute_feature_scale, fit_linear_svm, svm_objective, train_svms)
+from detection.linear import UNTRAINED_BIAS, LinearSVMs
+from detection.training.hard_negatives import SVMTrainer, train_svms
+from detection.training.samples import ImageSample, ListFeatureSource, compute_feature_scale
+from detection.training.svm import SVMConfig, fit_linear_svm, svm_objective
 
 DIM = 32
 K = 2
@@ -203,7 +205,7 @@ def test_class_without_positives_is_an_error():
 
 def test_class_without_positives_is_left_untrained_with_a_warning(caplog):
     samples = make_samples(2, 6, num_classes=3, labels=[0, 2])            # class 1 never appears
-    with caplog.at_level("WARNING", logger="detection.svm"):
+    with caplog.at_level("WARNING", logger="detection.training.hard_negatives"):
         svms = train_svms(ListFeatureSource(samples, DIM), 3, class_names=["cat", "dog", "bird"])
     assert "dog" in caplog.text and "untrained" in caplog.text
     assert svms.meta["untrained"] == ["dog"]

@@ -1,16 +1,25 @@
-"""detection.train: the box regressors read features only of proposals near a ground truth, one
-class at a time, and get exactly the model that reading every proposal gives."""
+"""detection.training.detector_training: the box regressors read features only of proposals near
+a ground truth, one class at a time, and get exactly the model that reading every proposal gives."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from detection.bbox_regression import BBoxRegressionConfig, train_box_regressors
+from detection.backbones import build_backbone
 from detection.data.records import ImageRecord
-from detection.train import WindowFeatureSource, regression_sources
+from detection.detector import DetectorSettings
+from detection.errors import DetectionError
+from detection.linear import UNTRAINED_BIAS
+from detection.train import WindowFeatureSource
+from detection.training.bbox_regression import BBoxRegressionConfig, train_box_regressors
+from detection.training.detector_training import TrainConfig, regression_sources, train_detector
+from detection.training.from_features import fc_finetune_schedule
+from detection.training.samples import compute_feature_scale
+from detection.training.svm import SVMConfig
 
 DIM = 12
 
@@ -70,8 +79,6 @@ def test_per_class_regression_sources_give_the_regressors_of_every_proposal(max_
 def test_feature_norm_from_sampled_rows_equals_the_norm_from_every_row():
     # compute_feature_scale pools only the rows it draws when the source can; the same rows are
     # drawn, so the scale is the one computed from every candidate's features.
-    from detection.svm import compute_feature_scale
-
     class EveryRow(WindowFeatureSource):
         sample_candidates = None        # hide the fast path
 
@@ -87,21 +94,13 @@ def test_feature_norm_from_sampled_rows_equals_the_norm_from_every_row():
 def test_class_without_training_positives_is_trained_around(caplog):
     """A class that appears only in the test split: the others are trained, it stays untrained
     (SVM that never fires, identity box regressor), with a warning; or an error when asked."""
-    import dataclasses
-
-    from detection.backbones import build_backbone
-    from detection.detector import DetectorSettings
-    from detection.errors import DetectionError
-    from detection.svm import UNTRAINED_BIAS, SVMConfig
-    from detection.train import TrainConfig, train_detector
-
     rng = np.random.default_rng(2)
     records = [_record(i, rng) for i in range(6)]
     classes = ["a", "b", "only_in_test"]
     cfg = TrainConfig(svm=SVMConfig(norm_images=6, norm_boxes_per_image=20),
                       bbox=BBoxRegressionConfig(norm_images=6, norm_boxes_per_image=20))
     args = (records, classes, _proposals, build_backbone("zf5"), _pool5, DIM, DetectorSettings(feature_layer="pool5"))
-    with caplog.at_level("WARNING", logger="detection.svm"):
+    with caplog.at_level("WARNING", logger="detection.training.hard_negatives"):
         detector = train_detector(*args, cfg, progress=False)
     assert "only_in_test" in caplog.text
     assert detector.svms.meta["untrained"] == ["only_in_test"]
@@ -111,3 +110,11 @@ def test_class_without_training_positives_is_trained_around(caplog):
     strict = dataclasses.replace(cfg, svm=dataclasses.replace(cfg.svm, classes_without_positives="error"))
     with pytest.raises(DetectionError, match="only_in_test"):
         train_detector(*args, strict, progress=False)
+
+
+def test_fc_finetune_schedule_of_train_svm():
+    # tools/train_svm.py --finetune N: the learning rate drops at half and three quarters of the run.
+    on = fc_finetune_schedule(24)
+    assert (on.enabled, on.iterations, on.lr_steps) == (True, 24, (12, 18))
+    off = fc_finetune_schedule(0)
+    assert (off.enabled, off.iterations) == (False, 1)

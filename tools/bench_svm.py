@@ -39,7 +39,7 @@ class SyntheticFeatureSource:
 
     def image(self, index: int, *, with_proposals: bool = True):
         from detection.boxes import box_iou_numpy
-        from detection.svm import ImageSample
+        from detection.training.samples import ImageSample
 
         t0 = time.perf_counter()
         rng = np.random.default_rng((self.seed, index))
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         from threadpoolctl import threadpool_limits
 
         from detection.errors import DetectionError
-        from detection.svm import SVMConfig, SVMTrainer
+        from detection.training.hard_negatives import SVMTrainer
+        from detection.training.svm import SVMConfig
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,8 @@ from detection.features import extract_conv_maps
 from detection.io import write_json
 from detection.pipeline import PipelineConfig
 from detection.proposals import compute_proposals
-from detection.train import TrainConfig, spp_pool5_fn, train_detector
+from detection.train import spp_pool5_fn
+from detection.training.detector_training import TrainConfig, train_detector
 
 
 def _peak_gb() -> float:
@@ -58,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     before = _peak_gb()
     t0 = time.perf_counter()
     detector = train_detector(records, ds.classes, props.proposals_for_record, backbone,
-                              spp_pool5_fn(cache, settings.levels, settings.projection_rule),
+                              spp_pool5_fn(cache, settings),
                               backbone.out_channels * sum(n * n for n in settings.levels), settings, tcfg,
                               progress=not args.quiet)
     result = {"run": str(run), "images": len(ids), "records": len(records),

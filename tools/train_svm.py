@@ -3,71 +3,22 @@
 hard-negative mining -> per-class box regressors; writes the one model file.
 
     python tools/extract_features.py --data DIR --split trainval --out FEAT --backbone squeezenet1_0 --weights W.pth
-    python tools/train_svm.py --data DIR --split trainval --features FEAT --out model.pt --weights W.pth
+    python tools/train_svm.py --data DIR --split trainval --features FEAT --out model.pt
     python tools/eval_voc.py --data DIR --split test --model model.pt --out metrics.json
 """
 import argparse
 import sys
-from pathlib import Path
 
 from detection.cli import add_skip_bad_arg, run_tool
-from detection.config import merge, parse_overrides
-from detection.errors import CacheError
+from detection.training.from_features import train_from_features
 
 
 def main(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from detection.backbones import rebuild_recorded_backbone
-    from detection.data.voc import VOCDataset, report_images
-    from detection.detector import DetectorSettings
-    from detection.features import ConvMapCache
-    from detection.finetune import FinetuneConfig
-    from detection.io import read_json
-    from detection.proposals import compute_proposals
-    from detection.train import TrainConfig, spp_pool5_fn, train_detector
-
-    if args.layer is None:
-        args.layer = "fc7" if args.finetune > 0 else "pool5"
-    summary_path = Path(args.features) / "features_summary.json"
-    if not summary_path.is_file():
-        raise CacheError(f"{summary_path} is missing: run tools/extract_features.py --out {args.features} first")
-    summary = read_json(summary_path)
-    if not isinstance(summary, dict) or not isinstance(summary.get("cache"), str):
-        raise CacheError(f"{summary_path}: no 'cache' folder named in it; rerun tools/extract_features.py")
-    cache = ConvMapCache.open(summary["cache"])
-    s = cache.settings
-    dataset = VOCDataset(args.data, args.split, use_flipped=bool(s["flipped"]), skip_bad=args.skip_bad)
-    if s["dataset_fingerprint"] != str(dataset.fingerprint()) or s["split"] != args.split:
-        raise CacheError(f"the conv-map cache {cache.root} was made for another dataset or split "
-                         f"({s['split']}); rerun tools/extract_features.py for {args.data} {args.split}")
-    recorded = summary.get("backbone") if isinstance(summary.get("backbone"), dict) else {}
-    weights = args.weights if args.weights is not None else recorded.get("weights")
-    seed = args.seed if args.seed is not None else recorded.get("seed", 0)
-    if not (weights is None or isinstance(weights, str)) or isinstance(seed, bool) or not isinstance(seed, int):
-        raise CacheError(f"{summary_path}: malformed backbone record {str(recorded)[:200]}; rerun tools/extract_features.py")
-    backbone = rebuild_recorded_backbone(s["backbone"], weights, seed, s["weights_id"], str(summary_path))
-    proposals = compute_proposals(dataset, Path(args.features) / "proposals", num_workers=args.workers)
-    settings = DetectorSettings(scales=tuple(s["scales"]), max_size=int(s["max_size"]), feature_layer=args.layer,
-                                scale_rule=args.scale_rule)
-    cfg = TrainConfig(finetune=FinetuneConfig(enabled=args.finetune > 0, iterations=max(args.finetune, 1),
-                                              lr_steps=(int(args.finetune * 0.5), int(args.finetune * 0.75))),
-                      bbox_regression=not args.no_bbox)
-    cfg = merge(cfg, parse_overrides(args.set))
-    pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)
-
-    def finetune_fn(i, boxes, g):
-        return cache.window_features(dataset.records[i], boxes, levels=settings.levels,
-                                     rule=settings.projection_rule, scale_rule="random", generator=g)
-
-    detector = train_detector(dataset.records, dataset.classes, proposals.proposals_for_record, backbone,
-                              spp_pool5_fn(cache, settings), pool5_dim, settings,
-                              cfg, out_dir=Path(args.out).parent, progress=not args.quiet,
-                              finetune_pool5_fn=finetune_fn)
-    detector.save(args.out, {"dataset": {"root": str(args.data), "split": args.split},
-                             "train_config": dataclasses.asdict(cfg)})
+    train_from_features(args.data, args.split, args.features, args.out, weights=args.weights, seed=args.seed,
+                        layer=args.layer, finetune_iterations=args.finetune, bbox_regression=not args.no_bbox,
+                        scale_rule=args.scale_rule, workers=args.workers, overrides=args.set, skip_bad=args.skip_bad,
+                        progress=not args.quiet)
     print(f"model written to {args.out}")
-    report_images(dataset)
     return 0
 
 

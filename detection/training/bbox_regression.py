@@ -1,14 +1,8 @@
 """Bounding-box regression (R-CNN style), trained by ridge regression on SPP (pool5) features.
 
-Parametrisation (R-CNN appendix C). For a proposal ``P`` and its target box ``G``, with widths,
-heights and centres in the library's continuous convention (``w = x2 - x1``, ``cx = x1 + w / 2``;
-no ``+ 1``: a box covering pixels ``a..b`` has ``x1 = a, x2 = b + 1``, see :mod:`detection.boxes`)::
-
-    dx = (Gcx - Pcx) / Pw      dy = (Gcy - Pcy) / Ph
-    dw = log(Gw / Pw)          dh = log(Gh / Ph)
-
-(R-CNN's MATLAB code adds ``eps`` = 2.2e-16 to every width and height; that changes nothing at
-float precision, so it is left out. Degenerate boxes are rejected instead.)
+The deltas a regressor predicts and the model the detector applies are in :mod:`detection.linear`
+(:func:`~detection.linear.encode`, :class:`~detection.linear.BoxRegressors`); the ridge solver is
+:mod:`detection.training.ridge`.
 
 Training (SPP-net ``spp_train_bbox_regressor.m``; reference doc section 8):
 
@@ -16,7 +10,7 @@ Training (SPP-net ``spp_train_bbox_regressor.m``; reference doc section 8):
   is above ``min_iou`` (0.5 in SPP-net, 0.6 in R-CNN); the target is that GT box, and the sample
   trains the regressor of that GT box's class;
 * features: pool5 (SPP) features multiplied by one scalar so that their mean L2 norm is 20, the
-  same rule as the SVMs (:func:`detection.svm.compute_feature_scale`) but estimated on these
+  same rule as the SVMs (:func:`detection.training.samples.compute_feature_scale`) but estimated on these
   features;
 * targets: centred and whitened per class (``T = S^-1/2`` of their covariance ``S``, plus 1e-3 on
   its eigenvalues) as the reference does. Note that with one lambda shared by the four outputs,
@@ -44,79 +38,18 @@ import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import scipy.linalg
-import torch
 from tqdm import tqdm
 
-from .boxes import box_iou_numpy
-from .errors import DetectionError, ModelError
-from .svm import FeatureSource, check_sample, compute_feature_scale
+from ..boxes import box_iou_numpy
+from ..errors import DetectionError
+from ..linear import BoxRegressors, encode
+from .ridge import fit_class_regressor, regression_memory_bytes
+from .samples import FeatureSource, candidate_boxes, check_sample, compute_feature_scale
 
-__all__ = ["encode", "decode", "BBoxRegressionConfig", "BoxRegressors", "train_box_regressors",
-           "collect_regression_samples", "plan_regression_samples", "ImageSamples", "ClassRegressor",
-           "regression_memory_bytes", "check_regression_memory", "MAX_LOG_SCALE"]
+__all__ = ["BBoxRegressionConfig", "train_box_regressors", "collect_regression_samples", "plan_regression_samples",
+           "proposal_subset", "gt_subset", "ImageSamples", "ClassRegressor", "check_regression_memory"]
 
 logger = logging.getLogger(__name__)
-
-#: Largest log-scale delta :func:`decode` applies: a box grows at most 1000/16 = 62.5 times per
-#: side (the clamp torchvision and Detectron use) so a wild prediction cannot overflow ``exp``.
-MAX_LOG_SCALE = math.log(1000.0 / 16)
-
-#: Added to the eigenvalues of the target covariance before whitening (the reference's 0.001):
-#: keeps the transform finite when a target coordinate barely varies (e.g. a single sample).
-_WHITEN_EPS = 1e-3
-
-
-def _wh_ctr(boxes: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    w = b[:, 2] - b[:, 0]
-    h = b[:, 3] - b[:, 1]
-    if not (np.isfinite(b).all() and (w > 0).all() and (h > 0).all()):
-        bad = np.flatnonzero(~(np.isfinite(b).all(axis=1) & (w > 0) & (h > 0)))
-        raise DetectionError(f"bbox regression: {len(bad)} {what} box(es) are empty or not finite, "
-                             f"e.g. {b[bad[0]].tolist()}")
-    return w, h, b[:, 0] + 0.5 * w, b[:, 1] + 0.5 * h
-
-
-def encode(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Regression targets that move ``proposals`` onto ``gt``.
-
-    Args:
-        proposals: array[N, 4] (x1, y1, x2, y2), positive width and height.
-        gt: array[N, 4], the matched target boxes.
-    Returns:
-        float64 array[N, 4] ``(dx, dy, dw, dh)``.
-    Raises:
-        DetectionError: an empty or non-finite box.
-    """
-    pw, ph, pcx, pcy = _wh_ctr(proposals, "proposal")
-    gw, gh, gcx, gcy = _wh_ctr(gt, "target")
-    if len(pw) != len(gw):
-        raise ValueError(f"encode: {len(pw)} proposals but {len(gw)} targets")
-    return np.stack([(gcx - pcx) / pw, (gcy - pcy) / ph, np.log(gw / pw), np.log(gh / ph)], axis=1)
-
-
-def decode(proposals: np.ndarray, deltas: np.ndarray) -> np.ndarray:
-    """Apply deltas to proposals: the inverse of :func:`encode`.
-
-    Args:
-        proposals: array[N, 4].
-        deltas: array[N, 4] or [N, K, 4] (one set per class).
-    Returns:
-        float64 boxes with the shape of ``deltas`` (not clipped to the image). ``dw, dh`` are
-        clamped to :data:`MAX_LOG_SCALE`.
-    """
-    pw, ph, pcx, pcy = _wh_ctr(proposals, "proposal")
-    d = np.asarray(deltas, dtype=np.float64)
-    if d.shape[0] != len(pw) or d.shape[-1] != 4 or d.ndim not in (2, 3):
-        raise ValueError(f"decode: deltas of shape {d.shape} do not fit {len(pw)} proposals")
-    extra = (slice(None),) + (None,) * (d.ndim - 2)          # broadcast over the class axis
-    pw, ph, pcx, pcy = pw[extra], ph[extra], pcx[extra], pcy[extra]
-    cx = pcx + d[..., 0] * pw
-    cy = pcy + d[..., 1] * ph
-    w = pw * np.exp(np.minimum(d[..., 2], MAX_LOG_SCALE))
-    h = ph * np.exp(np.minimum(d[..., 3], MAX_LOG_SCALE))
-    return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,111 +96,6 @@ class BBoxRegressionConfig:
             raise DetectionError(f"bbox_regression: max_gt_samples must be >= 1 or null, got {self.max_gt_samples}")
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class BoxRegressors:
-    """Per-class linear box regressors.
-
-    ``deltas[n, k] = ((feature_scale * features[n]) @ weights[k] + biases[k]) @ target_unwhiten[k]
-    + target_mean[k]``.
-
-    Attributes:
-        weights: float32 array[K, D, 4] (on scaled features, predicting normalised targets).
-        biases: float32 array[K, 4].
-        target_mean: float32 array[K, 4], mean target of each class.
-        target_unwhiten: float32 array[K, 4, 4], maps normalised targets back (row vectors).
-        feature_scale: the scalar applied to raw features.
-        meta: JSON-able training record.
-    """
-
-    weights: np.ndarray
-    biases: np.ndarray
-    target_mean: np.ndarray
-    target_unwhiten: np.ndarray
-    feature_scale: float
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        arrays = {n: np.ascontiguousarray(getattr(self, n), dtype=np.float32)
-                  for n in ("weights", "biases", "target_mean", "target_unwhiten")}
-        w = arrays["weights"]
-        if w.ndim != 3 or w.shape[2] != 4:
-            raise ModelError(f"box regressor weights must be [K, D, 4], got {w.shape}")
-        k = w.shape[0]
-        want = {"biases": (k, 4), "target_mean": (k, 4), "target_unwhiten": (k, 4, 4)}
-        for n, shape in want.items():
-            if arrays[n].shape != shape:
-                raise ModelError(f"box regressor {n} must be {list(shape)}, got {list(arrays[n].shape)}")
-        if not (math.isfinite(self.feature_scale) and self.feature_scale > 0):
-            raise ModelError(f"box regressor feature_scale must be a positive number, got {self.feature_scale}")
-        for n, a in arrays.items():
-            object.__setattr__(self, n, a)
-        object.__setattr__(self, "feature_scale", float(self.feature_scale))
-
-    @property
-    def num_classes(self) -> int:
-        return self.weights.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.weights.shape[1]
-
-    def predict_deltas(self, features: np.ndarray) -> np.ndarray:
-        """Deltas of every class for raw features.
-
-        Args:
-            features: array[N, D] (unscaled).
-        Returns:
-            float32 array[N, K, 4].
-        """
-        f = np.asarray(features, dtype=np.float32)
-        if f.ndim != 2 or f.shape[1] != self.dim:
-            raise ModelError(f"features of shape {f.shape} do not fit box regressors of dimension {self.dim}")
-        k, d = self.num_classes, self.dim
-        w = self.weights.transpose(1, 0, 2).reshape(d, k * 4)      # one matmul for all classes
-        z = ((f @ w) * np.float32(self.feature_scale)).reshape(-1, k, 4) + self.biases
-        return np.einsum("nkf,kfg->nkg", z, self.target_unwhiten) + self.target_mean
-
-    def apply(self, features: np.ndarray, boxes: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
-        """Refine boxes.
-
-        Args:
-            features: array[N, D], raw features of ``boxes``.
-            boxes: array[N, 4].
-            labels: optional int array[N]: refine each box for this class only.
-        Returns:
-            float64 array[N, K, 4] (every class), or [N, 4] with ``labels``; not clipped.
-        """
-        deltas = self.predict_deltas(features)
-        if labels is not None:
-            labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-            if len(labels) != len(deltas) or (len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes)):
-                raise ModelError(f"labels must be {len(deltas)} class indices in [0, {self.num_classes})")
-            deltas = deltas[np.arange(len(deltas)), labels]
-        return decode(boxes, deltas)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors for the model file (prefix them with ``bbox.``)."""
-        return {"weight": torch.from_numpy(self.weights.copy()), "bias": torch.from_numpy(self.biases.copy()),
-                "target_mean": torch.from_numpy(self.target_mean.copy()),
-                "target_unwhiten": torch.from_numpy(self.target_unwhiten.copy())}
-
-    def to_meta(self) -> dict[str, Any]:
-        return {"feature_scale": self.feature_scale, **self.meta}
-
-    @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "BoxRegressors":
-        """Inverse of :meth:`tensors` + :meth:`to_meta` (raises :class:`ModelError`)."""
-        try:
-            arrays = {n: tensors[t].detach().cpu().numpy() for n, t in
-                      (("weights", "weight"), ("biases", "bias"), ("target_mean", "target_mean"),
-                       ("target_unwhiten", "target_unwhiten"))}
-            scale = float(meta["feature_scale"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ModelError(f"box regressor state is incomplete: {e!r}") from None
-        rest = {k: v for k, v in meta.items() if k != "feature_scale"}
-        return cls(**arrays, feature_scale=scale, meta=rest)
-
-
 def _subset(num: int, cap: int | None, seed: Sequence[int]) -> np.ndarray | None:
     """Sorted indices of a seeded random subset of ``cap`` of ``num`` rows, or None (keep all)."""
     if cap is None or num <= cap:
@@ -306,16 +134,6 @@ class ImageSamples:
     proposal_targets: np.ndarray
 
 
-def _candidate_boxes(source: FeatureSource, i: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(key, gt_boxes, gt_labels, gt_difficult, proposals) of image ``i``, without features when
-    the source can (``candidate_boxes``)."""
-    fast = getattr(source, "candidate_boxes", None)
-    if fast is not None:
-        return fast(i)
-    s = source.image(i)
-    return s.key, s.gt_boxes, s.gt_labels, s.gt_difficult, s.boxes
-
-
 def plan_regression_samples(source: FeatureSource, num_classes: int, cfg: BBoxRegressionConfig,
                             classes: Sequence[int] | None = None) -> list[list[ImageSamples]]:
     """Per class, the samples to train on (boxes only, before any feature is read), capped.
@@ -333,14 +151,14 @@ def plan_regression_samples(source: FeatureSource, num_classes: int, cfg: BBoxRe
     wanted = set(range(num_classes) if classes is None else classes)
     found: list[list[ImageSamples]] = [[] for _ in range(num_classes)]
     for i in range(source.num_images()):
-        _, gt_all, labels_all, difficult, boxes = _candidate_boxes(source, i)
+        _, gt_all, labels_all, difficult, boxes = candidate_boxes(source, i)
         gt_all = np.asarray(gt_all, np.float64).reshape(-1, 4)
         labels_all = np.asarray(labels_all, np.int64).reshape(-1)
         keep = np.ones(len(gt_all), bool) if cfg.use_difficult or difficult is None else ~np.asarray(difficult, bool)
         kept = np.flatnonzero(keep)
         if len(kept) == 0:
             continue
-        gt, labels = gt_all[kept], labels_all[kept]
+        gt = gt_all[kept]
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         parts = []
         for cand, is_gt in ((gt, True), (boxes, False)):
@@ -376,14 +194,6 @@ def _cap(images: list[ImageSamples], gt_keep: np.ndarray | None, prop_keep: np.n
         if g.any() or p.any():
             out.append(ImageSamples(s.image, s.gt_rows[g], s.gt_targets[g], s.proposal_rows[p], s.proposal_targets[p]))
     return out
-
-
-def regression_memory_bytes(num_samples: int, dim: int) -> int:
-    """Bytes one class's box-regression fit holds at most: its float32 features [N, D], the
-    solve's float64 matrix (``min(N, D + 1)`` square: primal or dual, whichever is smaller) and
-    two float64 blocks of ``_CHUNK`` rows or columns."""
-    m = min(num_samples, dim + 1)
-    return 4 * num_samples * dim + 8 * m * m + 2 * 8 * _CHUNK * max(num_samples, dim + 1)
 
 
 def check_regression_memory(num_samples: int, dim: int, budget_bytes: int | None, what: str) -> None:
@@ -429,102 +239,6 @@ def collect_regression_samples(source: FeatureSource, num_classes: int, cfg: BBo
             ys[c][fill[c]:fill[c] + n] = encode(cand, target)
             fill[c] += n
     return list(zip(xs, ys))
-
-
-#: Rows / columns converted to float64 at a time by the ridge solver.
-_CHUNK = 2048
-
-
-def _add_gram(out: np.ndarray, a: np.ndarray) -> None:
-    """``out += a.T @ a`` in place, a block of rows of ``out`` at a time: no second N x N
-    temporary beside ``out``."""
-    for lo in range(0, out.shape[0], _CHUNK):
-        out[lo:lo + _CHUNK] += a[:, lo:lo + _CHUNK].T @ a
-
-
-def _solve_spd(matrix: np.ndarray, rhs: np.ndarray, lam: float) -> np.ndarray:
-    """Solve ``matrix @ x = rhs``. With ``lam > 0`` the matrix is positive definite: Cholesky,
-    overwriting it (``np.linalg.solve`` would copy the N x N matrix first). With ``lam = 0`` it
-    may be singular: least squares."""
-    if lam == 0:
-        return np.linalg.lstsq(matrix, rhs, rcond=None)[0]
-    try:
-        factor = scipy.linalg.cho_factor(matrix, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError:
-        raise DetectionError(f"bbox_regression: the ridge system is not positive definite at lam={lam} "
-                             "(features too large for float64?); raise bbox.lam") from None
-    return scipy.linalg.cho_solve(factor, rhs, check_finite=False)
-
-
-def _ridge(x: np.ndarray, y: np.ndarray, lam: float, regularize_bias: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``min ||A b - y||^2 + lam ||b||^2`` with ``A = [x, 1]`` (``regularize_bias``: the bias
-    column is penalised, as SPP-net's code does) or an unpenalised intercept (x and y centred).
-
-    Memory is one ``min(N, D)^2`` float64 matrix plus float64 chunks of ``x``, never a float64
-    copy of ``x``: pool5 features are 25,600 wide, and sklearn's Ridge on a float64 copy of 9,000
-    of them (copied again for centring) took ~6 GB. The Gram matrix is accumulated in float64
-    (the normal equations lose digits in float32) block by block in place, and solved by an
-    in-place Cholesky factorisation (it is positive definite for lam > 0): ``(A'A + lam I) b =
-    A'y`` when N > D, else the kernel form ``b = A' (A A' + lam I)^-1 y``.
-
-    Returns ``(weight [D, k], bias [k])``.
-    """
-    n, d = x.shape
-    x_mean = np.zeros(d) if regularize_bias else x.mean(axis=0, dtype=np.float64)
-    y_mean = np.zeros(y.shape[1]) if regularize_bias else y.mean(axis=0)
-    yc = y - y_mean
-
-    def cols(lo: int, hi: int) -> np.ndarray:      # float64 (centred) columns lo:hi of A
-        return x[:, lo:hi].astype(np.float64) - x_mean[lo:hi]
-
-    def rows(lo: int, hi: int) -> np.ndarray:      # float64 (centred) rows lo:hi of A
-        return x[lo:hi].astype(np.float64) - x_mean
-
-    ones = 1.0 if regularize_bias else 0.0         # the bias column of A (absent: centred)
-    if n > d:
-        gram = np.zeros((d + 1, d + 1))
-        rhs = np.zeros((d + 1, y.shape[1]))
-        for lo in range(0, n, _CHUNK):
-            a = np.concatenate([rows(lo, lo + _CHUNK), np.full((min(_CHUNK, n - lo), 1), ones)], axis=1)
-            _add_gram(gram, a)
-            rhs += a.T @ yc[lo:lo + _CHUNK]
-        gram[np.diag_indices_from(gram)] += lam
-        if not regularize_bias:
-            gram[d, d] = 1.0                       # no bias column: a dummy unknown fixed at 0
-        beta = _solve_spd(gram, rhs, lam)
-        weight, b = beta[:d], beta[d]
-    else:
-        kernel = np.full((n, n), ones)
-        for lo in range(0, d, _CHUNK):
-            _add_gram(kernel, cols(lo, lo + _CHUNK).T)
-        kernel[np.diag_indices_from(kernel)] += lam
-        alpha = _solve_spd(kernel, yc, lam)
-        weight = np.concatenate([cols(lo, lo + _CHUNK).T @ alpha for lo in range(0, d, _CHUNK)])
-        b = ones * alpha.sum(axis=0)
-    if not regularize_bias:
-        b = y_mean - x_mean @ weight
-    return weight, b
-
-
-def _fit_class(x: np.ndarray, y: np.ndarray, cfg: BBoxRegressionConfig) -> tuple[np.ndarray, ...]:
-    """Ridge fit of one class. x: [N, D] scaled features; y: [N, 4] raw targets.
-
-    Returns ``(weight [D, 4], bias [4], mean [4], unwhiten [4, 4], train_mse [4])``.
-    """
-    mean = y.mean(axis=0)
-    yc = y - mean
-    cov = yc.T @ yc / len(yc)
-    evals, evecs = np.linalg.eigh(cov)
-    evals = np.maximum(evals, 0.0) + _WHITEN_EPS
-    whiten = evecs @ np.diag(1.0 / np.sqrt(evals)) @ evecs.T
-    unwhiten = evecs @ np.diag(np.sqrt(evals)) @ evecs.T
-    yn = yc @ whiten
-    weight, bias = _ridge(x, yn, cfg.lam, cfg.regularize_bias)
-    pred = (x.astype(np.float64) @ weight + bias) @ unwhiten + mean if len(x) <= _CHUNK else \
-        np.concatenate([(x[i:i + _CHUNK].astype(np.float64) @ weight + bias) @ unwhiten + mean
-                        for i in range(0, len(x), _CHUNK)])
-    mse = ((pred - y) ** 2).mean(axis=0)
-    return weight, bias, mean, unwhiten, mse
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -620,7 +334,7 @@ def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_cl
             samples[c] = (np.zeros((0, dim), np.float32), y)     # free the features as we go
         logger.info("%s: fitting %d samples x %d features (%s form)", names[c], len(x), dim,
                     "primal D x D" if len(x) > dim else "dual N x N")
-        weight, bias, mean, unwhiten, mse = _fit_class(x, y, cfg)
+        weight, bias, mean, unwhiten, mse = fit_class_regressor(x, y, cfg)
         del x                                                     # before the next class's samples
         fitted[c] = ClassRegressor(weight, bias, mean, unwhiten,
                                    {"num_samples": len(y), "train_mse": mse.tolist(),

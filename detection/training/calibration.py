@@ -12,9 +12,12 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torchvision.ops import nms
 
-from .calibration import ScoreCalibration, label_detections
-from .errors import DetectionError
-from .svm import FeatureSource, ImageSample, LinearSVMs, SVMConfig, train_svms
+from ..calibration import ScoreCalibration, label_detections
+from ..errors import DetectionError
+from ..linear import LinearSVMs
+from .hard_negatives import train_svms
+from .samples import FeatureSource, ImageSample
+from .svm import SVMConfig
 
 __all__ = ["CalibrationConfig", "assign_folds", "fit_platt", "fit_calibration", "window_samples", "FoldSource"]
 
@@ -59,7 +62,7 @@ def fit_platt(scores: np.ndarray, labels: np.ndarray, C: float = 1.0) -> tuple[f
 
 
 class FoldSource:
-    """The images ``indices`` of a :class:`detection.svm.FeatureSource`, as a source of their own."""
+    """The images ``indices`` of a :class:`detection.training.samples.FeatureSource`, as a source of their own."""
 
     def __init__(self, source: FeatureSource, indices: Sequence[int]) -> None:
         self.source = source

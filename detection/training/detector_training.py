@@ -1,0 +1,306 @@
+"""The train stage: (fc fine-tuning) -> SVMs -> box regressors, from pooled window features.
+
+The features of a window are always computed from the conv-map cache (SPP-net) or from warped
+crops (R-CNN) when they are needed, one image at a time (:class:`detection.train.WindowFeatureSource`),
+so memory is bounded by one image's windows plus the SVMs' hard-negative cache, never by the
+size of the dataset. The stage's worst-case memory is checked before anything runs
+(:func:`check_train_memory`), and its progress is checkpointed per step (:class:`TrainCheckpoint`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones import Backbone
+from ..config import ConfigError
+from ..data.records import ImageRecord
+from ..detector import DetectorSettings, SPPDetector
+from ..errors import DetectionError
+from ..finetune import FinetuneConfig, finetune, label_windows
+from ..heads import FCHead
+from ..io import atomic_torch_save
+from ..linear import LinearSVMs
+from ..train import Pool5Fn, WindowFeatureSource
+from .bbox_regression import BBoxRegressionConfig, ClassRegressor, plan_regression_samples, train_box_regressors
+from .calibration import CalibrationConfig, fit_calibration
+from .hard_negatives import train_svms
+from .ridge import regression_memory_bytes
+from .samples import compute_feature_scale
+from .svm import SVMConfig, svm_memory_bytes
+
+__all__ = ["TrainConfig", "check_train_memory", "refuse_unused_finetune", "train_detector", "TrainCheckpoint",
+           "regression_sources"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    finetune: FinetuneConfig = FinetuneConfig(enabled=False)
+    svm: SVMConfig = SVMConfig()
+    bbox: BBoxRegressionConfig = BBoxRegressionConfig()
+    bbox_regression: bool = True
+    #: Cap on proposals per training image used for the SVMs (None: all). R-CNN's crops are costly.
+    max_train_windows: int | None = None
+    seed: int = 0
+    #: Budget in GB for the large arrays of this stage (SVM caches and retraining, each box
+    #: regressor's samples and solve), checked before training starts (:func:`check_train_memory`)
+    #: and again per class before box regression reads features. 8 GB fits a 24 GB machine with
+    #: room to spare (the process adds ~1 GB of libraries and one image's conv maps). None: no check.
+    memory_gb: float | None = 8.0
+    #: Probabilities for the SVM scores (detection.calibration): cross-fitted Platt scaling.
+    calibration: CalibrationConfig = CalibrationConfig()
+
+
+def check_train_memory(cfg: TrainConfig, num_classes: int, pool5_dim: int, layer_dim: int,
+                       max_candidates: int) -> dict[str, float]:
+    """Check the train stage's worst case against ``cfg.memory_gb`` before anything runs.
+
+    Args:
+        num_classes, pool5_dim: K and the pool5 length (box regression).
+        layer_dim: length of the SVMs' features (pool5, fc6 or fc7).
+        max_candidates: most GT boxes + proposals of one training image.
+    Returns:
+        GB needed by each part (``svm``, ``bbox``), None where unbounded (a null cap).
+    Raises:
+        DetectionError: a part needs more than the budget, or a null SVM cap under a budget;
+            the message names the part and the settings to lower.
+    """
+    svm = svm_memory_bytes(cfg.svm, num_classes, layer_dim, max_candidates)
+    caps = cfg.bbox.max_samples, cfg.bbox.max_gt_samples
+    bbox = regression_memory_bytes(caps[0] + caps[1], pool5_dim) if cfg.bbox_regression and None not in caps else None
+    need = {"svm": None if svm is None else svm / 2**30, "bbox": None if bbox is None else bbox / 2**30}
+    if cfg.memory_gb is None:
+        return need
+    if not cfg.memory_gb > 0:
+        raise DetectionError(f"memory_gb must be > 0 or null, got {cfg.memory_gb}")
+    if svm is None:
+        raise DetectionError(f"train stage (SVM hard-negative mining): svm.max_positives / svm.max_negatives is "
+                             f"null, so its memory is unbounded under memory_gb={cfg.memory_gb:g}; set both caps "
+                             "or memory_gb=null")
+    if need["svm"] > cfg.memory_gb:
+        raise DetectionError(
+            f"train stage (SVM hard-negative mining) needs up to {need['svm']:.2f} GB for {num_classes} classes of "
+            f"{layer_dim:,}-d features (svm.max_positives={cfg.svm.max_positives}, "
+            f"svm.max_negatives={cfg.svm.max_negatives}), above memory_gb={cfg.memory_gb:g}: lower "
+            "svm.max_negatives or svm.max_positives, or raise memory_gb")
+    if need["bbox"] is not None and need["bbox"] > cfg.memory_gb:
+        raise DetectionError(
+            f"train stage (box regression) needs up to {need['bbox']:.2f} GB per class for {caps[1]} GT + {caps[0]} "
+            f"proposal samples of {pool5_dim:,}-d pool5 features (bbox.max_gt_samples, bbox.max_samples), above "
+            f"memory_gb={cfg.memory_gb:g}: lower bbox.max_samples or bbox.max_gt_samples, or raise memory_gb")
+    return need
+
+
+def refuse_unused_finetune(feature_layer: str, finetune_cfg: FinetuneConfig) -> None:
+    """Refused, not ignored: fc fine-tuning trains fc6/fc7, which SVMs on pool5 never read."""
+    if finetune_cfg.enabled and feature_layer == "pool5":
+        raise ConfigError("finetune.enabled=true trains fc6/fc7, but the SVMs read pool5 (feature_layer=pool5), "
+                          "which fine-tuning does not change: set feature_layer=fc7 (the paper's) or "
+                          "finetune.enabled=false")
+
+
+def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
+                   proposals: Callable[[ImageRecord], np.ndarray], backbone: Backbone, pool5_fn: Pool5Fn,
+                   pool5_dim: int, settings: DetectorSettings, cfg: TrainConfig,
+                   out_dir: str | Path | None = None, progress: bool = True,
+                   finetune_pool5_fn: Callable[[int, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                   checkpoint_key: str | None = None) -> SPPDetector:
+    """(fc fine-tuning) -> SVMs on ``settings.feature_layer`` -> box regressors on pool5.
+
+    Args:
+        records: training images (flipped ones included when wanted).
+        classes: class names (labels index them).
+        proposals: proposals of a record (internal boxes in its pixels).
+        backbone: the conv trunk the features come from (stored in the model).
+        pool5_fn: pooled features of windows of a record (best scale).
+        pool5_dim: length of a pooled vector.
+        settings: detector settings stored in the model.
+        cfg: training settings.
+        out_dir: where fine-tuning checkpoints go (resumable).
+        finetune_pool5_fn: pooled features for fine-tuning (random scale per window); defaults
+            to ``pool5_fn``.
+        checkpoint_key: with ``out_dir``, checkpoint the SVMs and then each class's box regressor
+            under ``out_dir/train_checkpoint/`` (:class:`TrainCheckpoint`); a rerun with the same
+            key continues from them. The key must change with anything they depend on.
+    Returns:
+        The trained detector (not yet saved).
+    Raises:
+        DetectionError: the settings do not fit ``cfg.memory_gb`` (before anything is trained).
+    """
+    refuse_unused_finetune(settings.feature_layer, cfg.finetune)
+    k = len(classes)
+    max_candidates = max((len(r.boxes) + len(proposals(r)) for r in records), default=0)
+    if cfg.max_train_windows is not None:
+        max_candidates = min(max_candidates, cfg.max_train_windows + max((len(r.boxes) for r in records), default=0))
+    svm_dim = pool5_dim if settings.feature_layer == "pool5" else \
+        cfg.finetune.hidden[1 if settings.feature_layer == "fc7" else 0]
+    check_train_memory(cfg, k, pool5_dim, svm_dim, max_candidates)
+    train_ckpt = TrainCheckpoint(Path(out_dir) / "train_checkpoint", checkpoint_key) \
+        if out_dir is not None and checkpoint_key is not None else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # SVMs on pool5 use no fc layer: an empty head keeps ~400 MB of unused fc6/fc7 out of the
+    # model file (and out of memory).
+    hidden = (0, 0) if settings.feature_layer == "pool5" else cfg.finetune.hidden
+    head = FCHead(pool5_dim, hidden, num_classes=k, dropout=cfg.finetune.dropout, generator=gen)
+    pretrained = backbone.head is not None and settings.feature_layer != "pool5" and head.load_pretrained(backbone.head)
+    if settings.feature_layer != "pool5" and not pretrained:
+        # fc layers from scratch: scale pool5 to mean norm sqrt(D), i.e. unit-size elements, as
+        # their He initialisation assumes.
+        pool5_only = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim, cfg.max_train_windows)
+        scale = compute_feature_scale(pool5_only, float(pool5_dim) ** 0.5, cfg.svm.norm_images,
+                                      cfg.svm.norm_boxes_per_image, cfg.svm.seed, progress)[0]
+        head.input_scale.fill_(scale)
+        log.info("fc layers from scratch: pool5 scaled by %.4g before fc6", scale)
+    if settings.feature_layer != "pool5" and cfg.finetune.enabled:
+        windows = [label_windows(r, proposals(r), cfg.finetune) for r in records]
+        fn = finetune_pool5_fn
+        if fn is None:
+            def fn(i: int, boxes: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+                return pool5_fn(records[i], boxes)
+        ckpt = Path(out_dir) / "finetune_checkpoint.pt" if out_dir is not None else None
+        bar = _progress_bar(cfg.finetune.iterations, "fine-tune fc", progress)
+        # Fix: key the resumable checkpoint on what the pooled features depend on too (it lives
+        # in out_dir, shared by runs with other backbones / scales / pyramids).
+        feature_key = json.dumps({"backbone": [backbone.name, backbone.weights_id],
+                                  "settings": dataclasses.asdict(settings)}, sort_keys=True, default=str)
+        losses = finetune(head, windows, fn, cfg.finetune, checkpoint=ckpt,
+                          progress=lambda it, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"),
+                          checkpoint_key=feature_key)
+        bar.close()
+        if losses:
+            log.info("fine-tuning: loss %.4f -> %.4f over %d iterations", losses[0], losses[-1], len(losses))
+    head.eval()
+    head.fc8 = None
+    layer_dim = pool5_dim if settings.feature_layer == "pool5" else head.hidden[1 if settings.feature_layer == "fc7" else 0]
+    source = WindowFeatureSource(records, proposals, pool5_fn, head, settings.feature_layer, layer_dim,
+                                 cfg.max_train_windows)
+    svms = train_ckpt.svms() if train_ckpt is not None else None
+    if svms is None:
+        svms = train_svms(source, k, cfg.svm, class_names=classes, progress=progress)
+        if train_ckpt is not None:
+            train_ckpt.save_svms(svms)
+    else:
+        log.info("SVMs from the checkpoint %s", train_ckpt.root)
+    calibration = None
+    if cfg.calibration.enabled:
+        # The groups keep an image and its mirror in one fold.
+        calibration = fit_calibration(source, [r.image_id for r in records], k, cfg.svm, cfg.calibration,
+                                      svms.feature_scale, nms_iou=settings.nms_iou,
+                                      score_threshold=settings.score_threshold,
+                                      max_per_class=settings.max_per_class, class_names=classes, progress=progress)
+    regressors = None
+    if cfg.bbox_regression:
+        pool5_source = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim,
+                                           cfg.max_train_windows)
+        if settings.feature_layer == "pool5" and _same_norm_sample(cfg.svm, cfg.bbox):
+            scale = svms.feature_scale        # the same features, sampled the same way
+        else:
+            scale = compute_feature_scale(pool5_source, cfg.bbox.target_norm, cfg.bbox.norm_images,
+                                          cfg.bbox.norm_boxes_per_image, cfg.bbox.seed, progress)[0]
+        # With the scale known, only proposals that can become samples need features (a few
+        # percent of them), and one class at a time: the same samples, in the same order, as
+        # reading every proposal, with one class's features in memory instead of all.
+        budget = None if cfg.memory_gb is None else int(cfg.memory_gb * 2**30)
+        done = train_ckpt.regressors(k, scale) if train_ckpt is not None else None
+        on_class = functools.partial(train_ckpt.save_regressor, scale=scale) if train_ckpt is not None else None
+        regressors = train_box_regressors(regression_sources(pool5_source, k, cfg.bbox), k, cfg.bbox,
+                                          class_names=classes, feature_scale=scale, progress=progress,
+                                          untrained=svms.meta.get("untrained", ()), memory_budget=budget,
+                                          done=done, on_class=on_class)
+    return SPPDetector(backbone, head, svms, regressors, classes, settings, calibration=calibration,
+                       meta={"train": {"num_images": len(records), "seed": cfg.seed,
+                                       "finetune": dataclasses.asdict(cfg.finetune),
+                                       "svm": dataclasses.asdict(cfg.svm),
+                                       "bbox": dataclasses.asdict(cfg.bbox) if cfg.bbox_regression else None}})
+
+
+class TrainCheckpoint:
+    """The train stage's progress on disk: ``svms.pt``, then ``bbox_<k>.pt`` per class, each
+    written atomically and holding the key of the settings it was made with (a file with another
+    key, or unreadable, is ignored and redone). Tensors and JSON strings only (no pickles)."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        self.root, self.key = Path(root), key
+
+    def _load(self, name: str) -> dict | None:
+        path = self.root / name
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is redone, never trusted
+            log.warning("ignoring the unreadable checkpoint %s (%s)", path, " ".join(str(e).split())[:200])
+            return None
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            log.info("ignoring %s: made with other settings", path)
+            return None
+        return state
+
+    def svms(self) -> LinearSVMs | None:
+        state = self._load("svms.pt")
+        if state is None:
+            return None
+        return LinearSVMs.from_state(state["tensors"], json.loads(state["meta"]))
+
+    def save_svms(self, svms: LinearSVMs) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self.root / "svms.pt", {"key": self.key, "tensors": svms.tensors(),
+                                                  "meta": json.dumps(svms.to_meta())})
+
+    def regressors(self, num_classes: int, scale: float) -> dict[int, ClassRegressor]:
+        done = {}
+        for c in range(num_classes):
+            state = self._load(f"bbox_{c}.pt")
+            if state is not None and state.get("feature_scale") == scale:
+                done[c] = ClassRegressor(*(state[n].numpy() for n in ("weight", "bias", "target_mean",
+                                                                         "target_unwhiten")),
+                                         stats=json.loads(state["stats"]))
+        return done
+
+    def save_regressor(self, c: int, r: ClassRegressor, scale: float) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self.root / f"bbox_{c}.pt", {
+            "key": self.key, "feature_scale": scale, "stats": json.dumps(r.stats),
+            **{n: torch.from_numpy(np.ascontiguousarray(getattr(r, n), dtype=np.float64))
+               for n in ("weight", "bias", "target_mean", "target_unwhiten")}})
+        log.info("box regressor %d checkpointed in %s", c, self.root)
+
+
+def _same_norm_sample(a: SVMConfig, b: BBoxRegressionConfig) -> bool:
+    return (a.target_norm, a.norm_images, a.norm_boxes_per_image, a.seed) == \
+        (b.target_norm, b.norm_images, b.norm_boxes_per_image, b.seed)
+
+
+def regression_sources(source: WindowFeatureSource, num_classes: int, cfg: BBoxRegressionConfig
+                       ) -> list[WindowFeatureSource]:
+    """One pool5 source per class for :func:`train_box_regressors`: class k's source reads only
+    the images with a non-difficult GT of class k and only their proposals that are (capped)
+    class-k samples (:func:`.bbox_regression.plan_regression_samples`, boxes only).
+    Planning again on it keeps every one of those proposals and the same GT subset, so the
+    samples are those of planning on ``source``."""
+    plan = plan_regression_samples(source, num_classes, cfg)
+    chosen = [{source.records[s.image].key: s.proposal_rows for s in p} for p in plan]
+    none = np.zeros(0, np.int64)
+    sources = []
+    for c in range(num_classes):
+        def has_gt(r: ImageRecord) -> bool:
+            keep = np.ones(len(r.boxes), bool) if cfg.use_difficult else ~np.asarray(r.difficult, bool)
+            return bool((np.asarray(r.labels)[keep] == c).any())
+        sources.append(WindowFeatureSource([r for r in source.records if has_gt(r)], source.proposals,
+                                           source.pool5_fn, None, "pool5", source.dim, source.max_windows,
+                                           keep_proposals=lambda r, b, c=c: b[chosen[c].get(r.key, none)]))
+    return sources
+
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, disable=not enabled)
