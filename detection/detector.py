@@ -26,7 +26,7 @@ from .backbones import Backbone, build_backbone
 from .bbox_regression import BoxRegressors
 from .config import from_dict
 from .data.records import ImageRecord
-from .data.voc import load_image
+from .data.images import load_image
 from .errors import DetectionError, ModelError
 from .features import conv_maps_for_image, pooled_window_features
 from .heads import FCHead

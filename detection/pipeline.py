@@ -21,7 +21,8 @@ from .backbones import build_backbone
 from .bbox_regression import BBoxRegressionConfig
 from .config import ConfigError, save_config, to_dict
 from .data.synthetic import make_synthetic_voc
-from .data.voc import VOCDataset, load_image, report_images
+from .data.images import load_image
+from .data.voc import VOCDataset, report_images
 from .detector import DETECTION_ONLY_SETTINGS, DetectorSettings, SPPDetector, iter_detections
 from .errors import CacheError, DetectionError
 from .evaluation import default_metric, detections_by_class, evaluate_result_dir, write_result_files

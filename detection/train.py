@@ -20,7 +20,7 @@ from .bbox_regression import (BBoxRegressionConfig, ClassRegressor, plan_regress
                               regression_memory_bytes, train_box_regressors)
 from .config import ConfigError
 from .data.records import ImageRecord
-from .data.voc import load_image
+from .data.images import load_image
 from .detector import DetectorSettings, SPPDetector
 from .errors import DetectionError
 from .finetune import FinetuneConfig, finetune, label_windows

@@ -312,13 +312,13 @@ def _cut(path: Path, nbytes: int) -> bytes:
 @pytest.mark.parametrize("nbytes", [2, 40])
 def test_jpeg_a_few_bytes_short_loads_with_a_warning(synthetic_voc, tmp_path, caplog, nbytes):
     """The public-dataset case: a JPEG a few bytes short (viewers show it) loads, naming the file."""
-    from detection.data.voc import read_image
+    from detection.data.images import read_image
 
     path = tmp_path / "short.jpg"
     path.write_bytes((synthetic_voc / "JPEGImages" / "000001.jpg").read_bytes())
     intact = read_image(path)
     _cut(path, nbytes)
-    with caplog.at_level("WARNING", logger="detection.data.voc"):
+    with caplog.at_level("WARNING", logger="detection.data.images"):
         pixels = read_image(path)
     assert pixels.shape == intact.shape and pixels.dtype == np.uint8
     assert "short.jpg: truncated JPEG" in caplog.text
@@ -327,12 +327,12 @@ def test_jpeg_a_few_bytes_short_loads_with_a_warning(synthetic_voc, tmp_path, ca
 
 
 def test_real_photo_a_few_bytes_short(shared_dir, tmp_path, caplog):
-    from detection.data.voc import read_image
+    from detection.data.images import read_image
 
     src = sorted((shared_dir / "data" / "raccoon" / "JPEGImages").glob("*.jpg"))[5]
     path = tmp_path / src.name
     path.write_bytes(src.read_bytes()[:-5])
-    with caplog.at_level("WARNING", logger="detection.data.voc"):
+    with caplog.at_level("WARNING", logger="detection.data.images"):
         pixels = read_image(path)
     intact = read_image(src)
     assert "the last 8 of its" in caplog.text and src.name in caplog.text
@@ -340,7 +340,8 @@ def test_real_photo_a_few_bytes_short(shared_dir, tmp_path, caplog):
 
 
 def test_jpeg_cut_in_half_is_an_error_or_skipped(synthetic_voc, tmp_path, caplog):
-    from detection.data.voc import VOCDataset, read_image, report_images
+    from detection.data.images import read_image
+    from detection.data.voc import VOCDataset, report_images
 
     root = _dataset_with_id(synthetic_voc, tmp_path, "", split_text="000001\n000002\n000003\n000004\n")
     images = root / "JPEGImages"
@@ -375,7 +376,8 @@ def test_every_image_undecodable_is_one_error(synthetic_voc, tmp_path):
 def test_wrong_suffix_and_odd_colour_modes_are_reported_and_read(synthetic_voc, tmp_path):
     from PIL import Image
 
-    from detection.data.voc import VOCDataset, load_image
+    from detection.data.images import load_image
+    from detection.data.voc import VOCDataset
 
     root = _dataset_with_id(synthetic_voc, tmp_path, "", split_text="000001\n000002\n000003\n")
     images = root / "JPEGImages"

@@ -209,7 +209,7 @@ def test_jpeg_a_few_bytes_short_is_used_with_a_warning_and_a_summary(runs):
     proc = runs[0]["compute_proposals_short_jpeg"]
     assert_ok(proc)
     warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line]
-    assert any("WARNING detection.data.voc: " in line and ".jpg: truncated JPEG: the last 8 of its 240 rows" in line
+    assert any("WARNING detection.data.images: " in line and ".jpg: truncated JPEG: the last 8 of its 240 rows" in line
                for line in warnings), proc.stderr[-2000:]
     assert "summary:" in warnings[-1] and "imperfect but used" in warnings[-1]
 
