@@ -46,7 +46,7 @@ from detection.data.images import MAX_IMAGE_PIXELS, image_size, read_image
 from detection.data.voc import VOCDataset
 from detection.detector import DetectorSettings, SPPDetector
 from detection.errors import CacheError, DatasetError, DetectionError, ModelError
-from detection.evaluation.voc import evaluate_detections, read_result_file
+from detection.evaluation import evaluate_detections, read_result_file
 from detection.features import ConvMapCache
 from detection.model import load_model, save_model
 from detection.pipeline import PipelineConfig

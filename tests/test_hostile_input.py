@@ -20,7 +20,7 @@ from detection.backbones import build_backbone
 from detection.detector import DetectorSettings, SPPDetector
 from detection.errors import CacheError, DatasetError, DetectionError, ModelError, StorageError
 from detection.evaluation.plots import plot_pr_curves
-from detection.evaluation.voc import ClassDetections, read_result_dir, result_file_name, write_result_files
+from detection.evaluation import ClassDetections, read_result_dir, result_file_name, write_result_files
 from detection.io import (MAX_JSON_DEPTH, describe_missing, parse_json, path_in_folder, read_json, safe_file_part,
                           write_json)
 from detection.model import MAX_CLASSES, MODEL_FORMAT, MODEL_VERSION
@@ -411,7 +411,7 @@ def test_class_names_a_model_could_not_hold_are_refused_when_the_dataset_is_read
 
 
 def test_weights_and_results_paths_that_are_not_what_they_should_be(tmp_path):
-    from detection.evaluation.voc import read_result_dir
+    from detection.evaluation import read_result_dir
 
     os.mkfifo(tmp_path / "w.pth")
     (tmp_path / "wdir.pth").mkdir()
