@@ -30,7 +30,7 @@ from .features import extract_conv_maps, pooled_window_features
 from .finetune import FinetuneConfig, finetune, label_windows
 from .heads import FCHead
 from .io import atomic_torch_save, make_dirs, read_json, settings_key, write_json
-from .proposals import compute_proposals
+from .proposals import SelectiveSearchConfig, compute_proposals
 from .report import write_report
 from .runtime import resolve_device
 from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1, scale_factors
@@ -39,7 +39,7 @@ from .timing import compare_methods, rcnn_twin
 from .train import (TrainConfig, check_train_memory, rcnn_pool5_fn, refuse_unused_finetune, spp_pool5_fn,
                     train_detector)
 
-__all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "FeatureConfig", "ConvFinetuneConfig",
+__all__ = ["DataConfig", "BackboneConfig", "FeatureConfig", "ConvFinetuneConfig",
            "TimingConfig", "PipelineConfig", "run_pipeline", "embedded_default_overrides"]
 
 log = logging.getLogger(__name__)
@@ -57,15 +57,6 @@ class DataConfig:
     synthetic_test: int = 60
     synthetic_seed: int = 0
     synthetic_crowded: bool = False       # the crowded variant (detection.data.synthetic)
-
-
-@dataclasses.dataclass(frozen=True)
-class ProposalConfig:
-    mode: str = "fast"                    # selective search "fast" (paper) or "quality"
-    max_boxes: int = 2000                 # ~2,000 windows per image (paper)
-    resize_to: int | None = 500           # segment at this longer side (R-CNN practice)
-    min_size: int = 20                    # drop boxes under 20 px (R-CNN practice)
-    workers: int | None = None            # processes (None: all cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +104,8 @@ class PipelineConfig:
     method: str = "spp"                   # "spp" or "rcnn"
     device: str = "auto"                  # cuda:LOCAL_RANK when a GPU is visible, else cpu
     data: DataConfig = DataConfig()
-    proposals: ProposalConfig = ProposalConfig()
+    proposals: SelectiveSearchConfig = SelectiveSearchConfig()   # every setting of the windows
+    proposal_workers: int | None = None   # selective-search processes (None: all cores)
     backbone: BackboneConfig = BackboneConfig()
     features: FeatureConfig = FeatureConfig()
     conv_finetune: ConvFinetuneConfig = ConvFinetuneConfig()
@@ -224,8 +216,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 
     # 2. proposals ------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    ss = dict(mode=cfg.proposals.mode, max_boxes=cfg.proposals.max_boxes, resize_to=cfg.proposals.resize_to,
-              min_size=cfg.proposals.min_size, num_workers=cfg.proposals.workers, progress=progress)
+    ss = dict(**cfg.proposals.to_dict(), num_workers=cfg.proposal_workers, progress=progress)
     train_props = compute_proposals(train_ds, out / "proposals", **ss)
     test_props = compute_proposals(test_ds, out / "proposals", **ss)
     timings["proposals"] = time.perf_counter() - t0
@@ -239,7 +230,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     # 4. conv maps of the training split ---------------------------------------------------------
     settings = dataclasses.replace(cfg.test, method=cfg.method, scales=tuple(cfg.features.scales),
                                    max_size=cfg.features.max_size, levels=tuple(cfg.features.levels),
-                                   projection_rule=cfg.features.projection_rule, feature_layer=cfg.feature_layer)
+                                   projection_rule=cfg.features.projection_rule, feature_layer=cfg.feature_layer,
+                                   proposals=cfg.proposals)
     t0 = time.perf_counter()
     if cfg.method == "spp":
         cache = extract_conv_maps(train_ds, backbone, out / "features", scales=settings.scales,
@@ -324,7 +316,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 #: trained on): ``test.<key>`` cannot differ from it, so setting it is refused by name.
 _TEST_SETTINGS_FROM_TRAINING = {"method": "method", "scales": "features.scales", "max_size": "features.max_size",
                                 "levels": "features.levels", "projection_rule": "features.projection_rule",
-                                "feature_layer": "feature_layer"}
+                                "feature_layer": "feature_layer", "proposals": "proposals"}
 
 
 def _refuse_shadowed_test_settings(cfg: PipelineConfig) -> None:

@@ -30,7 +30,8 @@ def accuracy_config(root, method: str) -> PipelineConfig:
     return merge(PipelineConfig(), {
         "method": method,
         "data": {"root": str(root), "flip": False},
-        "proposals": {"max_boxes": 40, "workers": 0, "resize_to": 240},
+        "proposals": {"max_boxes": 40, "resize_to": 240},
+        "proposal_workers": 0,
         "backbone": {"name": "alexnet", "weights": None, "seed": 0},
         "features": {"scales": [320], "workers": 0},
         "svm": {"norm_images": 4},

@@ -19,11 +19,12 @@ import torch
 from detection.backbones import build_backbone
 from detection.detector import DetectorSettings, SPPDetector
 from detection.errors import CacheError, DatasetError, DetectionError, ModelError, StorageError
-from detection.evaluation.plots import plot_pr_curves
 from detection.evaluation import ClassDetections, read_result_dir, result_file_name, write_result_files
+from detection.evaluation.plots import plot_pr_curves
 from detection.io import (MAX_JSON_DEPTH, describe_missing, parse_json, path_in_folder, read_json, safe_file_part,
                           write_json)
 from detection.model import MAX_CLASSES, MODEL_FORMAT, MODEL_VERSION
+from detection.proposals import SelectiveSearchConfig
 from detection.timing import random_detector
 
 #: Class names built to leave the results folder, or to collide after a careless escaping.
@@ -35,7 +36,7 @@ ESCAPING_NAMES = ["../../escaped", "/tmp/absolute_evil", "..", ".", "sub/../../x
 def model_parts(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of a valid tiny model file (ZF-5 trunk, 8-wide fc layers), read
     back the way an attacker starts: from a real file."""
-    settings = DetectorSettings(scales=(64,), feature_layer="fc7", max_proposals=20)
+    settings = DetectorSettings(scales=(64,), feature_layer="fc7", proposals=SelectiveSearchConfig(max_boxes=20))
     det = random_detector(build_backbone("zf5"), 2, settings, hidden=(8, 8))
     path = tmp_path_factory.mktemp("model") / "model.pt"
     det.save(path)
@@ -135,15 +136,21 @@ def test_too_many_classes_are_refused_before_anything_is_built(tmp_path, model_p
 @pytest.mark.parametrize("edit, needle", [
     ({"scales": [100_000]}, "setting scales = 100000"),
     ({"max_size": 10 ** 9}, "setting max_size"),
-    ({"max_proposals": 10 ** 9}, "setting max_proposals"),
+    ({"proposals": {"max_boxes": 10 ** 9}}, "setting proposals.max_boxes"),
+    ({"proposals": {"resize_to": 10 ** 6}}, "setting proposals.resize_to"),
     ({"rcnn_batch_size": 10 ** 7}, "setting rcnn_batch_size"),
     ({"scales": [64] * 1000}, "setting num_scales"),
     ({"nms_iou": 7.0}, "nms_iou"),
-    ({"proposal_mode": "../../x"}, "proposal_mode"),
+    ({"proposals": {"mode": "../../x"}}, "proposals.mode"),
+    # Files written before the settings held every proposal setting: the same bounds.
+    ({"proposals": None, "max_proposals": 10 ** 9}, "setting proposals.max_boxes"),
+    ({"proposals": None, "proposal_mode": "../../x"}, "proposals.mode"),
+    ({"max_proposals": 50}, "max_proposals .* and proposals cannot both be given"),
 ])
 def test_settings_that_size_allocations_are_bounded(tmp_path, model_parts, edit, needle):
     tensors, meta = model_parts
-    path = write_model_by_hand(tmp_path / "m.pt", tensors, dict(meta, settings=dict(meta["settings"], **edit)))
+    settings = {k: v for k, v in dict(meta["settings"], **edit).items() if v is not None}
+    path = write_model_by_hand(tmp_path / "m.pt", tensors, dict(meta, settings=settings))
     with pytest.raises(ModelError, match=needle):
         SPPDetector.from_file(path)
 
