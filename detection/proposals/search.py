@@ -161,7 +161,7 @@ def selective_search(
     global ``rand()`` (OpenCV randomises the order with it).
 
     Args:
-        image_rgb: uint8 array[H, W, 3], RGB (as :func:`detection.data.voc.load_image` returns).
+        image_rgb: uint8 array[H, W, 3], RGB (as :func:`detection.data.images.load_image` returns).
         mode, max_boxes, resize_to, min_size, base_k, inc_k, sigma, seed: see
             :class:`SelectiveSearchConfig`.
     Returns:
