@@ -198,7 +198,7 @@ class SPPDetector:
     # ---- detection ------------------------------------------------------------------------------
 
     def proposals(self, image: np.ndarray) -> np.ndarray:
-        return selective_search(image, **self.settings.proposals.to_dict())
+        return selective_search(image, self.settings.proposals)
 
     @torch.inference_mode()
     def detect(self, image: np.ndarray, proposals: np.ndarray | None = None, timer: Timer = NO_TIMER) -> Detections:
@@ -359,6 +359,6 @@ def detect_dataset(model: str | Path | SPPDetector, dataset: Any, proposals_dir:
                          f"{dataset.root} has {list(dataset.classes)}")
     proposals_fn = None
     if proposals_dir is not None:
-        props = compute_proposals(dataset, proposals_dir, **detector.settings.proposals.to_dict(), progress=progress)
+        props = compute_proposals(dataset, proposals_dir, detector.settings.proposals, progress=progress)
         proposals_fn = props.proposals_for_record
     return [dets for _, _, dets in iter_detections(detector, dataset.records, proposals_fn, progress)]

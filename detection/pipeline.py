@@ -216,9 +216,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 
     # 2. proposals ------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    ss = dict(**cfg.proposals.to_dict(), num_workers=cfg.proposal_workers, progress=progress)
-    train_props = compute_proposals(train_ds, out / "proposals", **ss)
-    test_props = compute_proposals(test_ds, out / "proposals", **ss)
+    ss = dict(num_workers=cfg.proposal_workers, progress=progress)
+    train_props = compute_proposals(train_ds, out / "proposals", cfg.proposals, **ss)
+    test_props = compute_proposals(test_ds, out / "proposals", cfg.proposals, **ss)
     timings["proposals"] = time.perf_counter() - t0
 
     # 3. conv fine-tuning through SPP (optional) -------------------------------------------------

@@ -301,7 +301,7 @@ def test_detect_on_a_new_image_computes_the_models_own_windows(parts, tmp_path):
     detector = SPPDetector.from_file(path)
     assert detector.settings.proposals == OWN_PROPOSALS
     image = _image(seed=11)
-    windows = selective_search(image, **OWN_PROPOSALS.to_dict())
+    windows = selective_search(image, OWN_PROPOSALS)
     np.testing.assert_array_equal(detector.proposals(image), windows)
     assert not np.array_equal(windows, selective_search(image))       # the settings matter here
     got, ref = detector.detect(image), detector.detect(image, windows)

@@ -52,7 +52,7 @@ def test_pipeline_artifacts_resume_and_detection_only_settings(synthetic_voc, tm
     assert trained.settings.proposals == _config(synthetic_voc).proposals != SelectiveSearchConfig()
     image = np.random.default_rng(5).integers(90, 110, (200, 280, 3), dtype=np.uint8)
     image[40:150, 60:200] = (200, 60, 40)
-    windows = selective_search(image, **trained.settings.proposals.to_dict())
+    windows = selective_search(image, _config(synthetic_voc).proposals)
     np.testing.assert_array_equal(trained.proposals(image), windows)
     assert not np.array_equal(windows, selective_search(image))       # the settings matter here
     got, ref = trained.detect(image), trained.detect(image, windows)

@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     ds = VOCDataset(cfg.data.root, cfg.data.train_split, classes=cfg.data.classes, use_flipped=cfg.data.flip)
     ids = list(dict.fromkeys(r.image_id for r in ds.records))[: args.images]
     records = [r for r in ds.records if r.image_id in set(ids)]
-    props = compute_proposals(ds, run / "proposals", **cfg.proposals.to_dict(), num_workers=0, progress=False)
+    props = compute_proposals(ds, run / "proposals", cfg.proposals, num_workers=0, progress=False)
     backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, seed=cfg.backbone.seed)
     settings = dataclasses.replace(cfg.test, method=cfg.method, scales=tuple(cfg.features.scales),
                                    max_size=cfg.features.max_size, levels=tuple(cfg.features.levels),

@@ -18,16 +18,21 @@ from detection.cli import add_skip_bad_arg, run_tool
 from detection.proposals import SelectiveSearchConfig, compute_split_proposals
 
 
+#: The settings' defaults, from their one home.
+DEFAULTS = SelectiveSearchConfig()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, type=Path, help="VOC-layout dataset folder")
     p.add_argument("--split", required=True, help="image set name (ImageSets/Main/<split>.txt)")
     p.add_argument("--out", required=True, type=Path, help="output folder (cache + summary.json)")
-    p.add_argument("--mode", choices=("fast", "quality"), default="fast")
-    p.add_argument("--max-boxes", type=int, default=2000)
-    p.add_argument("--resize-to", type=int, default=500,
+    p.add_argument("--mode", choices=("fast", "quality"), default=DEFAULTS.mode)
+    p.add_argument("--max-boxes", type=int, default=DEFAULTS.max_boxes)
+    p.add_argument("--resize-to", type=int, default=DEFAULTS.resize_to or 0,
                    help="segment images resized so the longer side has this many pixels; 0: as is")
-    p.add_argument("--min-size", type=int, default=20, help="drop boxes smaller than this (original pixels)")
+    p.add_argument("--min-size", type=int, default=DEFAULTS.min_size,
+                   help="drop boxes smaller than this (original pixels)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: all CPUs; 1 runs in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import multiprocessing
@@ -16,7 +17,7 @@ import os
 import re
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator
 
 import cv2
 import numpy as np
@@ -91,7 +92,7 @@ def _proposals_worker(record: "ImageRecord", config: SelectiveSearchConfig, shar
     """
     try:
         image = load_image(record)
-        boxes = selective_search(image, **config.to_dict())
+        boxes = selective_search(image, config)
     except DatasetError:
         raise
     except Exception as e:  # cv2.error, MemoryError, ... -> a readable message naming the file
@@ -149,21 +150,8 @@ def _run_jobs(jobs: list[tuple["ImageRecord", Path]], config: SelectiveSearchCon
         bar.close()
 
 
-def compute_proposals(
-    dataset: "VOCDataset",
-    out_dir: str | os.PathLike,
-    mode: Literal["fast", "quality"] = "fast",
-    max_boxes: int = 2000,
-    resize_to: int | None = 500,
-    min_size: int = 20,
-    *,
-    base_k: int = 150,
-    inc_k: int = 150,
-    sigma: float = 0.8,
-    seed: int = 0,
-    num_workers: int | None = None,
-    progress: bool = True,
-) -> ProposalSet:
+def compute_proposals(dataset: "VOCDataset", out_dir: str | os.PathLike, config: SelectiveSearchConfig | None = None,
+                      *, num_workers: int | None = None, progress: bool = True, **settings: Any) -> ProposalSet:
     """Selective-search proposals of every original image of ``dataset``, cached in ``out_dir``.
 
     Layout of ``out_dir`` (``<key>`` = :func:`proposal_cache_key`):
@@ -183,8 +171,8 @@ def compute_proposals(
     Args:
         dataset: a :class:`detection.data.voc.VOCDataset`.
         out_dir: folder of the cache (created).
-        mode, max_boxes, resize_to, min_size, base_k, inc_k, sigma, seed: see
-            :class:`SelectiveSearchConfig`.
+        config: every selective-search setting (default: :class:`SelectiveSearchConfig`'s).
+        **settings: fields of :class:`SelectiveSearchConfig` that replace those of ``config``.
         num_workers: worker processes (default ``os.cpu_count()``); 0 or 1 runs in this process.
             Workers are started with 'spawn', so a script that calls this with workers must do
             so under ``if __name__ == "__main__":`` (as for any spawn pool). Each worker imports
@@ -195,8 +183,7 @@ def compute_proposals(
     Raises:
         DatasetError: an image cannot be read or segmented (the message names its file).
     """
-    config = SelectiveSearchConfig(mode=mode, max_boxes=max_boxes, resize_to=resize_to, min_size=min_size,
-                                   base_k=base_k, inc_k=inc_k, sigma=sigma, seed=seed)
+    config = dataclasses.replace(config or SelectiveSearchConfig(), **settings)
     out_dir = Path(out_dir)
     key = proposal_cache_key(dataset, config)
     cache_path = out_dir / f"proposals_{key}.npz"

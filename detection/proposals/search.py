@@ -142,18 +142,7 @@ def _dedup_keep_first(boxes: np.ndarray) -> np.ndarray:
     return boxes[np.sort(first)]
 
 
-def selective_search(
-    image_rgb: np.ndarray,
-    mode: Literal["fast", "quality"] = "fast",
-    max_boxes: int = 2000,
-    resize_to: int | None = 500,
-    min_size: int = 20,
-    *,
-    base_k: int = 150,
-    inc_k: int = 150,
-    sigma: float = 0.8,
-    seed: int = 0,
-) -> np.ndarray:
+def selective_search(image_rgb: np.ndarray, config: SelectiveSearchConfig | None = None, **settings: Any) -> np.ndarray:
     """Selective-search proposals for one image (see the module docstring for every choice).
 
     Runs in the calling thread; OpenCV's own threading is left as the caller set it (the worker
@@ -162,15 +151,16 @@ def selective_search(
 
     Args:
         image_rgb: uint8 array[H, W, 3], RGB (as :func:`detection.data.images.load_image` returns).
-        mode, max_boxes, resize_to, min_size, base_k, inc_k, sigma, seed: see
-            :class:`SelectiveSearchConfig`.
+        config: every setting (default: :class:`SelectiveSearchConfig`'s defaults, their one home).
+        **settings: fields of :class:`SelectiveSearchConfig` that replace those of ``config``
+            (``mode``, ``max_boxes``, ``resize_to``, ``min_size``, ``base_k``, ``inc_k``,
+            ``sigma``, ``seed``).
     Returns:
         float32 array[N, 4], 1 <= N <= max_boxes: internal ``(x1, y1, x2, y2)`` in original
         image pixels, integer-valued, inside ``[0, W] x [0, H]``, unique rows, in OpenCV's
         priority order. The whole-image box when nothing else survives (logged).
     """
-    cfg = SelectiveSearchConfig(mode=mode, max_boxes=max_boxes, resize_to=resize_to, min_size=min_size,
-                                base_k=base_k, inc_k=inc_k, sigma=sigma, seed=seed)
+    cfg = dataclasses.replace(config or SelectiveSearchConfig(), **settings)
     image = np.asarray(image_rgb)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
         raise DetectionError(f"selective_search expects a uint8 RGB array [H, W, 3], got {image.dtype} {image.shape}")

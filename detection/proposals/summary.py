@@ -41,7 +41,7 @@ def compute_split_proposals(data: str | os.PathLike, split: str, out: str | os.P
     out = Path(out)
     dataset = VOCDataset(data, split, skip_bad=skip_bad)
     start = time.perf_counter()
-    proposals = compute_proposals(dataset, out, **config.to_dict(), num_workers=num_workers, progress=progress)
+    proposals = compute_proposals(dataset, out, config, num_workers=num_workers, progress=progress)
     seconds = time.perf_counter() - start
     recall = proposal_recall(dataset, proposals, thresholds=(0.5, 0.7))
     n = len(proposals)
