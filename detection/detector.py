@@ -282,7 +282,7 @@ def _check_consistent(backbone: Backbone, head: FCHead, svms: LinearSVMs, regres
 #: several times what SPP-net uses (scales <= 1200, max_size 2000, 2000 proposals, 6x6 pyramid).
 SETTINGS_LIMITS = {"scales": (1, 4000), "num_scales": (1, 16), "max_size": (1, 8000), "levels": (1, 32),
                    "num_levels": (1, 8), "max_per_class": (0, 100_000), "proposals.max_boxes": (1, 100_000),
-                   "proposals.resize_to": (16, 8000), "rcnn_batch_size": (1, 4096)}
+                   "proposals.resize_to": (16, 8000), "proposals.sigma": (0.0, 100.0), "rcnn_batch_size": (1, 4096)}
 
 
 def _check_limits(s: DetectorSettings) -> None:
@@ -291,7 +291,8 @@ def _check_limits(s: DetectorSettings) -> None:
               "num_levels": len(s.levels), "max_per_class": s.max_per_class,
               "proposals.max_boxes": s.proposals.max_boxes, "rcnn_batch_size": s.rcnn_batch_size,
               # None segments at the image's own size, which MAX_IMAGE_PIXELS bounds.
-              "proposals.resize_to": s.proposals.resize_to or 16}
+              "proposals.resize_to": s.proposals.resize_to or 16,
+              "proposals.sigma": s.proposals.sigma}     # OpenCV sizes its smoothing kernel by it
     for name, value in values.items():
         lo, hi = SETTINGS_LIMITS[name]
         if not lo <= value <= hi:

@@ -138,6 +138,7 @@ def test_too_many_classes_are_refused_before_anything_is_built(tmp_path, model_p
     ({"max_size": 10 ** 9}, "setting max_size"),
     ({"proposals": {"max_boxes": 10 ** 9}}, "setting proposals.max_boxes"),
     ({"proposals": {"resize_to": 10 ** 6}}, "setting proposals.resize_to"),
+    ({"proposals": {"sigma": 1e12}}, "setting proposals.sigma"),
     ({"rcnn_batch_size": 10 ** 7}, "setting rcnn_batch_size"),
     ({"scales": [64] * 1000}, "setting num_scales"),
     ({"nms_iou": 7.0}, "nms_iou"),
