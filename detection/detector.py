@@ -26,13 +26,13 @@ from .backbones import Backbone, build_backbone
 from .calibration import ScoreCalibration
 from .config import from_dict
 from .data.records import ImageRecord
-from .data.voc import load_image
+from .data.images import load_image
 from .errors import DetectionError, ModelError
 from .features import conv_maps_for_image, pooled_window_features
 from .heads import FCHead
 from .linear import BoxRegressors, LinearSVMs
 from .model import check_class_names, load_model, prefixed, save_model, unprefixed
-from .proposals import compute_proposals, selective_search
+from .proposals import SelectiveSearchConfig, compute_proposals, selective_search
 from .rcnn import rcnn_window_features
 from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1
 from .timer import NO_TIMER, Timer
@@ -57,13 +57,13 @@ class DetectorSettings:
     nms_iou: float = 0.3                      # per-class NMS threshold of the paper's code
     max_per_class: int = 100                  # detections kept per class per image
     score_threshold: float = -1.5             # the code drops windows scoring below -1.5
-    proposal_mode: str = "fast"               # selective search when no proposals are given
-    max_proposals: int = 2000
+    # Selective search when no proposals are given: every setting of the training windows.
+    proposals: SelectiveSearchConfig = SelectiveSearchConfig()
     rcnn_batch_size: int = 128                # warped windows per trunk call
 
 
 # Settings that act only when detecting (never in training): changing them needs no retraining.
-DETECTION_ONLY_SETTINGS = ("nms_iou", "max_per_class", "score_threshold", "proposal_mode", "max_proposals")
+DETECTION_ONLY_SETTINGS = ("nms_iou", "max_per_class", "score_threshold")
 
 
 @dataclasses.dataclass
@@ -142,7 +142,7 @@ class SPPDetector:
                 raise TypeError("no settings mapping")
             # Fix (tests/test_fuzz.py): type-check the settings (a list where ints belong made
             # detect() fail later with a traceback).
-            settings = from_dict(DetectorSettings, meta["settings"], "settings")
+            settings = from_dict(DetectorSettings, _upgraded_settings(meta["settings"]), "settings")
             classes = check_class_names(meta["classes"])
             backbone = build_backbone(meta["backbone"]["name"], weights=None)
             backbone.trunk.load_state_dict(unprefixed("trunk", tensors), strict=True)
@@ -209,7 +209,7 @@ class SPPDetector:
     # ---- detection ------------------------------------------------------------------------------
 
     def proposals(self, image: np.ndarray) -> np.ndarray:
-        return selective_search(image, mode=self.settings.proposal_mode, max_boxes=self.settings.max_proposals)
+        return selective_search(image, self.settings.proposals)
 
     @torch.inference_mode()
     def detect(self, image: np.ndarray, proposals: np.ndarray | None = None, timer: Timer = NO_TIMER) -> Detections:
@@ -291,27 +291,46 @@ def _check_consistent(backbone: Backbone, head: FCHead, svms: LinearSVMs, regres
 
 
 #: Bounds on the settings a model file may carry. The settings size allocations at detection
-#: time (an image resized to ``max(scales)``, up to ``max_size`` px; ``max_proposals`` windows;
+#: time (an image resized to ``max(scales)``, up to ``max_size`` px; ``proposals.max_boxes`` windows;
 #: ``rcnn_batch_size`` warped crops), so a hostile file could ask for terabytes: each bound is
 #: several times what SPP-net uses (scales <= 1200, max_size 2000, 2000 proposals, 6x6 pyramid).
 SETTINGS_LIMITS = {"scales": (1, 4000), "num_scales": (1, 16), "max_size": (1, 8000), "levels": (1, 32),
-                   "num_levels": (1, 8), "max_per_class": (0, 100_000), "max_proposals": (1, 100_000),
-                   "rcnn_batch_size": (1, 4096)}
+                   "num_levels": (1, 8), "max_per_class": (0, 100_000), "proposals.max_boxes": (1, 100_000),
+                   "proposals.resize_to": (16, 8000), "proposals.sigma": (0.0, 100.0), "rcnn_batch_size": (1, 4096)}
 
 
 def _check_limits(s: DetectorSettings) -> None:
     """ValueError naming the first setting outside :data:`SETTINGS_LIMITS` (or not a finite number)."""
     values = {"scales": max(s.scales), "num_scales": len(s.scales), "max_size": s.max_size, "levels": max(s.levels),
-              "num_levels": len(s.levels), "max_per_class": s.max_per_class, "max_proposals": s.max_proposals,
-              "rcnn_batch_size": s.rcnn_batch_size}
+              "num_levels": len(s.levels), "max_per_class": s.max_per_class,
+              "proposals.max_boxes": s.proposals.max_boxes, "rcnn_batch_size": s.rcnn_batch_size,
+              # None segments at the image's own size, which MAX_IMAGE_PIXELS bounds.
+              "proposals.resize_to": s.proposals.resize_to or 16,
+              "proposals.sigma": s.proposals.sigma}     # OpenCV sizes its smoothing kernel by it
     for name, value in values.items():
         lo, hi = SETTINGS_LIMITS[name]
         if not lo <= value <= hi:
             raise ValueError(f"setting {name} = {value} is outside [{lo}, {hi}] (detection.detector.SETTINGS_LIMITS)")
     if not (0.0 <= s.nms_iou <= 1.0 and math.isfinite(s.score_threshold)):
         raise ValueError(f"nms_iou {s.nms_iou} must be in [0, 1] and score_threshold {s.score_threshold} finite")
-    if s.projection_rule not in ("paper", "code") or s.proposal_mode not in ("fast", "quality"):
-        raise ValueError(f"unknown projection_rule {s.projection_rule!r} or proposal_mode {s.proposal_mode!r}")
+    if s.projection_rule not in ("paper", "code"):
+        raise ValueError(f"unknown projection_rule {s.projection_rule!r}")
+
+
+#: Settings of model files written before ``DetectorSettings.proposals`` held every selective-search
+#: setting, and their new homes; the other settings of such a file are the defaults it was used with.
+_OLD_PROPOSAL_SETTINGS = {"proposal_mode": "mode", "max_proposals": "max_boxes"}
+
+
+def _upgraded_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A model file's settings with the old proposal settings moved into ``proposals``."""
+    old = {key: settings[key] for key in _OLD_PROPOSAL_SETTINGS if key in settings}
+    if not old:
+        return settings
+    if "proposals" in settings:
+        raise ValueError(f"settings {', '.join(old)} (older model files) and proposals cannot both be given")
+    rest = {k: v for k, v in settings.items() if k not in _OLD_PROPOSAL_SETTINGS}
+    return {**rest, "proposals": {_OLD_PROPOSAL_SETTINGS[k]: v for k, v in old.items()}}
 
 
 def _empty(calibrated: bool) -> Detections:
@@ -356,7 +375,6 @@ def detect_dataset(model: str | Path | SPPDetector, dataset: Any, proposals_dir:
                          f"{dataset.root} has {list(dataset.classes)}")
     proposals_fn = None
     if proposals_dir is not None:
-        props = compute_proposals(dataset, proposals_dir, mode=detector.settings.proposal_mode,
-                                  max_boxes=detector.settings.max_proposals, progress=progress)
+        props = compute_proposals(dataset, proposals_dir, detector.settings.proposals, progress=progress)
         proposals_fn = props.proposals_for_record
     return [dets for _, _, dets in iter_detections(detector, dataset.records, proposals_fn, progress)]

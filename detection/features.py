@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .boxes import flip_boxes
 from .data.records import ImageRecord
-from .data.voc import load_image
+from .data.images import load_image
 from .errors import CacheError, DetectionError
 from .io import atomic_path, make_dirs, read_json, settings_key, write_json
 from .spp import (DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1, choose_scale, pool_windows, project_boxes,

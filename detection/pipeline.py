@@ -22,7 +22,8 @@ from .calibration import calibration_report
 from .training.calibration import CalibrationConfig
 from .config import ConfigError, save_config, to_dict
 from .data.synthetic import make_synthetic_voc
-from .data.voc import VOCDataset, load_image, report_images
+from .data.images import load_image
+from .data.voc import VOCDataset, report_images
 from .detector import DETECTION_ONLY_SETTINGS, DetectorSettings, SPPDetector, iter_detections
 from .errors import CacheError, DetectionError
 from .evaluation import default_metric, detections_by_class, evaluate_result_dir, write_result_files
@@ -30,7 +31,7 @@ from .features import extract_conv_maps, pooled_window_features
 from .finetune import FinetuneConfig, finetune, label_windows
 from .heads import FCHead
 from .io import atomic_torch_save, make_dirs, read_json, settings_key, write_json
-from .proposals import compute_proposals
+from .proposals import SelectiveSearchConfig, compute_proposals
 from .report import write_report
 from .runtime import resolve_device
 from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1, scale_factors
@@ -40,7 +41,7 @@ from .training.bbox_regression import BBoxRegressionConfig
 from .training.detector_training import TrainConfig, check_train_memory, refuse_unused_finetune, train_detector
 from .training.svm import SVMConfig
 
-__all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "FeatureConfig", "ConvFinetuneConfig",
+__all__ = ["DataConfig", "BackboneConfig", "FeatureConfig", "ConvFinetuneConfig",
            "TimingConfig", "PipelineConfig", "run_pipeline", "embedded_default_overrides"]
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,6 @@ class DataConfig:
     synthetic_test: int = 60
     synthetic_seed: int = 0
     synthetic_crowded: bool = False       # the crowded variant (detection.data.synthetic)
-
-
-@dataclasses.dataclass(frozen=True)
-class ProposalConfig:
-    mode: str = "fast"                    # selective search "fast" (paper) or "quality"
-    max_boxes: int = 2000                 # ~2,000 windows per image (paper)
-    resize_to: int | None = 500           # segment at this longer side (R-CNN practice)
-    min_size: int = 20                    # drop boxes under 20 px (R-CNN practice)
-    workers: int | None = None            # processes (None: all cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +106,8 @@ class PipelineConfig:
     method: str = "spp"                   # "spp" or "rcnn"
     device: str = "auto"                  # cuda:LOCAL_RANK when a GPU is visible, else cpu
     data: DataConfig = DataConfig()
-    proposals: ProposalConfig = ProposalConfig()
+    proposals: SelectiveSearchConfig = SelectiveSearchConfig()   # every setting of the windows
+    proposal_workers: int | None = None   # selective-search processes (None: all cores)
     backbone: BackboneConfig = BackboneConfig()
     features: FeatureConfig = FeatureConfig()
     conv_finetune: ConvFinetuneConfig = ConvFinetuneConfig()
@@ -227,10 +220,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 
     # 2. proposals ------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    ss = dict(mode=cfg.proposals.mode, max_boxes=cfg.proposals.max_boxes, resize_to=cfg.proposals.resize_to,
-              min_size=cfg.proposals.min_size, num_workers=cfg.proposals.workers, progress=progress)
-    train_props = compute_proposals(train_ds, out / "proposals", **ss)
-    test_props = compute_proposals(test_ds, out / "proposals", **ss)
+    ss = dict(num_workers=cfg.proposal_workers, progress=progress)
+    train_props = compute_proposals(train_ds, out / "proposals", cfg.proposals, **ss)
+    test_props = compute_proposals(test_ds, out / "proposals", cfg.proposals, **ss)
     timings["proposals"] = time.perf_counter() - t0
 
     # 3. conv fine-tuning through SPP (optional) -------------------------------------------------
@@ -242,7 +234,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     # 4. conv maps of the training split ---------------------------------------------------------
     settings = dataclasses.replace(cfg.test, method=cfg.method, scales=tuple(cfg.features.scales),
                                    max_size=cfg.features.max_size, levels=tuple(cfg.features.levels),
-                                   projection_rule=cfg.features.projection_rule, feature_layer=cfg.feature_layer)
+                                   projection_rule=cfg.features.projection_rule, feature_layer=cfg.feature_layer,
+                                   proposals=cfg.proposals)
     t0 = time.perf_counter()
     if cfg.method == "spp":
         cache = extract_conv_maps(train_ds, backbone, out / "features", scales=settings.scales,
@@ -334,7 +327,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 #: trained on): ``test.<key>`` cannot differ from it, so setting it is refused by name.
 _TEST_SETTINGS_FROM_TRAINING = {"method": "method", "scales": "features.scales", "max_size": "features.max_size",
                                 "levels": "features.levels", "projection_rule": "features.projection_rule",
-                                "feature_layer": "feature_layer"}
+                                "feature_layer": "feature_layer", "proposals": "proposals"}
 
 
 def _refuse_shadowed_test_settings(cfg: PipelineConfig) -> None:

@@ -56,10 +56,12 @@ def calibration_table(calibration: dict[str, Any]) -> str:
         rows.append(f"| {b['low']:.1f}-{b['high']:.1f} | {b['count']} | {b['mean_probability']:.3f} | "
                     f"{b['fraction_correct']:.3f} |")
     above = calibration["above_threshold"]
-    rows += ["", f"Expected calibration error {calibration['ece']:.3f} over {calibration['num_detections']} "
+    # metrics.json writes an undefined value (no detection at all, none above the threshold) as null.
+    ece = f"{calibration['ece']:.3f}" if _defined(calibration["ece"]) else "n/a"
+    right = (f", {above['fraction_correct']:.3f} of them correct" if _defined(above["fraction_correct"]) else "")
+    rows += ["", f"Expected calibration error {ece} over {calibration['num_detections']} "
              f"detections (correct: IoU >= {calibration['iou']} with an object of the class); "
-             f"{above['count']} at probability >= {above['threshold']}, "
-             f"{above['fraction_correct']:.3f} of them correct."]
+             f"{above['count']} at probability >= {above['threshold']}{right}."]
     return "\n".join(rows)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .backbones import Backbone
 from .data.records import ImageRecord
-from .data.voc import load_image
+from .data.images import load_image
 from .detector import DetectorSettings
 from .heads import FCHead
 from .rcnn import rcnn_window_features

@@ -17,6 +17,7 @@ from detection.features import conv_maps_for_image
 from detection.heads import FCHead
 from detection.linear import BoxRegressors, LinearSVMs, decode
 from detection.model import save_model
+from detection.proposals import SelectiveSearchConfig, selective_search
 from detection.rcnn import rcnn_window_features
 
 CLASSES = ("cat", "dog", "bird")
@@ -55,7 +56,7 @@ def parts():
     return _parts()
 
 
-SETTINGS = DetectorSettings(scales=(96,), levels=LEVELS, max_proposals=50)
+SETTINGS = DetectorSettings(scales=(96,), levels=LEVELS, proposals=SelectiveSearchConfig(max_boxes=50))
 
 
 def _image(seed: int = 0, h: int = 72, w: int = 96) -> np.ndarray:
@@ -315,6 +316,45 @@ def test_three_line_api(parts, tmp_path):
     assert (boxes[:, 2] > boxes[:, 0]).all() and (scores > SETTINGS.score_threshold).all()
     for k in range(3):
         assert (labels == k).sum() <= SETTINGS.max_per_class
+
+
+#: Every selective-search setting away from its default, as a model trained on such windows has.
+OWN_PROPOSALS = SelectiveSearchConfig(mode="quality", max_boxes=30, resize_to=64, min_size=6, base_k=100, inc_k=120,
+                                      sigma=0.6, seed=7)
+
+
+def test_detect_on_a_new_image_computes_the_models_own_windows(parts, tmp_path):
+    path = tmp_path / "model.pt"
+    SPPDetector(*parts, CLASSES, dataclasses.replace(SETTINGS, proposals=OWN_PROPOSALS)).save(path)
+    detector = SPPDetector.from_file(path)
+    assert detector.settings.proposals == OWN_PROPOSALS
+    image = _image(seed=11)
+    windows = selective_search(image, OWN_PROPOSALS)
+    np.testing.assert_array_equal(detector.proposals(image), windows)
+    assert not np.array_equal(windows, selective_search(image))       # the settings matter here
+    got, ref = detector.detect(image), detector.detect(image, windows)
+    assert len(got) > 0
+    np.testing.assert_array_equal(got.boxes, ref.boxes)
+    np.testing.assert_array_equal(got.scores, ref.scores)
+    np.testing.assert_array_equal(got.labels, ref.labels)
+
+
+def test_model_files_from_before_the_proposal_settings_detect_as_they_did(parts, tmp_path):
+    """An older file holds ``proposal_mode`` and ``max_proposals`` only: its detector runs
+    selective search with them and the defaults of every other setting, as it did."""
+    import json
+    path = tmp_path / "model.pt"
+    SPPDetector(*parts, CLASSES, SETTINGS).save(path)
+    blob = torch.load(path, weights_only=True)
+    meta = json.loads(blob["meta"])
+    del meta["settings"]["proposals"]
+    meta["settings"].update(proposal_mode="quality", max_proposals=40)
+    blob["meta"] = json.dumps(meta)
+    torch.save(blob, path)
+    detector = SPPDetector.from_file(path)
+    assert detector.settings.proposals == SelectiveSearchConfig(mode="quality", max_boxes=40)
+    image = _image(seed=12)
+    np.testing.assert_array_equal(detector.proposals(image), selective_search(image, mode="quality", max_boxes=40))
 
 
 def test_no_proposals_no_detections(parts):

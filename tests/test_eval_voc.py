@@ -12,10 +12,9 @@ import pytest
 from detection.boxes import internal_to_voc, voc_to_internal
 from detection.data.records import ImageRecord
 from detection.errors import DatasetError, DetectionError
-from detection.evaluation import evaluate_result_dir
-from detection.evaluation.voc import (ClassDetections, VOCEvaluator, default_metric, detections_by_class,
-                                      evaluate_class, evaluate_detections, read_result_dir, read_result_file,
-                                      result_file_name, voc_ap, write_result_files)
+from detection.evaluation import (ClassDetections, VOCEvaluator, default_metric, detections_by_class,
+                                  evaluate_class, evaluate_detections, evaluate_result_dir, read_result_dir,
+                                  read_result_file, result_file_name, voc_ap, write_result_files)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from detection import spp
 from detection.backbones import build_backbone
 from detection.boxes import flip_boxes
 from detection.data.records import ImageRecord
-from detection.data.voc import VOCDataset, load_image
+from detection.data.images import load_image
+from detection.data.voc import VOCDataset
 from detection.errors import CacheError, DetectionError
 from detection.features import (
     ConvMapCache,

@@ -42,10 +42,11 @@ from PIL import Image
 from detection.backbones import ZF5, build_backbone
 from detection.config import ConfigError, merge, parse_overrides, read_yaml_mapping, to_dict
 from detection.data.records import ImageRecord
-from detection.data.voc import MAX_IMAGE_PIXELS, VOCDataset, image_size, read_image
+from detection.data.images import MAX_IMAGE_PIXELS, image_size, read_image
+from detection.data.voc import VOCDataset
 from detection.detector import DetectorSettings, SPPDetector
 from detection.errors import CacheError, DatasetError, DetectionError, ModelError
-from detection.evaluation.voc import evaluate_detections, read_result_file
+from detection.evaluation import evaluate_detections, read_result_file
 from detection.features import ConvMapCache
 from detection.model import load_model, save_model
 from detection.pipeline import PipelineConfig
@@ -253,7 +254,7 @@ def test_image_fuzz(tmp_path, fmt, data):
 
 def test_non_raster_formats_are_refused(tmp_path):
     """Pillow sniffs the content: an EPS named .jpg would run Ghostscript when decoded. Only the
-    raster formats of detection.data.voc.IMAGE_FORMATS are opened."""
+    raster formats of detection.data.images.IMAGE_FORMATS are opened."""
     path = tmp_path / "i.jpg"
     path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     with pytest.raises(DatasetError, match="i.jpg"):

@@ -19,11 +19,12 @@ import torch
 from detection.backbones import build_backbone
 from detection.detector import DetectorSettings, SPPDetector
 from detection.errors import CacheError, DatasetError, DetectionError, ModelError, StorageError
+from detection.evaluation import ClassDetections, read_result_dir, result_file_name, write_result_files
 from detection.evaluation.plots import plot_pr_curves
-from detection.evaluation.voc import ClassDetections, read_result_dir, result_file_name, write_result_files
 from detection.io import (MAX_JSON_DEPTH, describe_missing, parse_json, path_in_folder, read_json, safe_file_part,
                           write_json)
 from detection.model import MAX_CLASSES, MODEL_FORMAT, MODEL_VERSION
+from detection.proposals import SelectiveSearchConfig
 from detection.timing import random_detector
 
 #: Class names built to leave the results folder, or to collide after a careless escaping.
@@ -35,7 +36,7 @@ ESCAPING_NAMES = ["../../escaped", "/tmp/absolute_evil", "..", ".", "sub/../../x
 def model_parts(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of a valid tiny model file (ZF-5 trunk, 8-wide fc layers), read
     back the way an attacker starts: from a real file."""
-    settings = DetectorSettings(scales=(64,), feature_layer="fc7", max_proposals=20)
+    settings = DetectorSettings(scales=(64,), feature_layer="fc7", proposals=SelectiveSearchConfig(max_boxes=20))
     det = random_detector(build_backbone("zf5"), 2, settings, hidden=(8, 8))
     path = tmp_path_factory.mktemp("model") / "model.pt"
     det.save(path)
@@ -135,15 +136,22 @@ def test_too_many_classes_are_refused_before_anything_is_built(tmp_path, model_p
 @pytest.mark.parametrize("edit, needle", [
     ({"scales": [100_000]}, "setting scales = 100000"),
     ({"max_size": 10 ** 9}, "setting max_size"),
-    ({"max_proposals": 10 ** 9}, "setting max_proposals"),
+    ({"proposals": {"max_boxes": 10 ** 9}}, "setting proposals.max_boxes"),
+    ({"proposals": {"resize_to": 10 ** 6}}, "setting proposals.resize_to"),
+    ({"proposals": {"sigma": 1e12}}, "setting proposals.sigma"),
     ({"rcnn_batch_size": 10 ** 7}, "setting rcnn_batch_size"),
     ({"scales": [64] * 1000}, "setting num_scales"),
     ({"nms_iou": 7.0}, "nms_iou"),
-    ({"proposal_mode": "../../x"}, "proposal_mode"),
+    ({"proposals": {"mode": "../../x"}}, "proposals.mode"),
+    # Files written before the settings held every proposal setting: the same bounds.
+    ({"proposals": None, "max_proposals": 10 ** 9}, "setting proposals.max_boxes"),
+    ({"proposals": None, "proposal_mode": "../../x"}, "proposals.mode"),
+    ({"max_proposals": 50}, "max_proposals .* and proposals cannot both be given"),
 ])
 def test_settings_that_size_allocations_are_bounded(tmp_path, model_parts, edit, needle):
     tensors, meta = model_parts
-    path = write_model_by_hand(tmp_path / "m.pt", tensors, dict(meta, settings=dict(meta["settings"], **edit)))
+    settings = {k: v for k, v in dict(meta["settings"], **edit).items() if v is not None}
+    path = write_model_by_hand(tmp_path / "m.pt", tensors, dict(meta, settings=settings))
     with pytest.raises(ModelError, match=needle):
         SPPDetector.from_file(path)
 
@@ -312,13 +320,13 @@ def _cut(path: Path, nbytes: int) -> bytes:
 @pytest.mark.parametrize("nbytes", [2, 40])
 def test_jpeg_a_few_bytes_short_loads_with_a_warning(synthetic_voc, tmp_path, caplog, nbytes):
     """The public-dataset case: a JPEG a few bytes short (viewers show it) loads, naming the file."""
-    from detection.data.voc import read_image
+    from detection.data.images import read_image
 
     path = tmp_path / "short.jpg"
     path.write_bytes((synthetic_voc / "JPEGImages" / "000001.jpg").read_bytes())
     intact = read_image(path)
     _cut(path, nbytes)
-    with caplog.at_level("WARNING", logger="detection.data.voc"):
+    with caplog.at_level("WARNING", logger="detection.data.images"):
         pixels = read_image(path)
     assert pixels.shape == intact.shape and pixels.dtype == np.uint8
     assert "short.jpg: truncated JPEG" in caplog.text
@@ -327,12 +335,12 @@ def test_jpeg_a_few_bytes_short_loads_with_a_warning(synthetic_voc, tmp_path, ca
 
 
 def test_real_photo_a_few_bytes_short(shared_dir, tmp_path, caplog):
-    from detection.data.voc import read_image
+    from detection.data.images import read_image
 
     src = sorted((shared_dir / "data" / "raccoon" / "JPEGImages").glob("*.jpg"))[5]
     path = tmp_path / src.name
     path.write_bytes(src.read_bytes()[:-5])
-    with caplog.at_level("WARNING", logger="detection.data.voc"):
+    with caplog.at_level("WARNING", logger="detection.data.images"):
         pixels = read_image(path)
     intact = read_image(src)
     assert "the last 8 of its" in caplog.text and src.name in caplog.text
@@ -340,7 +348,8 @@ def test_real_photo_a_few_bytes_short(shared_dir, tmp_path, caplog):
 
 
 def test_jpeg_cut_in_half_is_an_error_or_skipped(synthetic_voc, tmp_path, caplog):
-    from detection.data.voc import VOCDataset, read_image, report_images
+    from detection.data.images import read_image
+    from detection.data.voc import VOCDataset, report_images
 
     root = _dataset_with_id(synthetic_voc, tmp_path, "", split_text="000001\n000002\n000003\n000004\n")
     images = root / "JPEGImages"
@@ -375,7 +384,8 @@ def test_every_image_undecodable_is_one_error(synthetic_voc, tmp_path):
 def test_wrong_suffix_and_odd_colour_modes_are_reported_and_read(synthetic_voc, tmp_path):
     from PIL import Image
 
-    from detection.data.voc import VOCDataset, load_image
+    from detection.data.images import load_image
+    from detection.data.voc import VOCDataset
 
     root = _dataset_with_id(synthetic_voc, tmp_path, "", split_text="000001\n000002\n000003\n")
     images = root / "JPEGImages"
@@ -409,7 +419,7 @@ def test_class_names_a_model_could_not_hold_are_refused_when_the_dataset_is_read
 
 
 def test_weights_and_results_paths_that_are_not_what_they_should_be(tmp_path):
-    from detection.evaluation.voc import read_result_dir
+    from detection.evaluation import read_result_dir
 
     os.mkfifo(tmp_path / "w.pth")
     (tmp_path / "wdir.pth").mkdir()

@@ -246,7 +246,8 @@ def _tool_cmd(data: Path, out: Path, workers: int) -> list[str]:
 
 
 def test_compute_proposals_matches_per_image_reference_reuses_and_rebuilds(synthetic_voc, tmp_path, caplog):
-    from detection.data.voc import VOCDataset, load_image
+    from detection.data.images import load_image
+    from detection.data.voc import VOCDataset
 
     ds = VOCDataset(synthetic_voc, "trainval", use_flipped=True)
     ps = compute_proposals(ds, tmp_path, resize_to=SMALL, num_workers=2, progress=False)

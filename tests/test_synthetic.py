@@ -15,7 +15,8 @@ import pytest
 
 from detection.boxes import box_iou_numpy
 from detection.data.synthetic import DIFFICULT_MAX_SIDE, SYNTHETIC_CLASSES, make_synthetic_voc
-from detection.data.voc import VOCDataset, load_image
+from detection.data.images import load_image
+from detection.data.voc import VOCDataset
 from detection.errors import DatasetError
 from detection.io import read_json
 

@@ -29,6 +29,7 @@ from detection.data.voc import VOCDataset
 from detection.detector import DetectorSettings, SPPDetector
 from detection.features import CONVMAP_FORMAT_VERSION, ConvMapCache
 from detection.io import write_json
+from detection.proposals import SelectiveSearchConfig
 from detection.timing import random_detector
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -155,7 +156,7 @@ def tiny_model(base, tmp_path_factory) -> Path:
     """A random detector for the dataset's classes (ZF-5 trunk, 8-wide fc layers, one small
     scale): what demo.py and eval_voc.py --model need to reach the images."""
     classes = VOCDataset(base, "test").classes
-    settings = DetectorSettings(scales=(96,), feature_layer="fc7", max_proposals=50)
+    settings = DetectorSettings(scales=(96,), feature_layer="fc7", proposals=SelectiveSearchConfig(max_boxes=50))
     det = random_detector(build_backbone("zf5"), len(classes), settings, hidden=(8, 8))
     det = SPPDetector(det.backbone, det.head, det.svms, det.regressors, classes, settings)
     path = tmp_path_factory.mktemp("model") / "model.pt"
@@ -185,7 +186,7 @@ TOOL_RUNS = {
         "eval_voc.py", "--data", root, "--split", "trainval", "--model", model, "--out", tmp / "eval" / "m.json",
         "--quiet"),
     "run_pipeline": lambda root, tmp, model: (
-        "run_pipeline.py", "--data", root, "--out", tmp / "run", "--quiet", "--set", "proposals.workers=1"),
+        "run_pipeline.py", "--data", root, "--out", tmp / "run", "--quiet", "--set", "proposal_workers=1"),
     "compare_rcnn": lambda root, tmp, model: (
         "compare_rcnn.py", "--data", root, "--split", "trainval", "--num-images", "1", "--out", tmp / "t.json"),
     "demo": lambda root, tmp, model: (

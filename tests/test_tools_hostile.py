@@ -27,6 +27,7 @@ import torch
 from detection.backbones import build_backbone
 from detection.detector import DetectorSettings, SPPDetector
 from detection.model import MODEL_FORMAT, MODEL_VERSION
+from detection.proposals import SelectiveSearchConfig
 from detection.timing import random_detector
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -83,7 +84,7 @@ def copy_of(base: Path, dest: Path) -> tuple[Path, list[str]]:
 @pytest.fixture(scope="module")
 def escaping_model(base, tmp_path_factory) -> Path:
     """A model file written by hand: a valid tiny detector whose class names climb out of any folder."""
-    settings = DetectorSettings(scales=(64,), feature_layer="fc7", max_proposals=20)
+    settings = DetectorSettings(scales=(64,), feature_layer="fc7", proposals=SelectiveSearchConfig(max_boxes=20))
     det = random_detector(build_backbone("zf5"), len(ESCAPING), settings, hidden=(8, 8))
     det = SPPDetector(det.backbone, det.head, det.svms, det.regressors, ESCAPING, settings)
     folder = tmp_path_factory.mktemp("evil_model")
@@ -209,7 +210,7 @@ def test_jpeg_a_few_bytes_short_is_used_with_a_warning_and_a_summary(runs):
     proc = runs[0]["compute_proposals_short_jpeg"]
     assert_ok(proc)
     warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line]
-    assert any("WARNING detection.data.voc: " in line and ".jpg: truncated JPEG: the last 8 of its 240 rows" in line
+    assert any("WARNING detection.data.images: " in line and ".jpg: truncated JPEG: the last 8 of its 240 rows" in line
                for line in warnings), proc.stderr[-2000:]
     assert "summary:" in warnings[-1] and "imperfect but used" in warnings[-1]
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from detection.boxes import internal_to_voc
-from detection.data.voc import (MAX_IMAGE_PIXELS, VOC_CLASSES, VOCDataset, flip_record, load_image,
-                                read_image)
+from detection.data.images import MAX_IMAGE_PIXELS, load_image, read_image
+from detection.data.voc import VOC_CLASSES, VOCDataset, flip_record
 from detection.errors import DatasetError
 
 # --------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def make_records(rng: np.random.Generator, num_images: int, num_classes: int) ->
 
 
 def make_detections(rng: np.random.Generator, recs: list, num_classes: int, dets_per_class: int) -> list:
-    from detection.evaluation.voc import ClassDetections
+    from detection.evaluation import ClassDetections
 
     ids = np.array([r.image_id for r in recs])
     all_boxes = np.concatenate([r.boxes for r in recs]).astype(np.float64)

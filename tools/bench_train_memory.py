@@ -44,13 +44,12 @@ def main(args: argparse.Namespace) -> int:
     ds = VOCDataset(cfg.data.root, cfg.data.train_split, classes=cfg.data.classes, use_flipped=cfg.data.flip)
     ids = list(dict.fromkeys(r.image_id for r in ds.records))[: args.images]
     records = [r for r in ds.records if r.image_id in set(ids)]
-    p = cfg.proposals
-    props = compute_proposals(ds, run / "proposals", mode=p.mode, max_boxes=p.max_boxes, resize_to=p.resize_to,
-                              min_size=p.min_size, num_workers=0, progress=False)
+    props = compute_proposals(ds, run / "proposals", cfg.proposals, num_workers=0, progress=False)
     backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, seed=cfg.backbone.seed)
     settings = dataclasses.replace(cfg.test, method=cfg.method, scales=tuple(cfg.features.scales),
                                    max_size=cfg.features.max_size, levels=tuple(cfg.features.levels),
-                                   projection_rule=cfg.features.projection_rule, feature_layer=cfg.feature_layer)
+                                   projection_rule=cfg.features.projection_rule, feature_layer=cfg.feature_layer,
+                                   proposals=cfg.proposals)
     cache = extract_conv_maps(ds, backbone, run / "features", scales=settings.scales, max_size=settings.max_size,
                               fp16=cfg.features.fp16, num_workers=0, progress=False)
     tcfg = TrainConfig(finetune=cfg.finetune, svm=cfg.svm, bbox=cfg.bbox, bbox_regression=cfg.bbox_regression,

@@ -22,7 +22,8 @@ from detection.io import write_json
 
 def main(args: argparse.Namespace) -> int:
     from detection.backbones import build_backbone
-    from detection.data.voc import VOCDataset, load_image, report_images
+    from detection.data.images import load_image
+    from detection.data.voc import VOCDataset, report_images
     from detection.detector import DetectorSettings, SPPDetector
     from detection.proposals import selective_search
     from detection.report import timing_table

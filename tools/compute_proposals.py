@@ -11,16 +11,15 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import time
 from pathlib import Path
 
-from detection.data.voc import VOCDataset, report_images
 from detection.cli import add_skip_bad_arg, run_tool
-from detection.io import write_json
-from detection.proposals import compute_proposals, proposal_recall
+from detection.proposals import SelectiveSearchConfig, compute_split_proposals
+
+
+#: The settings' defaults, from their one home.
+DEFAULTS = SelectiveSearchConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,11 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="VOC-layout dataset folder")
     p.add_argument("--split", required=True, help="image set name (ImageSets/Main/<split>.txt)")
     p.add_argument("--out", required=True, type=Path, help="output folder (cache + summary.json)")
-    p.add_argument("--mode", choices=("fast", "quality"), default="fast")
-    p.add_argument("--max-boxes", type=int, default=2000)
-    p.add_argument("--resize-to", type=int, default=500,
+    p.add_argument("--mode", choices=("fast", "quality"), default=DEFAULTS.mode)
+    p.add_argument("--max-boxes", type=int, default=DEFAULTS.max_boxes)
+    p.add_argument("--resize-to", type=int, default=DEFAULTS.resize_to or 0,
                    help="segment images resized so the longer side has this many pixels; 0: as is")
-    p.add_argument("--min-size", type=int, default=20, help="drop boxes smaller than this (original pixels)")
+    p.add_argument("--min-size", type=int, default=DEFAULTS.min_size,
+                   help="drop boxes smaller than this (original pixels)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: all CPUs; 1 runs in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -41,35 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    dataset = VOCDataset(args.data, args.split, skip_bad=args.skip_bad)
-    start = time.perf_counter()
-    proposals = compute_proposals(
-        dataset, args.out, mode=args.mode, max_boxes=args.max_boxes,
-        resize_to=args.resize_to or None, min_size=args.min_size,
-        num_workers=args.workers, progress=not (args.no_progress or args.quiet))
-    seconds = time.perf_counter() - start
-    recall = proposal_recall(dataset, proposals, thresholds=(0.5, 0.7))
-    n = len(proposals)
-    summary = {
-        "num_images": n,
-        "num_boxes": int(len(proposals.boxes)),
-        "boxes_per_image": float(len(proposals.boxes) / n) if n else 0.0,
-        "recall": recall,
-        "settings": proposals.metadata["settings"],
-        "cache_key": proposals.metadata["cache_key"],
-        "split": args.split,
-        "data": str(args.data),
-        "workers": args.workers if args.workers is not None else os.cpu_count(),
-        # Includes reading shards of a resumed run; on a fresh run it is the compute time.
-        "seconds": seconds,
-        "images_per_second": n / seconds if seconds > 0 else None,
-    }
-    write_json(args.out / "summary.json", summary)
-    logging.getLogger("compute_proposals").info(
-        "%d images, %.1f boxes/image, recall@0.5 %.3f, recall@0.7 %.3f, %.2f images/s -> %s",
-        n, summary["boxes_per_image"], recall["0.5"], recall["0.7"], summary["images_per_second"] or 0,
-        args.out / "summary.json")
-    report_images(dataset)
+    config = SelectiveSearchConfig(mode=args.mode, max_boxes=args.max_boxes, resize_to=args.resize_to or None,
+                                   min_size=args.min_size)
+    compute_split_proposals(args.data, args.split, args.out, config, num_workers=args.workers,
+                            progress=not (args.no_progress or args.quiet), skip_bad=args.skip_bad)
     return 0
 
 

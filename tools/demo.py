@@ -17,7 +17,7 @@ from detection.runtime import resolve_device
 
 
 def main(args: argparse.Namespace) -> int:
-    from detection.data.voc import read_image
+    from detection.data.images import read_image
     from detection.detector import SPPDetector
     from detection.visualize import draw_detections, shown_detections
 

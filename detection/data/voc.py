@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import logging
 import math
 import os
 import re
-import struct
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -33,15 +30,15 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml.ElementTree as DET
 import numpy as np
 from defusedxml import DefusedXmlException
-from PIL import Image, UnidentifiedImageError
 
 from ..boxes import flip_boxes, voc_to_internal
 from ..errors import DatasetError, DetectionError
 from ..io import check_class_name, describe_missing
+from .images import inspect_image, read_image
+from .names import check_name, is_file, show_id, show_path
 from .records import ImageRecord
 
-__all__ = ["VOC_CLASSES", "MAX_IMAGE_PIXELS", "VOCDataset", "load_image", "read_image", "flip_record",
-           "image_size", "inspect_image", "report_images", "show_id"]
+__all__ = ["VOC_CLASSES", "VOCDataset", "flip_record", "report_images"]
 
 log = logging.getLogger(__name__)
 
@@ -50,37 +47,6 @@ VOC_CLASSES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )
-
-#: Largest image accepted, in pixels: 64 MP (8000x8000, ~190 MB decoded RGB) is 4x the largest
-#: photo in the shared data (3160x4605 = 14.6 MP) and stays below Pillow's own
-#: decompression-bomb warning threshold (~89 MP), so an accepted image never trips it; anything
-#: larger is far beyond what SPP-net's scales (<= 1200 px) use and is refused as a likely bomb.
-MAX_IMAGE_PIXELS = 64_000_000
-
-#: Formats Pillow may open (it sniffs the content, whatever the suffix): the raster formats
-#: photos come in. Anything else is refused as unreadable -- in particular EPS, whose loader
-#: runs Ghostscript on the file, and the rarely used decoders that see little fuzzing.
-IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
-
-#: Longest image id or split name, in UTF-8 bytes: file names (``<id>.xml``, cache shards) must
-#: stay under the usual 255-byte limit, else the OS raises "File name too long".
-MAX_NAME_BYTES = 200
-
-#: A truncated JPEG (its data ends early; browsers and OpenCV show it) loads, with a warning,
-#: when the rows its data does not determine are at most this fraction of its height: a file a
-#: few bytes short loses its last row of 8 or 16 pixel blocks (3% of a 480-row photo); a file
-#: cut in half is refused (the detector would be shown a grey half-image).
-MAX_TRUNCATED_FRACTION = 0.1
-
-#: What a suffix says the file holds (a mismatch is reported as imperfect, and read anyway).
-_SUFFIX_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
-
-#: Bytes at the end of a JPEG searched for its end-of-image marker when a dataset is read: some
-#: cameras append a few kB after the marker; reading more would read most of every file.
-_JPEG_TAIL_BYTES = 4096
-
-#: Pillow modes that need a conversion to RGB (reported as imperfect, and converted).
-_PLAIN_MODES = ("RGB", "L")
 
 #: Image suffixes tried, in order, for ``JPEGImages/<id>``.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -91,10 +57,6 @@ _FORMAT_VERSION = 1
 
 #: VOC folder names (VOC2007, VOC2012, VOCdevkit/VOC2007...): use the devkit's class order.
 _VOC_ROOT = re.compile(r"^VOC\d{4}$", re.IGNORECASE)
-
-#: Errors Pillow raises for unreadable, truncated or hostile files.
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, IndexError,
-                 Image.DecompressionBombError, UnidentifiedImageError)
 
 
 @dataclasses.dataclass
@@ -108,170 +70,6 @@ class _Annotation:
     size: tuple[int, int] | None  # (width, height) from <size>, None when missing or unparsable
 
 
-# --------------------------------------------------------------------------------------------
-# images
-
-
-def _open_checked(path: Path) -> Image.Image:
-    """``Image.open`` (lazy: header only) with the pixel limit; errors -> DatasetError."""
-    if not _is_file(path):   # a folder or FIFO (opening one would wait forever) is not "missing"
-        raise DatasetError(f"image {_show_path(path)} {describe_missing(path)}")
-    try:
-        # No warnings filter here (it is process-global state): our limit is below Pillow's
-        # warning threshold, so Pillow only warns about images we refuse anyway.
-        img = Image.open(path, formats=IMAGE_FORMATS)
-    except FileNotFoundError:
-        raise DatasetError(f"image {path} does not exist") from None
-    except _IMAGE_ERRORS as e:
-        raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-    w, h = img.size
-    if w <= 0 or h <= 0:
-        img.close()
-        raise DatasetError(f"image {path} has an empty size {w}x{h}")
-    if w * h > MAX_IMAGE_PIXELS:
-        img.close()
-        raise DatasetError(f"image {path} is {w}x{h} = {w * h} pixels, above the limit of "
-                           f"{MAX_IMAGE_PIXELS} (detection.data.voc.MAX_IMAGE_PIXELS); refusing a "
-                           f"possible decompression bomb")
-    return img
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image from its header, without decoding the pixels."""
-    with _open_checked(Path(path)) as img:
-        return img.size
-
-
-def _to_rgb(img: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> uint8 array[H, W, 3] RGB."""
-    mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit greyscale (Pillow opens 16-bit PNGs as I;16 or I): scale 0..65535 to 0..255
-        # instead of Pillow's convert, which clips everything above 255 to white.
-        a = np.asarray(img, dtype=np.float64)
-        grey = np.clip(np.round(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if mode == "F":  # float greyscale: assume 0..255 like Pillow's own "F" -> "L"
-        grey = np.clip(np.round(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
-        # Transparent pixels: composite over white, as image viewers (and annotation tools
-        # displaying the file) show them; the colour stored under alpha 0 is arbitrary (in the
-        # shared fruit data some files store black there, others white).
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
-    # L, 1, P, CMYK (Pillow undoes Adobe's inverted CMYK), YCbCr, LAB, HSV, RGB.
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file into uint8 array[H, W, 3] RGB, whatever the file holds.
-
-    Pillow sniffs the content, so a PNG named ``.jpg`` reads fine. EXIF orientation is NOT
-    applied: VOC boxes (and the sizes in the XML) refer to the stored pixel grid, and
-    annotation tools such as labelImg draw on that grid; rotating would misplace every box.
-    A truncated JPEG whose data still determines all but :data:`MAX_TRUNCATED_FRACTION` of its
-    rows loads with a warning naming it (the rest is filled in by the decoder, as browsers do).
-
-    Raises:
-        DatasetError: missing, corrupt, over-large file, or a truncated one missing more rows
-            (the message names it).
-    """
-    path = Path(path)
-    img = _open_checked(path)
-    try:
-        with img:
-            try:
-                img.load()
-            except OSError as e:
-                if img.format != "JPEG" or "truncated" not in str(e):
-                    raise
-                pixels, lost = _decode_truncated_jpeg(path)
-                h = pixels.shape[0]
-                if lost > MAX_TRUNCATED_FRACTION * h:
-                    raise DatasetError(f"cannot decode image {path}: truncated JPEG, {lost} of its {h} rows are "
-                                       f"not in the file (at most {MAX_TRUNCATED_FRACTION:.0%} may be missing)") from None
-                log.warning("%s: truncated JPEG: %s; the decoder fills them in, as image viewers do",
-                            path, f"the last {lost} of its {h} rows are not in the file" if lost
-                            else "only its end marker is missing")
-                return pixels
-            return np.ascontiguousarray(_to_rgb(img))
-    except _IMAGE_ERRORS as e:
-        raise DatasetError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
-
-
-def _decode_truncated_jpeg(path: Path) -> tuple[np.ndarray, int]:
-    """Decode a JPEG whose data ends early; return (RGB pixels, rows its data does not determine).
-
-    The data is closed with an end-of-image marker and decoded; decoding it again with two
-    different runs of filler bytes before the marker changes exactly the rows the file's own data
-    does not determine (checked against the intact files of the shared data, cut at 2 bytes to
-    half their size), so the first row that differs is where the file's information ends.
-    """
-    data = path.read_bytes()
-
-    def decode(tail: bytes) -> np.ndarray:
-        with Image.open(io.BytesIO(data + tail), formats=("JPEG",)) as im:
-            im.load()
-            return _to_rgb(im)
-
-    eoi = b"\xff\xd9"
-    pixels = decode(eoi)
-    changed = np.zeros(pixels.shape[0], bool)
-    for filler in (b"\x55", b"\xaa"):   # no 0xFF: filler must not read as a marker
-        changed |= (decode(filler * 512 + eoi) != pixels).any(axis=(1, 2))
-    rows = np.flatnonzero(changed)
-    lost = int(pixels.shape[0] - rows[0]) if len(rows) else 0
-    return np.ascontiguousarray(pixels), lost
-
-
-def inspect_image(path: str | os.PathLike) -> tuple[tuple[int, int], list[str]]:
-    """(width, height) from the header, and what is imperfect about the file but readable: a
-    suffix that names another format, a colour mode that needs converting, a JPEG without its
-    end-of-image marker (truncated). Reads the header and the last bytes only.
-
-    Raises:
-        DatasetError: unreadable header, over-large image (see :func:`image_size`).
-    """
-    path = Path(path)
-    problems = []
-    with _open_checked(path) as img:
-        size, fmt, mode = img.size, img.format, img.mode
-    expected = _SUFFIX_FORMATS.get(path.suffix.lower())
-    if expected and fmt != expected:
-        problems.append(f"a {fmt} file named {path.suffix}")
-    if mode not in _PLAIN_MODES:
-        problems.append(f"colour mode {mode}")
-    if fmt == "JPEG":
-        try:
-            with open(path, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - _JPEG_TAIL_BYTES))
-                tail = f.read()
-        except OSError as e:
-            raise DatasetError(f"cannot read image {path}: {e.strerror or e}") from None
-        if b"\xff\xd9" not in tail:
-            problems.append(f"no JPEG end marker in its last {_JPEG_TAIL_BYTES // 1024} kB (cut short?)")
-    return size, problems
-
-
-def load_image(record: ImageRecord) -> np.ndarray:
-    """The pixels of a record: uint8 array[H, W, 3] RGB, mirrored when ``record.flipped``.
-
-    Raises:
-        DatasetError: unreadable file, or its size differs from the record's (the file changed
-            since the dataset was read).
-    """
-    img = read_image(record.path)
-    h, w = img.shape[:2]
-    if (w, h) != (record.width, record.height):
-        raise DatasetError(f"image {record.path} is {w}x{h} but its record says "
-                           f"{record.width}x{record.height}; did the file change?")
-    if record.flipped:
-        img = np.ascontiguousarray(img[:, ::-1])
-    return img
-
-
 def flip_record(record: ImageRecord) -> ImageRecord:
     """The record of the horizontally mirrored image (boxes mirrored; pixels on load)."""
     return dataclasses.replace(record, boxes=flip_boxes(record.boxes, record.width).astype(np.float32),
@@ -280,28 +78,6 @@ def flip_record(record: ImageRecord) -> ImageRecord:
 
 # --------------------------------------------------------------------------------------------
 # annotations
-
-
-def show_id(value: str) -> str:
-    """An id as a message shows it: as is when every character is visible, else its ``repr``
-    (``'000001\\u200b'``), so an invisible or look-alike character is never hidden."""
-    if value and value.isprintable() and value.strip() == value and value.isascii():
-        return value
-    return repr(value)
-
-
-def _check_name(value: str, what: str, source: Path) -> None:
-    """Refuse ids/split names that could address files outside the dataset.
-
-    Any character a file name may hold is accepted (``img..1``, ``caf\u00e9``, a zero-width
-    space) except path separators and NUL; ``.`` and ``..`` alone are refused.
-    """
-    bad = (not value or "/" in value or "\\" in value or "\x00" in value or value in (".", "..")
-           or os.path.isabs(value) or re.match(r"^[A-Za-z]:", value) is not None)
-    if bad:
-        raise DatasetError(f"{source}: invalid {what} {value!r} (ids must be plain file stems)")
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        raise DatasetError(f"{source}: {what} {value[:40]!r}... is longer than {MAX_NAME_BYTES} bytes")
 
 
 def _text(elem: Element | None) -> str | None:
@@ -325,7 +101,7 @@ def _flag(obj: Element, tag: str, xml_path: Path) -> bool:
 
 def _parse_xml(xml_path: Path) -> Element:
     if not xml_path.is_file():
-        raise DatasetError(f"annotation {_show_path(xml_path)} {describe_missing(xml_path)}")
+        raise DatasetError(f"annotation {show_path(xml_path)} {describe_missing(xml_path)}")
     try:
         # defusedxml refuses entity expansion (billion laughs) and external entities.
         return DET.parse(str(xml_path)).getroot()
@@ -384,20 +160,6 @@ def _read_annotation(xml_path: Path) -> _Annotation:
     return _Annotation(names, np.asarray(boxes, np.float64).reshape(-1, 4), difficult, truncated, size)
 
 
-def _is_file(path: Path) -> bool:
-    """``path.is_file()``, False for a name the OS refuses (too long, NUL) instead of raising."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _show_path(path: Path) -> str:
-    """A path whose file name came from data, shown unambiguously (see :func:`show_id`)."""
-    shown = show_id(path.name)
-    return str(path) if shown == path.name else f"{path.parent}{os.sep}{shown}"
-
-
 def _find_image(image_dir: Path, image_id: str) -> Path:
     for suffix in IMAGE_SUFFIXES:
         path = image_dir / f"{image_id}{suffix}"
@@ -405,8 +167,8 @@ def _find_image(image_dir: Path, image_id: str) -> Path:
             return path
     first = image_dir / f"{image_id}{IMAGE_SUFFIXES[0]}"
     if os.path.lexists(first):   # there, but a folder, a FIFO, a broken link...: say so
-        raise DatasetError(f"image {_show_path(first)} {describe_missing(first)}")
-    raise DatasetError(f"image {_show_path(first)} does not exist (also tried "
+        raise DatasetError(f"image {show_path(first)} {describe_missing(first)}")
+    raise DatasetError(f"image {show_path(first)} does not exist (also tried "
                        f"{', '.join(IMAGE_SUFFIXES[1:])})")
 
 
@@ -447,7 +209,7 @@ class VOCDataset:
             raise DatasetError(f"dataset folder {self.root} "
                                f"{'is not a folder' if os.path.lexists(self.root) else 'does not exist'}")
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
-        _check_name(split, "split name", split_file)
+        check_name(split, "split name", split_file)
         ids = self._read_split(split_file)
         ann_dir, image_dir = self.root / "Annotations", self.root / "JPEGImages"
         annotations = {i: _read_annotation(ann_dir / f"{i}.xml") for i in ids}
@@ -476,7 +238,7 @@ class VOCDataset:
                 log.warning("skipping %s (--skip-bad): %s", show_id(image_id), e)
                 continue
             if problems:
-                imperfect[image_id] = f"{_show_path(path)}: {'; '.join(problems)}"
+                imperfect[image_id] = f"{show_path(path)}: {'; '.join(problems)}"
             if ann.size is None or ann.size[0] <= 0 or ann.size[1] <= 0:
                 size_from_image.append(image_id)
                 log.debug("%s: no usable <size>; image header says %dx%d", xml_path, width, height)
@@ -563,12 +325,12 @@ class VOCDataset:
             # id holding whitespace, which the whitespace-separated split and result files cannot
             # hold: refused with the id shown exactly, never silently cut at the space.
             if len(fields) > 1 and (len(fields) > 2 or fields[1] not in ("1", "-1", "0")
-                                    or _is_file(ann_dir / f"{line.strip()}.xml")):
+                                    or is_file(ann_dir / f"{line.strip()}.xml")):
                 raise DatasetError(
                     f"{split_file}:{number}: line {line.strip()[:80]!r} is not '<id>' or '<id> <1|-1|0>'; "
                     f"image ids holding whitespace are not supported (VOC split and result files "
                     f"separate fields by whitespace): rename the files")
-            _check_name(image_id, "image id", split_file)
+            check_name(image_id, "image id", split_file)
             if image_id in seen:
                 duplicates += 1
                 continue

@@ -1,6 +1,8 @@
-"""Evaluation: detections per class (:mod:`.detections`), the PASCAL VOC devkit protocol
-(:mod:`.voc`), COCO-style metrics through pycocotools (:mod:`.coco`; the two never import each
-other) and precision/recall plots (:mod:`.plots`)."""
+"""Evaluation: detections per class (:mod:`.detections`), the PASCAL VOC devkit protocol (its
+matching and AP, :mod:`.devkit`; its result files, :mod:`.result_files`; a ``reset / process /
+evaluate`` evaluator, :mod:`.evaluator`), COCO-style metrics through pycocotools (:mod:`.coco`;
+COCO and the VOC modules never import each other) and precision/recall plots (:mod:`.plots`).
+Scoring a split end to end, a model's detections included, is :mod:`.split`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,12 +10,14 @@ from typing import Any
 
 from .coco import evaluate_coco
 from .detections import ClassDetections, detections_by_class, eval_records
-from .voc import (DEFAULT_PREFIX, METRICS, ClassEvaluation, VOCEvaluator, default_metric, evaluate_class,
-                  evaluate_detections, read_result_dir, read_result_file, voc_ap, write_result_files)
+from .devkit import METRICS, ClassEvaluation, evaluate_class, evaluate_class_flat, evaluate_detections, voc_ap
+from .evaluator import VOCEvaluator
+from .result_files import (DEFAULT_PREFIX, default_metric, read_result_dir, read_result_file, result_file_name,
+                           write_result_files)
 
 __all__ = ["METRICS", "ClassDetections", "ClassEvaluation", "VOCEvaluator", "default_metric", "detections_by_class",
-           "evaluate_class", "evaluate_coco", "evaluate_detections", "evaluate_result_dir", "read_result_dir",
-           "read_result_file", "voc_ap", "write_result_files"]
+           "evaluate_class", "evaluate_class_flat", "evaluate_coco", "evaluate_detections", "evaluate_result_dir",
+           "read_result_dir", "read_result_file", "result_file_name", "voc_ap", "write_result_files"]
 
 
 def evaluate_result_dir(dataset: Any, results_dir: str | Path, metric: str | None = None, iou_threshold: float = 0.5,

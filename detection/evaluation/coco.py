@@ -96,7 +96,7 @@ def evaluate_coco(records: Sequence[ImageRecord], classes: Sequence[str],
     Args:
         records: the split's image records.
         classes: class names in label order.
-        detections: per class, as for :func:`detection.evaluation.voc.evaluate_detections`.
+        detections: per class, as for :func:`detection.evaluation.devkit.evaluate_detections`.
     Returns:
         {name: value} for :data:`COCO_STATS` (AP@[.5:.95], AP50, AP75, small/medium/large, AR at
         1/10/100 detections per image and class, ...), fractions in [0, 1]; NaN where COCOeval

@@ -67,7 +67,7 @@ def plot_pr_curve(recall: Sequence[float], precision: Sequence[float], path: str
 
 def plot_pr_curves(metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """One ``<class>.png`` per class from the ``pr_curves`` of a metrics dict
-    (:func:`detection.evaluation.voc.evaluate_detections`).
+    (:func:`detection.evaluation.devkit.evaluate_detections`).
 
     Returns:
         the written paths (classes without ground truth are skipped).

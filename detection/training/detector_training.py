@@ -23,10 +23,11 @@ from ..backbones import Backbone
 from ..config import ConfigError
 from ..data.records import ImageRecord
 from ..detector import DetectorSettings, SPPDetector
-from ..errors import DetectionError
+from ..errors import DetectionError, ModelError
 from ..finetune import FinetuneConfig, finetune, label_windows
 from ..heads import FCHead
 from ..io import atomic_torch_save
+from ..calibration import ScoreCalibration
 from ..linear import LinearSVMs
 from ..train import Pool5Fn, WindowFeatureSource
 from .bbox_regression import BBoxRegressionConfig, ClassRegressor, plan_regression_samples, train_box_regressors
@@ -192,11 +193,18 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         log.info("SVMs from the checkpoint %s", train_ckpt.root)
     calibration = None
     if cfg.calibration.enabled:
-        # The groups keep an image and its mirror in one fold.
-        calibration = fit_calibration(source, [r.image_id for r in records], k, cfg.svm, cfg.calibration,
-                                      svms.feature_scale, nms_iou=settings.nms_iou,
-                                      score_threshold=settings.score_threshold,
-                                      max_per_class=settings.max_per_class, class_names=classes, progress=progress)
+        found, calibration = train_ckpt.calibration(k) if train_ckpt is not None else (False, None)
+        if found:
+            log.info("score calibration from the checkpoint %s", train_ckpt.root)
+        else:
+            # The groups keep an image and its mirror in one fold.
+            calibration = fit_calibration(source, [r.image_id for r in records], k, cfg.svm, cfg.calibration,
+                                          svms.feature_scale, nms_iou=settings.nms_iou,
+                                          score_threshold=settings.score_threshold,
+                                          max_per_class=settings.max_per_class, class_names=classes,
+                                          progress=progress)
+            if train_ckpt is not None:
+                train_ckpt.save_calibration(calibration)
     regressors = None
     if cfg.bbox_regression:
         pool5_source = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim,
@@ -224,8 +232,8 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
 
 
 class TrainCheckpoint:
-    """The train stage's progress on disk: ``svms.pt``, then ``bbox_<k>.pt`` per class, each
-    written atomically and holding the key of the settings it was made with (a file with another
+    """The train stage's progress on disk: ``svms.pt``, ``calibration.pt``, then ``bbox_<k>.pt``
+    per class, each written atomically and holding the key of the settings it was made with (a file with another
     key, or unreadable, is ignored and redone). Tensors and JSON strings only (no pickles)."""
 
     def __init__(self, root: Path, key: str) -> None:
@@ -255,6 +263,23 @@ class TrainCheckpoint:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(self.root / "svms.pt", {"key": self.key, "tensors": svms.tensors(),
                                                   "meta": json.dumps(svms.to_meta())})
+
+    def calibration(self, num_classes: int) -> tuple[bool, ScoreCalibration | None]:
+        """(found, calibration): the fit saved by :meth:`save_calibration` (None: it was skipped)."""
+        state = self._load("calibration.pt")
+        if state is None:
+            return False, None
+        try:
+            meta = json.loads(state["meta"])
+            return True, None if meta is None else ScoreCalibration.from_meta(meta, num_classes)
+        except (KeyError, TypeError, ValueError, ModelError) as e:   # redone, never trusted
+            log.warning("ignoring the damaged checkpoint %s (%s)", self.root / "calibration.pt", e)
+            return False, None
+
+    def save_calibration(self, calibration: ScoreCalibration | None) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self.root / "calibration.pt", {
+            "key": self.key, "meta": json.dumps(None if calibration is None else calibration.to_meta())})
 
     def regressors(self, num_classes: int, scale: float) -> dict[int, ClassRegressor]:
         done = {}
