@@ -20,21 +20,20 @@ from .bbox_regression import (BBoxRegressionConfig, ClassRegressor, plan_regress
                               regression_memory_bytes, train_box_regressors)
 from .config import ConfigError
 from .data.records import ImageRecord
-from .data.voc import load_image
 from .detector import DetectorSettings, SPPDetector
 from .errors import DetectionError
 from .finetune import FinetuneConfig, finetune, label_windows
 from .heads import FCHead
 from .io import atomic_torch_save
-from .rcnn import rcnn_window_features
 from .svm import ImageSample, LinearSVMs, SVMConfig, compute_feature_scale, svm_memory_bytes, train_svms
 
-__all__ = ["TrainConfig", "WindowFeatureSource", "spp_pool5_fn", "rcnn_pool5_fn", "refuse_unused_finetune",
+__all__ = ["TrainConfig", "WindowFeatureSource", "refuse_unused_finetune",
            "train_detector", "check_train_memory", "TrainCheckpoint"]
 
 log = logging.getLogger(__name__)
 
-#: pool5_fn(record, boxes Tensor[N, 4] internal, original pixels) -> Tensor[N, D]
+#: pool5_fn(record, boxes Tensor[N, 4] internal, original pixels) -> Tensor[N, D]; a
+#: :class:`detection.features.WindowFeaturizer` is one.
 Pool5Fn = Callable[[ImageRecord, torch.Tensor], torch.Tensor]
 
 
@@ -92,28 +91,6 @@ def check_train_memory(cfg: TrainConfig, num_classes: int, pool5_dim: int, layer
             f"proposal samples of {pool5_dim:,}-d pool5 features (bbox.max_gt_samples, bbox.max_samples), above "
             f"memory_gb={cfg.memory_gb:g}: lower bbox.max_samples or bbox.max_gt_samples, or raise memory_gb")
     return need
-
-
-def spp_pool5_fn(cache, settings: DetectorSettings) -> Pool5Fn:
-    """pool5 features from a :class:`~detection.features.ConvMapCache` at each window's best scale,
-    with the detector's pyramid, projection rule and scale rule (what detection will use)."""
-    def fn(record: ImageRecord, boxes: torch.Tensor) -> torch.Tensor:
-        return cache.window_features(record, boxes, levels=settings.levels, rule=settings.projection_rule,
-                                     scale_rule=settings.scale_rule)
-    return fn
-
-
-def rcnn_pool5_fn(backbone: Backbone, levels: Sequence[int], batch_size: int = 128,
-                  device: str | torch.device = "cpu") -> Pool5Fn:
-    """pool5 features of warped crops (R-CNN), computed on the fly."""
-
-    def fn(record: ImageRecord, boxes: torch.Tensor) -> torch.Tensor:
-        image = load_image(record)
-        with torch.inference_mode():
-            x = backbone.preprocess(image, 1.0).to(device)
-            return rcnn_window_features(backbone.trunk, x, boxes.to(device), backbone.input_size, levels,
-                                        batch_size).cpu()
-    return fn
 
 
 class WindowFeatureSource:

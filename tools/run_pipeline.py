@@ -12,28 +12,12 @@ import argparse
 import sys
 
 from detection.cli import add_skip_bad_arg, run_tool
-from detection.config import ConfigError, merge, parse_overrides, read_yaml_mapping
-from detection.pipeline import PipelineConfig, embedded_default_overrides, run_pipeline
-from detection.spp import named_scales
+from detection.pipeline import pipeline_config, run_pipeline
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = PipelineConfig()
-    if args.data is None:
-        cfg = merge(cfg, embedded_default_overrides())
-    if args.config:
-        data = read_yaml_mapping(args.config)
-        try:
-            cfg = merge(cfg, data)
-        except ConfigError as e:   # say which file holds the unknown key or wrong value
-            raise ConfigError(f"config file {args.config}: {e}") from None
-    data = {**({"root": args.data} if args.data else {}), **({"skip_bad": True} if args.skip_bad else {})}
-    flags = {"data": data,
-             "backbone": {k: v for k, v in (("name", args.backbone), ("weights", args.weights)) if v is not None},
-             "features": {"scales": list(named_scales(args.scales))} if args.scales else {},
-             "method": args.method, "device": args.device}
-    cfg = merge(cfg, {k: v for k, v in flags.items() if v not in ({}, None)})
-    cfg = merge(cfg, parse_overrides(args.set))
+    cfg = pipeline_config(args.data, args.config, args.set, skip_bad=args.skip_bad, backbone=args.backbone,
+                          weights=args.weights, scales=args.scales, method=args.method, device=args.device)
     metrics = run_pipeline(cfg, args.out, progress=not args.quiet)
     print(f"mAP ({metrics['metric']}): {metrics['mAP']:.4f}; report: {args.out}/report.md")
     return 0

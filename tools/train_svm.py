@@ -21,11 +21,11 @@ def main(args: argparse.Namespace) -> int:
     from detection.backbones import rebuild_recorded_backbone
     from detection.data.voc import VOCDataset, report_images
     from detection.detector import DetectorSettings
-    from detection.features import ConvMapCache
+    from detection.features import ConvMapCache, make_featurizer
     from detection.finetune import FinetuneConfig
     from detection.io import read_json
     from detection.proposals import compute_proposals
-    from detection.train import TrainConfig, spp_pool5_fn, train_detector
+    from detection.train import TrainConfig, train_detector
 
     if args.layer is None:
         args.layer = "fc7" if args.finetune > 0 else "pool5"
@@ -55,15 +55,11 @@ def main(args: argparse.Namespace) -> int:
                       bbox_regression=not args.no_bbox)
     cfg = merge(cfg, parse_overrides(args.set))
     pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)
-
-    def finetune_fn(i, boxes, g):
-        return cache.window_features(dataset.records[i], boxes, levels=settings.levels,
-                                     rule=settings.projection_rule, scale_rule="random", generator=g)
-
+    featurizer = make_featurizer(settings.method, settings, cache=cache)
     detector = train_detector(dataset.records, dataset.classes, proposals.proposals_for_record, backbone,
-                              spp_pool5_fn(cache, settings), pool5_dim, settings,
+                              featurizer, pool5_dim, settings,
                               cfg, out_dir=Path(args.out).parent, progress=not args.quiet,
-                              finetune_pool5_fn=finetune_fn)
+                              finetune_pool5_fn=featurizer.finetune_fn(dataset.records))
     detector.save(args.out, {"dataset": {"root": str(args.data), "split": args.split},
                              "train_config": dataclasses.asdict(cfg)})
     print(f"model written to {args.out}")
