@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from detection.cli import add_skip_bad_arg, run_tool
+from detection.features import METHODS
 from detection.pipeline import pipeline_config, run_pipeline
 
 
@@ -30,7 +31,7 @@ if __name__ == "__main__":
     p.add_argument("--backbone", help="zf5, alexnet, vgg16, squeezenet1_0, squeezenet1_1")
     p.add_argument("--weights", help="state-dict file, or 'imagenet' for torchvision's weights")
     p.add_argument("--scales", help="1 (688), 5 (480, 576, 688, 864, 1200), code5 (874 for 864) or a list, e.g. 480,688")
-    p.add_argument("--method", choices=["spp", "rcnn"], default=None)
+    p.add_argument("--method", choices=METHODS, default=None)
     p.add_argument("--device", default=None, help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. svm.C=0.001")
