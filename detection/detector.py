@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone, build_backbone
 from .bbox_regression import BoxRegressors
+from .calibration import ScoreCalibration
 from .config import from_dict
 from .data.records import ImageRecord
 from .data.voc import load_image
@@ -62,12 +63,14 @@ DETECTION_ONLY_SETTINGS = ("nms_iou", "max_per_class", "score_threshold", "propo
 
 @dataclasses.dataclass
 class Detections:
-    """Detections of one image: boxes float32 [M, 4] (internal convention), scores float32 [M],
-    labels int64 [M] (0-based class indices)."""
+    """Detections of one image: boxes float32 [M, 4] (internal convention), scores float32 [M]
+    (raw SVM scores: AP ranks these), labels int64 [M] (0-based class indices), probabilities
+    float32 [M] (calibrated, :mod:`detection.calibration`; None for a model without calibration)."""
 
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    probabilities: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -84,13 +87,18 @@ class SPPDetector:
         classes: class names, in label order.
         settings: see :class:`DetectorSettings`.
         device: where to run.
+        calibration: maps each class's SVM score to a probability (None: scores only).
     """
 
     def __init__(self, backbone: Backbone, head: FCHead, svms: LinearSVMs, regressors: BoxRegressors | None,
                  classes: Sequence[str], settings: DetectorSettings = DetectorSettings(),
-                 device: str | torch.device = "cpu", meta: dict[str, Any] | None = None) -> None:
+                 device: str | torch.device = "cpu", meta: dict[str, Any] | None = None,
+                 calibration: ScoreCalibration | None = None) -> None:
         if svms.num_classes != len(classes):
             raise ModelError(f"{svms.num_classes} SVMs for {len(classes)} classes")
+        if calibration is not None and calibration.num_classes != len(classes):
+            raise ModelError(f"a score calibration of {calibration.num_classes} classes for {len(classes)} classes")
+        self.calibration = calibration
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
         self.head = head.to(self.device).eval()
@@ -116,7 +124,8 @@ class SPPDetector:
                 "head": {"in_dim": self.head.in_dim, "hidden": list(self.head.hidden),
                          "svd_ranks": dict(self.head.svd_ranks)},
                 "svm": self.svms.to_meta(),
-                "bbox": self.regressors.to_meta() if self.regressors is not None else None}
+                "bbox": self.regressors.to_meta() if self.regressors is not None else None,
+                "calibration": self.calibration.to_meta() if self.calibration is not None else None}
         save_model(path, tensors, meta)
 
     @classmethod
@@ -150,7 +159,10 @@ class SPPDetector:
             untrained = svms.meta.get("untrained", [])
             if not isinstance(untrained, list) or not set(untrained) <= set(classes):
                 raise ValueError(f"svm.untrained must list class names, got {str(untrained)[:80]!r}")
-            detector = cls(backbone, head, svms, regressors, classes, settings, device, meta)
+            # Model files from before calibration have none: their detections carry scores only.
+            calibration = (ScoreCalibration.from_meta(meta["calibration"], len(classes))
+                           if meta.get("calibration") is not None else None)
+            detector = cls(backbone, head, svms, regressors, classes, settings, device, meta, calibration)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError, DetectionError) as e:
             if isinstance(e, ModelError) and str(path) in str(e):
                 raise
@@ -203,7 +215,7 @@ class SPPDetector:
         proposals = np.asarray(proposals, dtype=np.float32).reshape(-1, 4)
         h, w = image.shape[:2]
         if len(proposals) == 0:
-            return _empty()
+            return _empty(self.calibration is not None)
         pool5 = self.pool5_features(image, proposals, timer)
         features = layer_features(pool5, self.head, self.settings.feature_layer, timer)
         with timer.stage("svm"):
@@ -236,9 +248,12 @@ class SPPDetector:
         rank = torch.empty_like(by_class)
         rank[by_class] = torch.arange(len(by_class), device=by_class.device) - starts[flat_labels[by_class]]
         cap = rank < s.max_per_class
-        return Detections(boxes[cap].cpu().numpy().astype(np.float32),
+        dets = Detections(boxes[cap].cpu().numpy().astype(np.float32),
                           flat_scores[cap].cpu().numpy().astype(np.float32),
                           flat_labels[cap].cpu().numpy().astype(np.int64))
+        if self.calibration is not None:
+            dets.probabilities = self.calibration.probabilities(dets.scores, dets.labels)
+        return dets
 
 
 def _check_consistent(backbone: Backbone, head: FCHead, svms: LinearSVMs, regressors: BoxRegressors | None,
@@ -285,8 +300,9 @@ def check_settings(s: DetectorSettings) -> None:
         raise ValueError(f"unknown proposal_mode {s.proposal_mode!r}")
 
 
-def _empty() -> Detections:
-    return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+def _empty(calibrated: bool) -> Detections:
+    return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
+                      np.zeros(0, np.float32) if calibrated else None)
 
 
 def _plain(v: Any) -> Any:

@@ -9,9 +9,9 @@ import cv2
 
 from .detector import iter_detections
 from .io import atomic_path, atomic_write_text
-from .visualize import draw_detections
+from .visualize import draw_detections, shown_detections
 
-__all__ = ["write_report", "timing_table", "ap_table"]
+__all__ = ["write_report", "timing_table", "ap_table", "calibration_table"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,20 @@ def timing_table(timing: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def calibration_table(calibration: dict[str, Any]) -> str:
+    """The reliability diagram of the test split's detections as a table, with the ECE."""
+    rows = ["| probability | detections | mean probability | fraction correct |", "| --- | --- | --- | --- |"]
+    for b in calibration["bins"]:
+        rows.append(f"| {b['low']:.1f}-{b['high']:.1f} | {b['count']} | {b['mean_probability']:.3f} | "
+                    f"{b['fraction_correct']:.3f} |")
+    above = calibration["above_threshold"]
+    rows += ["", f"Expected calibration error {calibration['ece']:.3f} over {calibration['num_detections']} "
+             f"detections (correct: IoU >= {calibration['iou']} with an object of the class); "
+             f"{above['count']} at probability >= {above['threshold']}, "
+             f"{above['fraction_correct']:.3f} of them correct."]
+    return "\n".join(rows)
+
+
 def write_report(out: Path, metrics: dict[str, Any], timing: dict[str, Any] | None, dataset: Any, detector: Any,
                  proposals_fn: Callable, num_images: int = 4) -> Path:
 
@@ -70,15 +84,21 @@ def write_report(out: Path, metrics: dict[str, Any], timing: dict[str, Any] | No
     if "stage_seconds" in metrics:
         parts += ["## Stage times (s, this run)", "", "| stage | s |", "| --- | --- |"]
         parts += [f"| {k} | {v} |" for k, v in metrics["stage_seconds"].items()] + [""]
+    if "calibration" in metrics:
+        parts += ["## Score calibration", "", calibration_table(metrics["calibration"]), ""]
     pics = out / "detections"
     pics.mkdir(exist_ok=True)
-    parts += ["## Detections (score > 0)", ""]
+    pictures = []
+    caption = ""
     for record, image, dets in iter_detections(detector, dataset.records[:num_images], proposals_fn):
-        drawn = draw_detections(image, dets.boxes, dets.labels, dets.scores, detector.classes, 0.0)
+        mask, values, caption = shown_detections(dets)
+        drawn = draw_detections(image, dets.boxes[mask], dets.labels[mask], values[mask], detector.classes,
+                                -float("inf"))
         path = pics / f"{record.image_id}.png"
         with atomic_path(path, suffix=".png") as tmp:
             ok, buf = cv2.imencode(".png", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
             tmp.write_bytes(buf.tobytes())
-        parts.append(f"![{record.image_id}](detections/{path.name})")
+        pictures.append(f"![{record.image_id}](detections/{path.name})")
+    parts += [f"## Detections ({caption})", ""] + pictures
     atomic_write_text(out / "report.md", "\n".join(parts) + "\n")
     return out / "report.md"

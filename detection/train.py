@@ -18,6 +18,7 @@ import torch
 from .backbones import Backbone
 from .bbox_regression import (BBoxRegressionConfig, ClassRegressor, plan_regression_samples,
                               regression_memory_bytes, train_box_regressors)
+from .calibration_fit import CalibrationConfig, fit_calibration
 from .config import ConfigError
 from .data.records import ImageRecord
 from .detector import DetectorSettings, SPPDetector
@@ -51,6 +52,8 @@ class TrainConfig:
     #: and again per class before box regression reads features. 8 GB fits a 24 GB machine with
     #: room to spare (the process adds ~1 GB of libraries and one image's conv maps). None: no check.
     memory_gb: float | None = 8.0
+    #: Probabilities for the SVM scores (detection.calibration): cross-fitted Platt scaling.
+    calibration: CalibrationConfig = CalibrationConfig()
 
 
 def check_train_memory(cfg: TrainConfig, num_classes: int, pool5_dim: int, layer_dim: int,
@@ -247,6 +250,13 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
             train_ckpt.save_svms(svms)
     else:
         log.info("SVMs from the checkpoint %s", train_ckpt.root)
+    calibration = None
+    if cfg.calibration.enabled:
+        # The groups keep an image and its mirror in one fold.
+        calibration = fit_calibration(source, [r.image_id for r in records], k, cfg.svm, cfg.calibration,
+                                      svms.feature_scale, nms_iou=settings.nms_iou,
+                                      score_threshold=settings.score_threshold,
+                                      max_per_class=settings.max_per_class, class_names=classes, progress=progress)
     regressors = None
     if cfg.bbox_regression:
         pool5_source = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim,
@@ -270,7 +280,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                                           class_names=classes, feature_scale=scale, progress=progress,
                                           untrained=svms.meta.get("untrained", ()), memory_budget=budget,
                                           done=done, on_class=on_class)
-    return SPPDetector(backbone, head, svms, regressors, classes, settings,
+    return SPPDetector(backbone, head, svms, regressors, classes, settings, calibration=calibration,
                        meta={"train": {"num_images": len(records), "seed": cfg.seed,
                                        "finetune": dataclasses.asdict(cfg.finetune),
                                        "svm": dataclasses.asdict(cfg.svm),

@@ -1,12 +1,14 @@
 """Drawing detections on images (for the report and tools/demo.py)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
-__all__ = ["draw_detections"]
+from .calibration import DEFAULT_PROBABILITY_THRESHOLD
+
+__all__ = ["draw_detections", "shown_detections"]
 
 
 def _colour(label: int) -> tuple[int, int, int]:
@@ -36,3 +38,20 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sc
         cv2.putText(out, text, (x1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, (0, 0, 0), thickness,
                     cv2.LINE_AA)
     return out
+
+
+def shown_detections(dets: Any, probability: float = DEFAULT_PROBABILITY_THRESHOLD,
+                     score: float | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Which detections to show a user, and the number to print by each.
+
+    Calibrated probabilities at or above ``probability`` (the objects the detector believes more
+    likely than not); raw SVM scores at or above ``score`` when it is given or when the model
+    has no calibration (then 0 by default).
+
+    Returns:
+        (bool mask [M], values [M] to print, a caption such as "probability >= 0.5").
+    """
+    if score is None and dets.probabilities is not None:
+        return dets.probabilities >= probability, dets.probabilities, f"probability >= {probability:g}"
+    t = 0.0 if score is None else score
+    return dets.scores >= t, dets.scores, f"SVM score >= {t:g}"

@@ -11,6 +11,7 @@ import torch
 
 from detection.backbones import build_backbone
 from detection.bbox_regression import BoxRegressors, decode
+from detection.calibration import ScoreCalibration
 from detection.detector import Detections, DetectorSettings, SPPDetector
 from detection.errors import ModelError
 from detection.features import conv_maps_for_image, pooled_window_features
@@ -232,6 +233,34 @@ def test_saved_and_loaded_detector_gives_identical_detections(parts, tmp_path, m
     # The loaded trunk really is the saved one (not a fresh random init of the same seed).
     for (ka, va), (kb, vb) in zip(det.backbone.trunk.state_dict().items(), loaded.backbone.trunk.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_calibrated_probabilities_are_stored_reloaded_and_follow_the_scores(parts, tmp_path):
+    cal = ScoreCalibration(np.array([1.5, 0.8, 2.0]), np.array([0.5, -1.0, 0.2]), {"folds": 2})
+    det = SPPDetector(*parts, CLASSES, SETTINGS, calibration=cal)
+    img, props = _image(), _proposals()
+    before = det.detect(img, props)
+    assert len(before) > 0 and before.probabilities is not None
+    np.testing.assert_allclose(before.probabilities, cal.probabilities(before.scores, before.labels), rtol=1e-6)
+    for c in range(len(CLASSES)):     # within a class, probability order is score order
+        m = before.labels == c
+        order = np.argsort(before.scores[m])
+        assert (np.diff(before.probabilities[m][order]) >= 0).all()
+    det.save(tmp_path / "model.pt")
+    loaded = SPPDetector.from_file(tmp_path / "model.pt")
+    np.testing.assert_array_equal(loaded.calibration.slopes, cal.slopes)
+    np.testing.assert_array_equal(loaded.calibration.intercepts, cal.intercepts)
+    after = loaded.detect(img, props)
+    np.testing.assert_array_equal(after.scores, before.scores)          # raw scores unchanged
+    np.testing.assert_array_equal(after.probabilities, before.probabilities)
+    assert loaded.detect(img, props[:0]).probabilities.shape == (0,)
+    # A model without calibration (older files) gives scores only.
+    plain = SPPDetector(*parts, CLASSES, SETTINGS)
+    plain.save(tmp_path / "plain.pt")
+    assert SPPDetector.from_file(tmp_path / "plain.pt").detect(img, props).probabilities is None
+    # A calibration for the wrong number of classes is refused.
+    with pytest.raises(ModelError, match="calibration"):
+        SPPDetector(*parts, CLASSES, SETTINGS, calibration=ScoreCalibration(np.ones(2), np.zeros(2)))
 
 
 def test_a_detector_with_svd_fc_layers_saves_and_loads(parts, tmp_path):

@@ -39,6 +39,11 @@ def test_pipeline_artifacts_resume_and_detection_only_settings(synthetic_voc, tm
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text())["mAP"] == metrics["mAP"]
     assert 0.0 <= metrics["mAP"] <= 1.0 and metrics["metric"] == "voc07"
+    # Calibrated probabilities: fitted at training, measured on the test split, drawn in the report.
+    assert SPPDetector.from_file(out / "model.pt").calibration is not None
+    assert 0.0 <= metrics["calibration"]["ece"] <= 1.0 and metrics["calibration"]["num_detections"] > 0
+    report = (out / "report.md").read_text()
+    assert "## Score calibration" in report and "## Detections (probability >= 0.5)" in report
     first = _stages(out)
     model_mtime = (out / "model.pt").stat().st_mtime_ns
 

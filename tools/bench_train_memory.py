@@ -50,7 +50,8 @@ def main(args: argparse.Namespace) -> int:
     cache = extract_conv_maps(ds, backbone, run / "features", scales=settings.scales, max_size=settings.max_size,
                               fp16=cfg.features.fp16, num_workers=0, progress=False)
     tcfg = TrainConfig(finetune=cfg.finetune, svm=cfg.svm, bbox=cfg.bbox, bbox_regression=cfg.bbox_regression,
-                       max_train_windows=cfg.max_train_windows, seed=cfg.seed, memory_gb=cfg.memory_gb)
+                       max_train_windows=cfg.max_train_windows, seed=cfg.seed, memory_gb=cfg.memory_gb,
+                       calibration=cfg.calibration)
     before = _peak_gb()
     t0 = time.perf_counter()
     detector = train_detector(records, ds.classes, props.proposals_for_record, backbone,

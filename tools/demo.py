@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 
 from detection.cli import add_skip_bad_arg, run_tool
-from detection.errors import DatasetError
+from detection.errors import DatasetError, DetectionError
 from detection.io import make_dirs
 from detection.runtime import resolve_device
 
@@ -19,9 +19,14 @@ from detection.runtime import resolve_device
 def main(args: argparse.Namespace) -> int:
     from detection.data.voc import read_image
     from detection.detector import SPPDetector
-    from detection.visualize import draw_detections
+    from detection.visualize import draw_detections, shown_detections
 
+    if not 0.0 <= args.threshold <= 1.0:
+        raise DetectionError(f"--threshold is a probability in [0, 1], got {args.threshold}")
     detector = SPPDetector.from_file(args.model, device=resolve_device(args.device))
+    if detector.calibration is None and args.score_threshold is None:
+        logging.warning("%s has no score calibration (trained before calibration existed, or with "
+                        "train.calibration.enabled=false): drawing SVM scores >= 0", args.model)
     out = make_dirs(args.out)
     skipped = []
     for path in args.images:
@@ -34,12 +39,13 @@ def main(args: argparse.Namespace) -> int:
             skipped.append(path)
             continue
         dets = detector.detect(image)
-        drawn = draw_detections(image, dets.boxes, dets.labels, dets.scores, detector.classes, args.threshold)
+        keep, values, caption = shown_detections(dets, args.threshold, args.score_threshold)
+        drawn = draw_detections(image, dets.boxes[keep], dets.labels[keep], values[keep], detector.classes,
+                                -float("inf"))
         dest = out / (Path(path).stem + "_det.png")
         if not cv2.imwrite(str(dest), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
             raise DatasetError(f"cannot write {dest}")
-        keep = dets.scores >= args.threshold
-        print(f"{path}: {int(keep.sum())} detections -> {dest}")
+        print(f"{path}: {int(keep.sum())} detections ({caption}) -> {dest}")
     if skipped:
         logging.warning("summary: %d image(s) skipped (--skip-bad): %s", len(skipped), " | ".join(skipped))
     return 0
@@ -50,7 +56,10 @@ if __name__ == "__main__":
     p.add_argument("--model", required=True)
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--out", default="demo")
-    p.add_argument("--threshold", type=float, default=0.0, help="SVM score threshold for drawing")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="draw detections with a calibrated probability at or above this (default 0.5)")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="draw by raw SVM score instead (the default for a model without calibration: 0)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     add_skip_bad_arg(p)
     sys.exit(run_tool(main, p))

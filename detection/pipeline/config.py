@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from ..bbox_regression import BBoxRegressionConfig
+from ..calibration_fit import CalibrationConfig
 from ..config import ConfigError, merge, parse_overrides, read_yaml_mapping
 from ..detector import DETECTION_ONLY_SETTINGS, DetectorSettings, check_settings
 from ..features.featurizer import FeatureSettings
@@ -105,6 +106,7 @@ class PipelineConfig:
     #: GB for the train stage's large arrays; see detection.train.TrainConfig.memory_gb (checked
     #: before the first stage runs). null: no check.
     memory_gb: float | None = 8.0
+    calibration: CalibrationConfig = CalibrationConfig()   # probabilities for the SVM scores
     test: DetectorSettings = DetectorSettings()   # only the detection-time settings may be set
     metric: str | None = None             # voc07 / voc10; None: voc07 for VOC2007, else voc10
     timing: TimingConfig = TimingConfig()

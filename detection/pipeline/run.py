@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..backbones import build_backbone
+from ..calibration import calibration_report
 from ..config import save_config, to_dict
 from ..data.synthetic import make_synthetic_voc
 from ..data.voc import VOCDataset, load_image, report_images
@@ -74,7 +75,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     device = resolve_device(cfg.device)
     backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, seed=cfg.backbone.seed)
     tcfg = TrainConfig(finetune=cfg.finetune, svm=cfg.svm, bbox=cfg.bbox, bbox_regression=cfg.bbox_regression,
-                       max_train_windows=cfg.max_train_windows, seed=cfg.seed, memory_gb=cfg.memory_gb)
+                       max_train_windows=cfg.max_train_windows, seed=cfg.seed, memory_gb=cfg.memory_gb,
+                       calibration=cfg.calibration)
     settings = detector_settings(cfg)
     pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)
     layer_dim = pool5_dim if cfg.feature_layer == "pool5" else cfg.finetune.hidden[1 if cfg.feature_layer == "fc7" else 0]
@@ -114,7 +116,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     train_settings = {k: v for k, v in to_dict(settings).items() if k not in DETECTION_ONLY_SETTINGS}
     train_key = stage_key(cfg.method, cfg.data, cfg.proposals, cfg.backbone, cfg.features, cfg.conv_finetune,
                           cfg.finetune, cfg.feature_layer, cfg.svm, cfg.bbox_regression, cfg.bbox,
-                          cfg.max_train_windows, train_settings)
+                          cfg.max_train_windows, cfg.calibration, train_settings)
     if not stages.done("train", train_key, model_path):
         t0 = time.perf_counter()
         # The SVMs and each box regressor are checkpointed as they finish: a crash or kill in box
@@ -142,6 +144,10 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
         all_dets = [dets for _, _, dets in iter_detections(detector, test_ds.records,
                                                             test_props.proposals_for_record, progress)]
         write_result_files(results_dir, test_ds.split, classes, _per_class(all_dets, test_ds.records, len(classes)))
+        # How well the probabilities match how often the detections are right, on this split.
+        kept = [r for r in test_ds.records if not r.flipped]
+        write_json(out / "calibration.json", calibration_report(kept, all_dets)
+                   if detector.calibration is not None else {})
         stages.mark("detect", det_key, time.perf_counter() - t0, seconds_per_image=(time.perf_counter() - t0) / max(1, len(test_ds)))
     timings["detect"] = stages.state["detect"]["seconds"]
 
@@ -149,6 +155,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     metrics = evaluate_results(test_ds, results_dir, cfg.metric, out)
     metrics["stage_seconds"] = {k: round(v, 2) for k, v in timings.items()}
     metrics["untrained_classes"] = list(detector.svms.meta.get("untrained", []))
+    calibration = read_json(out / "calibration.json") if (out / "calibration.json").is_file() else {}
+    if calibration:
+        metrics["calibration"] = calibration
     write_json(out / "metrics.json", metrics)
 
     # 8. timing: SPP-net against R-CNN -------------------------------------------------------------
