@@ -77,7 +77,8 @@ def layer_features(pool5: torch.Tensor, head: Any, layer: str, timer: Timer = NO
 class WindowFeaturizer(abc.ABC):
     """(image, windows) -> features. Boxes are internal (x1, y1, x2, y2) in original pixels."""
 
-    #: The scale rule fine-tuning draws with (:func:`detection.features.scales.select_scales`).
+    #: The scale rule fine-tuning draws with (:func:`detection.features.scales.select_scales`):
+    #: a random scale per window.
     finetune_scale_rule = "random"
 
     def __init__(self, settings: FeatureSettings, device: torch.device | str = "cpu") -> None:
@@ -107,8 +108,9 @@ class WindowFeaturizer(abc.ABC):
         return self.pool5(record, boxes).cpu()
 
     def finetune_fn(self, items: Sequence[Item]) -> PooledFn:
-        """Features for fine-tuning (``detection.finetune.PooledFn``) of ``items[i]``: a random
-        scale per window (the SPP code's multi-scale fine-tuning), on the CPU."""
+        """Features for fine-tuning (``detection.finetune.PooledFn``) of ``items[i]``, each window
+        at a random scale drawn by :attr:`finetune_scale_rule` (the SPP code's multi-scale
+        fine-tuning), differentiable where the trunk runs, on the CPU."""
         def pooled(i: int, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             return self.pool5(items[i], boxes, scale_rule=self.finetune_scale_rule, generator=generator,
                               differentiable=True).cpu()
@@ -176,7 +178,8 @@ class InMemorySPPFeaturizer(WindowFeaturizer):
 
 
 class CropWarpFeaturizer(WindowFeaturizer):
-    """R-CNN features: the trunk runs on every warped window (scale settings do not apply)."""
+    """R-CNN features: the trunk runs on every warped window (scale settings do not apply; the
+    trunk always runs under inference mode, as nothing fine-tunes it through warped crops)."""
 
     def __init__(self, settings: FeatureSettings, backbone: Any, device: torch.device | str = "cpu") -> None:
         super().__init__(settings, device)
