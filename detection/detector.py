@@ -28,38 +28,32 @@ from .config import from_dict
 from .data.records import ImageRecord
 from .data.images import load_image
 from .errors import DetectionError, ModelError
-from .features import conv_maps_for_image, pooled_window_features
-from .heads import FCHead
+from .features.featurizer import METHODS, FeatureSettings, WindowFeaturizer, layer_features, make_featurizer
+from .features.pooling import PROJECTION_RULES
+from .features.scales import SCALE_RULES
+from .heads import FEATURE_LAYERS, FCHead
 from .linear import BoxRegressors, LinearSVMs
 from .model import check_class_names, load_model, prefixed, save_model, unprefixed
 from .proposals import SelectiveSearchConfig, compute_proposals, selective_search
-from .rcnn import rcnn_window_features
-from .spp import DEFAULT_LEVELS, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1
 from .timer import NO_TIMER, Timer
 
-__all__ = ["DetectorSettings", "Detections", "SPPDetector", "iter_detections", "detect_dataset"]
+__all__ = ["DetectorSettings", "Detections", "SPPDetector", "iter_detections", "detect_dataset", "check_settings"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class DetectorSettings:
-    """How the detector turns an image into window features and detections."""
+class DetectorSettings(FeatureSettings):
+    """How the detector turns an image into window features (the :class:`FeatureSettings` it
+    extends, stored flat in the model file) and detections."""
 
     method: str = "spp"                       # "spp" or "rcnn" (crop and warp every window)
-    scales: tuple[int, ...] = DEFAULT_SCALES_1  # shorter side per scale (1-scale: 688)
-    max_size: int = DEFAULT_MAX_SIZE          # cap on the longer side after resizing
-    levels: tuple[int, ...] = DEFAULT_LEVELS  # pyramid: 50 bins per channel
-    projection_rule: str = "paper"            # window -> conv-cell rule ("paper" or "code")
-    scale_rule: str = "area"                  # multi-scale: window area nearest 224^2 ("area", paper)
-                                              # or side nearest 208 ("code"); docs/spp.md
     feature_layer: str = "fc7"                # SVM input: "pool5", "fc6" or "fc7"
     nms_iou: float = 0.3                      # per-class NMS threshold of the paper's code
     max_per_class: int = 100                  # detections kept per class per image
     score_threshold: float = -1.5             # the code drops windows scoring below -1.5
     # Selective search when no proposals are given: every setting of the training windows.
     proposals: SelectiveSearchConfig = SelectiveSearchConfig()
-    rcnn_batch_size: int = 128                # warped windows per trunk call
 
 
 # Settings that act only when detecting (never in training): changing them needs no retraining.
@@ -177,6 +171,12 @@ class SPPDetector:
 
     # ---- features -------------------------------------------------------------------------------
 
+    @property
+    def featurizer(self) -> WindowFeaturizer:
+        """Window features as this detector's settings make them (built on each use, so that
+        replaced settings take effect)."""
+        return make_featurizer(self.settings.method, self.settings, backbone=self.backbone, device=self.device)
+
     @torch.inference_mode()
     def pool5_features(self, image: np.ndarray, boxes: np.ndarray, timer: Timer = NO_TIMER) -> torch.Tensor:
         """Pooled (pool5 / SPP) features Tensor[N, D] of internal boxes in image pixels.
@@ -184,22 +184,7 @@ class SPPDetector:
         ``timer`` (see :mod:`detection.timer`) bills the trunk to stage "conv" and the window
         pooling (SPP-net) or warping and pooling (R-CNN) to "pool".
         """
-        s = self.settings
-        boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
-        if s.method == "spp":
-            with timer.stage("conv"):
-                maps = conv_maps_for_image(self.backbone, image, s.scales, s.max_size, self.device)
-            with timer.stage("pool"):
-                # The trunk's first cell centre, as the training cache uses.
-                return pooled_window_features(maps.maps, maps.factors, boxes_t, maps.stride, s.levels,
-                                              s.projection_rule, s.scale_rule, device=self.device,
-                                              first_cell_center=maps.first_cell_center)
-        if s.method == "rcnn":
-            with timer.stage("pool"):
-                x = self.backbone.preprocess(image, 1.0).to(self.device)
-            return rcnn_window_features(self.backbone.trunk, x, boxes_t.to(self.device),
-                                        self.backbone.input_size, s.levels, s.rcnn_batch_size, timer)
-        raise ModelError(f"unknown detection method {s.method!r}")
+        return self.featurizer.pool5(image, np.asarray(boxes, dtype=np.float32).reshape(-1, 4), timer=timer)
 
     @torch.inference_mode()
     def score_windows(self, pool5: torch.Tensor) -> torch.Tensor:
@@ -231,8 +216,7 @@ class SPPDetector:
         if len(proposals) == 0:
             return _empty(self.calibration is not None)
         pool5 = self.pool5_features(image, proposals, timer)
-        with timer.stage("fc"):
-            features = self.head.features(pool5, self.settings.feature_layer)
+        features = layer_features(pool5, self.head, self.settings.feature_layer, timer)
         with timer.stage("svm"):
             scores = self.svms.scores(features)
             k = scores.shape[1]
@@ -274,14 +258,7 @@ class SPPDetector:
 def _check_consistent(backbone: Backbone, head: FCHead, svms: LinearSVMs, regressors: BoxRegressors | None,
                       s: DetectorSettings) -> None:
     """Raise ValueError unless the parts of a loaded model fit each other and its settings."""
-    if s.method not in ("spp", "rcnn") or s.feature_layer not in ("pool5", "fc6", "fc7"):
-        raise ValueError(f"unknown method {s.method!r} or feature layer {s.feature_layer!r}")
-    if s.projection_rule not in ("paper", "code") or s.scale_rule not in ("area", "code"):
-        raise ValueError(f"unknown projection rule {s.projection_rule!r} (paper, code) or scale rule "
-                         f"{s.scale_rule!r} (area, code)")
-    if not (s.scales and s.levels and min(s.scales) > 0 and min(s.levels) > 0 and s.max_size > 0):
-        raise ValueError(f"scales {s.scales}, levels {s.levels} and max_size {s.max_size} must be positive")
-    _check_limits(s)
+    check_settings(s)
     pool5 = backbone.out_channels * sum(n * n for n in s.levels)
     dims = {"pool5": pool5, "fc6": head.hidden[0], "fc7": head.hidden[1]}
     if head.in_dim != pool5 or svms.dim != dims[s.feature_layer] or (regressors is not None and regressors.dim != pool5):
@@ -299,8 +276,16 @@ SETTINGS_LIMITS = {"scales": (1, 4000), "num_scales": (1, 16), "max_size": (1, 8
                    "proposals.resize_to": (16, 8000), "proposals.sigma": (0.0, 100.0), "rcnn_batch_size": (1, 4096)}
 
 
-def _check_limits(s: DetectorSettings) -> None:
-    """ValueError naming the first setting outside :data:`SETTINGS_LIMITS` (or not a finite number)."""
+def check_settings(s: DetectorSettings) -> None:
+    """ValueError naming the first setting that is unknown (a method, rule or layer), outside
+    :data:`SETTINGS_LIMITS` or not a finite number."""
+    if s.method not in METHODS or s.feature_layer not in FEATURE_LAYERS:
+        raise ValueError(f"unknown method {s.method!r} or feature layer {s.feature_layer!r}")
+    if s.projection_rule not in PROJECTION_RULES or s.scale_rule not in SCALE_RULES:
+        raise ValueError(f"unknown projection rule {s.projection_rule!r} (paper, code) or scale rule "
+                         f"{s.scale_rule!r} (area, code)")
+    if not (s.scales and s.levels and min(s.scales) > 0 and min(s.levels) > 0 and s.max_size > 0):
+        raise ValueError(f"scales {s.scales}, levels {s.levels} and max_size {s.max_size} must be positive")
     values = {"scales": max(s.scales), "num_scales": len(s.scales), "max_size": s.max_size, "levels": max(s.levels),
               "num_levels": len(s.levels), "max_per_class": s.max_per_class,
               "proposals.max_boxes": s.proposals.max_boxes, "rcnn_batch_size": s.rcnn_batch_size,
@@ -313,8 +298,6 @@ def _check_limits(s: DetectorSettings) -> None:
             raise ValueError(f"setting {name} = {value} is outside [{lo}, {hi}] (detection.detector.SETTINGS_LIMITS)")
     if not (0.0 <= s.nms_iou <= 1.0 and math.isfinite(s.score_threshold)):
         raise ValueError(f"nms_iou {s.nms_iou} must be in [0, 1] and score_threshold {s.score_threshold} finite")
-    if s.projection_rule not in ("paper", "code"):
-        raise ValueError(f"unknown projection_rule {s.projection_rule!r}")
 
 
 #: Settings of model files written before ``DetectorSettings.proposals`` held every selective-search

@@ -11,19 +11,30 @@ limit.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import platform
+import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .detector import SPPDetector
+from .backbones import build_backbone
+from .data.images import load_image
+from .data.voc import VOCDataset, report_images
+from .detector import DetectorSettings, SPPDetector
 from .heads import FCHead
+from .io import write_json
 from .linear import BoxRegressors, LinearSVMs
+from .proposals import selective_search
+from .runtime import resolve_device
 from .timer import StageTimer
 
-__all__ = ["STAGES", "StageTimer", "time_detector", "rcnn_twin", "compare_methods", "random_detector"]
+__all__ = ["STAGES", "StageTimer", "time_detector", "rcnn_twin", "compare_methods", "random_detector",
+           "compare_on_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +115,6 @@ def compare_methods(spp: SPPDetector, rcnn: SPPDetector, images: Sequence[np.nda
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -128,3 +138,37 @@ def random_detector(backbone, num_classes: int, settings, hidden: tuple[int, int
                                    feature_scale=1.0)
     classes = [f"class_{k}" for k in range(num_classes)]
     return SPPDetector(backbone, head, svms, regressors, classes, settings, device)
+
+
+def compare_on_dataset(data: str | Path, split: str, out: str | Path, num_images: int = 3, model: str | None = None,
+                       backbone: str = "zf5", weights: str | None = None, settings: DetectorSettings = DetectorSettings(),
+                       device: str = "auto", windows: int = 2000, proposal_mode: str = "fast",
+                       svd: tuple[int, int] | None = None, skip_bad: bool = False, command: str = "") -> dict:
+    """``tools/compare_rcnn.py``: SPP-net against R-CNN on the first ``num_images`` of a split,
+    written to ``out`` (JSON) and returned.
+
+    Proposals (selective search, ``proposal_mode``, at most ``windows``) are timed apart. The
+    detector is ``model``'s, or without it a :func:`random_detector` of ``backbone`` with
+    ``settings``; R-CNN is its :func:`rcnn_twin`. With ``svd`` (ranks of fc6, fc7) SPP-net is
+    also timed with truncated fc layers (R-CNN keeps the full ones: its time is the conv stage).
+    """
+    ds = VOCDataset(data, split, skip_bad=skip_bad)
+    images = [load_image(r) for r in ds.records[:num_images]]
+    t0 = time.perf_counter()
+    props = [selective_search(im, mode=proposal_mode, max_boxes=windows) for im in images]
+    proposal_seconds = (time.perf_counter() - t0) / max(1, len(images))
+    if model:
+        spp = SPPDetector.from_file(model, device=resolve_device(device))
+    else:
+        spp = random_detector(build_backbone(backbone, weights=weights), len(ds.classes), settings,
+                              device=resolve_device(device))
+    spp_svd = None
+    if svd:
+        spp_svd = SPPDetector(spp.backbone, copy.deepcopy(spp.head).compress(*svd), spp.svms, spp.regressors,
+                              spp.classes, spp.settings, spp.device)
+    timing = compare_methods(spp, rcnn_twin(spp), images, props, proposal_seconds, spp_svd=spp_svd)
+    timing["svd"] = list(svd) if svd else None
+    timing["command"] = command
+    write_json(out, timing)
+    report_images(ds)
+    return timing

@@ -13,12 +13,12 @@ from detection.backbones import build_backbone
 from detection.calibration import ScoreCalibration
 from detection.detector import Detections, DetectorSettings, SPPDetector
 from detection.errors import ModelError
-from detection.features import conv_maps_for_image
+from detection.features import conv_maps_for_image, pooled_window_features
+from detection.features.rcnn import rcnn_window_features
 from detection.heads import FCHead
 from detection.linear import BoxRegressors, LinearSVMs, decode
 from detection.model import save_model
 from detection.proposals import SelectiveSearchConfig, selective_search
-from detection.rcnn import rcnn_window_features
 
 CLASSES = ("cat", "dog", "bird")
 LEVELS = (4, 2, 1)              # 21 bins: keeps the random head and regressors small
@@ -179,7 +179,8 @@ def test_pool5_features_use_the_trunk_geometry(parts):
     got = det.pool5_features(img, props)
     # The training path: ImageConvMaps / ConvMapCache project with the trunk's first cell centre.
     maps = conv_maps_for_image(backbone, img, SETTINGS.scales, SETTINGS.max_size)
-    ref = maps.window_features(torch.from_numpy(props), levels=LEVELS, rule=SETTINGS.projection_rule)
+    ref = pooled_window_features(maps.maps, maps.factors, torch.from_numpy(props), maps.stride, LEVELS,
+                                 SETTINGS.projection_rule, first_cell_center=maps.first_cell_center)
     assert tuple(got.shape) == (len(props), backbone.out_channels * 21)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 

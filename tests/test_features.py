@@ -1,4 +1,4 @@
-"""Conv-map cache and pooled window features (detection/features.py)."""
+"""Conv-map cache and pooled window features (detection/features/)."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from detection import spp
 from detection.backbones import build_backbone
 from detection.boxes import flip_boxes
 from detection.data.records import ImageRecord
@@ -25,14 +24,19 @@ from detection.data.images import load_image
 from detection.data.voc import VOCDataset
 from detection.errors import CacheError, DetectionError
 from detection.features import (
+    DEFAULT_LEVELS,
     ConvMapCache,
+    FeatureSettings,
     cache_records,
     conv_maps_for_image,
     convmap_settings,
     extract_conv_maps,
+    make_featurizer,
     pooled_window_features,
     select_scales,
 )
+from detection.features.pooling import project_boxes, window_features
+from detection.features.scales import choose_scale
 
 SCALES = (96,)       # small shorter side: the tests are about the cache, not about accuracy
 MAX_SIZE = 192       # caps the longer side of the synthetic 320x240 images
@@ -75,6 +79,20 @@ def _extract(dataset, backbone, out, **kw):
     kw.setdefault("num_workers", 0)
     kw.setdefault("progress", False)
     return extract_conv_maps(dataset, backbone, out, **kw)
+
+
+def _cached(cache, record, boxes, levels=DEFAULT_LEVELS, rule="paper", scale_rule="area", generator=None):
+    """Features of a record's windows from the cache, as training reads them (the featurizer)."""
+    settings = FeatureSettings(scales=tuple(cache.scales), max_size=int(cache.settings["max_size"]),
+                               levels=tuple(levels), projection_rule=rule)
+    return make_featurizer("spp", settings, cache=cache).pool5(record, boxes, scale_rule=scale_rule,
+                                                               generator=generator)
+
+
+def _in_memory(mem, boxes, levels=DEFAULT_LEVELS, **kw):
+    """Features of windows pooled from conv maps computed in memory."""
+    return pooled_window_features(mem.maps, mem.factors, boxes, mem.stride, levels,
+                                  first_cell_center=mem.first_cell_center, **kw)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -149,28 +167,28 @@ def test_window_features_equal_pooling_the_in_memory_map(dataset, backbone, base
     c0 = backbone.first_cell_center
     for record in dataset.records[:2]:
         boxes = _random_boxes(record, 40, seed=1)
-        feats = base.window_features(record, boxes, levels=levels)
+        feats = _cached(base, record, boxes, levels=levels)
         assert feats.shape == (len(boxes), backbone.out_channels * 50) and feats.dtype == torch.float32
         mem = in_memory[record.key]
         scaled = torch.as_tensor(boxes, dtype=torch.float64) * mem.factors[0]
-        ref = spp.window_features(mem.maps[0], scaled, backbone.stride, levels, "paper", first_cell_center=c0)
+        ref = window_features(mem.maps[0], scaled, backbone.stride, levels, "paper", first_cell_center=c0)
         torch.testing.assert_close(feats, ref.float(), rtol=0, atol=1e-5)
-        torch.testing.assert_close(mem.window_features(boxes, levels), feats, rtol=0, atol=1e-5)
+        torch.testing.assert_close(_in_memory(mem, boxes, levels), feats, rtol=0, atol=1e-5)
         # Independent slow check of a 1x1 pyramid: the max over the projected cells.
-        one = base.window_features(record, boxes, levels=(1,))
-        cells = spp.project_boxes(scaled, backbone.stride, tuple(mem.maps[0].shape[1:]), rule="paper",
+        one = _cached(base, record, boxes, levels=(1,))
+        cells = project_boxes(scaled, backbone.stride, tuple(mem.maps[0].shape[1:]), rule="paper",
                                   first_cell_center=c0).numpy()
         fmap = mem.maps[0].numpy()
         for i in range(len(boxes)):
             np.testing.assert_allclose(one[i].numpy(), _max_over_cells(fmap, cells[i]), rtol=0, atol=1e-5)
         # Input order is kept: a permutation of the boxes permutes the rows.
         perm = np.random.default_rng(0).permutation(len(boxes))
-        torch.testing.assert_close(base.window_features(record, boxes[perm]), feats[perm])
+        torch.testing.assert_close(_cached(base, record, boxes[perm]), feats[perm])
         # The "code" projection rule is passed through.
-        code = base.window_features(record, boxes, levels=levels, rule="code")
-        ref = spp.window_features(mem.maps[0], scaled, backbone.stride, levels, "code", first_cell_center=c0)
+        code = _cached(base, record, boxes, levels=levels, rule="code")
+        ref = window_features(mem.maps[0], scaled, backbone.stride, levels, "code", first_cell_center=c0)
         torch.testing.assert_close(code, ref.float(), rtol=0, atol=1e-5)
-    empty = base.window_features(dataset.records[0], np.zeros((0, 4), np.float32))
+    empty = _cached(base, dataset.records[0], np.zeros((0, 4), np.float32))
     assert empty.shape == (0, backbone.out_channels * 50)
 
 
@@ -192,28 +210,29 @@ def test_scale_choice_with_two_scales(dataset, backbone, tmp_path):
     np.testing.assert_array_equal(got.numpy(), expected)
     big = select_scales(torch.as_tensor(boxes), factors, "area")  # paper's 224: the larger scale
     assert big.tolist() == [1] * len(boxes)
-    feats = cache.window_features(record, boxes, scale_rule="area", scale_target=target)
-    per_scale = [cache.window_features(record, boxes, scale_rule=k) for k in range(2)]
+    feats = pooled_window_features(cache.maps(record), factors, boxes, cache.stride, scale_rule="area",
+                                   scale_target=target, first_cell_center=cache.first_cell_center)
+    per_scale = [_cached(cache, record, boxes, scale_rule=k) for k in range(2)]
     for i, k in enumerate(expected):
         torch.testing.assert_close(feats[i], per_scale[k][i])
     assert not torch.equal(per_scale[0], per_scale[1])
     for k, fmap in enumerate(cache.maps(record)):  # each scale: its own map and factor
-        ref = spp.window_features(torch.from_numpy(np.array(fmap)), torch.as_tensor(boxes, dtype=torch.float64)
+        ref = window_features(torch.from_numpy(np.array(fmap)), torch.as_tensor(boxes, dtype=torch.float64)
                                   * factors[k], backbone.stride, first_cell_center=backbone.first_cell_center)
         torch.testing.assert_close(per_scale[k], ref, rtol=0, atol=0)
     # "random": reproducible with a seeded generator, each row from one of the scales, both used.
-    r1 = cache.window_features(record, boxes, scale_rule="random", generator=torch.Generator().manual_seed(3))
-    r2 = cache.window_features(record, boxes, scale_rule="random", generator=torch.Generator().manual_seed(3))
+    r1 = _cached(cache, record, boxes, scale_rule="random", generator=torch.Generator().manual_seed(3))
+    r2 = _cached(cache, record, boxes, scale_rule="random", generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(r1, r2)
     which = [0 if torch.equal(r1[i], per_scale[0][i]) else 1 if torch.equal(r1[i], per_scale[1][i]) else -1
              for i in range(len(boxes))]
     assert -1 not in which and set(which) == {0, 1}
     # The in-memory path gives the same features as the cache.
     mem = conv_maps_for_image(backbone, load_image(record), scales, max_size)
-    torch.testing.assert_close(mem.window_features(boxes, scale_rule="area", scale_target=target), feats,
+    torch.testing.assert_close(_in_memory(mem, boxes, scale_rule="area", scale_target=target), feats,
                                rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="scale"):
-        cache.window_features(record, boxes, scale_rule=2)
+        _cached(cache, record, boxes, scale_rule=2)
 
 
 def test_resume_after_interruption_gives_identical_files(dataset, backbone, base, tmp_path):
@@ -234,7 +253,7 @@ def test_resume_after_interruption_gives_identical_files(dataset, backbone, base
     with pytest.raises(CacheError, match="not in the conv-map cache"):
         reopened.record_info(records[-1].key)
     with pytest.raises(CacheError, match=f"{damaged}: corrupt"):
-        reopened.window_features(records[0].key, _random_boxes(records[0], 3, seed=0))
+        _cached(reopened, records[0].key, _random_boxes(records[0], 3, seed=0))
     resumed = _extract(dataset, backbone, tmp_path)
     assert resumed.root == part.root
     assert _files(resumed.root) == _files(base.root)
@@ -334,7 +353,7 @@ def test_fp16_halves_the_bytes(dataset, backbone, base, tmp_path):
     assert (npy16 - header * NUM_RECORDS) * 2 == npy32 - header * NUM_RECORDS
     record = dataset.records[0]
     boxes = _random_boxes(record, 10, seed=4)
-    torch.testing.assert_close(f16.window_features(record, boxes), f32.window_features(record, boxes),
+    torch.testing.assert_close(_cached(f16, record, boxes), _cached(f32, record, boxes),
                                rtol=2e-3, atol=2e-3)
 
 
@@ -426,10 +445,9 @@ def test_extract_features_tool(synthetic_voc, tmp_path, capsys):
 
 
 def test_training_features_use_the_detectors_scale_rule(dataset, backbone, tmp_path):
-    # spp_pool5_fn (SVM and box-regression training) pools each window at the scale the
+    # The cached featurizer (SVM and box-regression training) pools each window at the scale the
     # detector's scale_rule picks, so training and detection see the same features.
     from detection.detector import DetectorSettings
-    from detection.train import spp_pool5_fn
     two = _extract(_subset(dataset, 1), backbone, tmp_path, scales=(160, 320), max_size=1000)
     record = dataset.records[0]
     # Factors 2/3 and 4/3 (240-px shorter side): "code" switches scale at a side of 208 px, "area"
@@ -439,10 +457,10 @@ def test_training_features_use_the_detectors_scale_rule(dataset, backbone, tmp_p
     by_rule = {}
     for rule in ("area", "code"):
         settings = DetectorSettings(scales=(160, 320), max_size=1000, levels=(2, 1), scale_rule=rule)
-        by_rule[rule] = spp_pool5_fn(two, settings)(record, boxes)
-        torch.testing.assert_close(by_rule[rule], two.window_features(record, boxes, levels=(2, 1), scale_rule=rule),
+        by_rule[rule] = make_featurizer("spp", settings, cache=two)(record, boxes)
+        torch.testing.assert_close(by_rule[rule], _cached(two, record, boxes, levels=(2, 1), scale_rule=rule),
                                    rtol=0, atol=0)
     factors = two.factors(record)
-    differ = spp.choose_scale(boxes, factors, rule="area") != spp.choose_scale(boxes, factors, rule="code")
+    differ = choose_scale(boxes, factors, rule="area") != choose_scale(boxes, factors, rule="code")
     assert differ.any()                                    # the boxes exercise the difference
     assert not torch.equal(by_rule["area"][differ], by_rule["code"][differ])

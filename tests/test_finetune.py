@@ -13,7 +13,7 @@ from detection.data.records import ImageRecord
 from detection.errors import DetectionError
 from detection.finetune import FinetuneConfig, WindowLabels, finetune, label_windows, sample_minibatch
 from detection.heads import FCHead
-from detection.spp import window_features
+from detection.features.pooling import window_features
 
 LEVELS = (2, 1)          # 5 bins per channel keep the problem tiny
 CHANNELS = 4

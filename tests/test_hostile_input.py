@@ -221,15 +221,15 @@ def test_paths_that_exist_but_are_not_files_are_not_called_missing(tmp_path):
 
 
 def test_damaged_stage_book_is_forgotten_not_fatal(tmp_path, caplog):
-    from detection.pipeline import _Stages
+    from detection.pipeline import StageBook
 
     (tmp_path / "stages.json").write_text('{"proposals": {"key": "ab')
-    stages = _Stages(tmp_path)
+    stages = StageBook(tmp_path)
     assert stages.state == {} and "stages.json" in caplog.text and "not done" in caplog.text
     stages.mark("proposals", "k", 1.0)
     assert read_json(tmp_path / "stages.json")["proposals"]["key"] == "k"
     write_json(tmp_path / "stages.json", [1, 2])
-    assert _Stages(tmp_path).state == {}
+    assert StageBook(tmp_path).state == {}
 
 
 # --------------------------------------------------------------------------------------------

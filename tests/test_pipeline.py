@@ -79,6 +79,8 @@ def test_pipeline_artifacts_resume_and_detection_only_settings(synthetic_voc, tm
     assert second["detect"]["key"] != first["detect"]["key"]
     new = SPPDetector.from_file(out / "model.pt")
     assert new.settings.nms_iou == 0.6 and old.settings.nms_iou == 0.3
+    # The model detects a new image with the proposals' settings of the run.
+    assert new.settings.max_proposals == 100 and new.settings.proposal_mode == "fast"
     for name, tensor in old.svms.tensors().items():
         assert torch.equal(tensor, new.svms.tensors()[name]), name
 
@@ -91,6 +93,8 @@ def test_pipeline_artifacts_resume_and_detection_only_settings(synthetic_voc, tm
     ({"test": {"feature_layer": "fc6"}}, "feature_layer"),
     ({"test": {"method": "rcnn"}}, "method"),
     ({"test": {"proposals": {"max_boxes": 50}}}, "proposals"),
+    ({"test": {"scale_rule": "code"}}, "features.scale_rule"),
+    ({"test": {"rcnn_batch_size": 4}}, "features.rcnn_batch_size"),
 ])
 def test_test_settings_that_training_decides_are_refused_by_name(synthetic_voc, tmp_path, override, home):
     # Before: accepted and silently replaced by the training setting.
@@ -117,6 +121,38 @@ def test_fc_finetuning_with_pool5_svms_is_refused(synthetic_voc, tmp_path):
     with pytest.raises(ConfigError, match="finetune.enabled=true trains fc6/fc7, but the SVMs read pool5"):
         run_pipeline(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("updates, match", [
+    ({"finetune": {"finetune_conv": True}}, r"finetune\.finetune_conv=true: .* conv_finetune\.enabled=true"),
+    ({"conv_finetune": {"finetune_conv": False}}, r"conv_finetune\.finetune_conv=false .* conv_finetune\.enabled=false"),
+    ({"features": {"scale_rule": "random"}}, r"features / test settings: .*scale rule 'random'"),
+    ({"features": {"max_size": 10 ** 6}}, r"features / test settings: setting max_size = 1000000"),
+])
+def test_settings_the_run_would_not_use_are_refused_by_name(synthetic_voc, tmp_path, updates, match):
+    from detection.config import ConfigError
+    with pytest.raises(ConfigError, match=match):
+        run_pipeline(merge(_config(synthetic_voc), updates), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_feature_setting_reaches_the_detector():
+    # features.* is the one home of the window-feature settings: each one is what training
+    # and the model file's detector use.
+    import dataclasses
+
+    from detection.features import FeatureSettings
+    from detection.pipeline import detector_settings
+    changed = {"scales": (480, 688), "max_size": 1000, "levels": (4, 2, 1), "projection_rule": "code",
+               "scale_rule": "code", "rcnn_batch_size": 16}
+    assert set(changed) == {f.name for f in dataclasses.fields(FeatureSettings)}
+    cfg = merge(PipelineConfig(), {"features": {k: list(v) if isinstance(v, tuple) else v for k, v in changed.items()},
+                                   "method": "rcnn", "feature_layer": "fc6", "test": {"nms_iou": 0.4},
+                                   "proposals": {"mode": "quality", "max_boxes": 300}})
+    settings = detector_settings(cfg)
+    assert {k: getattr(settings, k) for k in changed} == changed
+    assert (settings.method, settings.feature_layer, settings.nms_iou) == ("rcnn", "fc6", 0.4)
+    assert (settings.proposal_mode, settings.max_proposals) == ("quality", 300)
 
 
 # The child: run_pipeline with the config above, paused for a minute right after class 0's box

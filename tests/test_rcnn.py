@@ -1,4 +1,4 @@
-"""Tests of detection.rcnn (R-CNN crop + warp) against a slow per-pixel bilinear reference.
+"""Tests of detection.features.rcnn (R-CNN crop + warp) against a slow per-pixel bilinear reference.
 
 Sampling convention (derived from ``roi_align(aligned=True, sampling_ratio=1)``): for a padded
 window (X1, Y1, X2, Y2) warped to ``size x size``, output pixel (i, j) samples the continuous
@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from detection.rcnn import CONTEXT_PADDING, context_padded_boxes, rcnn_window_features, warp_windows
-from detection.spp import spatial_pyramid_pool
+from detection.features.pooling import spatial_pyramid_pool
+from detection.features.rcnn import CONTEXT_PADDING, context_padded_boxes, rcnn_window_features, warp_windows
 
 
 def ref_padded_box(box, size: int, padding: int) -> tuple[float, float, float, float]:

@@ -1,4 +1,5 @@
-"""Tests of detection.spp against slow, obvious references (float64 where it matters)."""
+"""Tests of detection.features.pooling and .scales against slow, obvious references (float64 where
+it matters)."""
 from __future__ import annotations
 
 import math
@@ -7,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from detection import spp
-from detection.spp import (
+from detection.features import pooling
+from detection.features import scales as feature_scales
+from detection.features.pooling import (
     SpatialPyramidPooling,
-    choose_scale,
     pool_windows,
     project_boxes,
-    scale_factors,
     spatial_pyramid_pool,
     window_features,
 )
+from detection.features.scales import choose_scale, scale_factors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,8 +269,8 @@ def test_pool_windows_float32_fp16_and_chunking(monkeypatch):
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), ref.half().float(), rtol=0, atol=0)
     # A tiny table budget forces one channel chunk per few channels; small window chunks too.
-    monkeypatch.setattr(spp, "_TABLE_BYTES", 4096 * 8)
-    monkeypatch.setattr(spp, "_WINDOW_CHUNK", 7)
+    monkeypatch.setattr(pooling, "_TABLE_BYTES", 4096 * 8)
+    monkeypatch.setattr(pooling, "_WINDOW_CHUNK", 7)
     torch.testing.assert_close(pool_windows(fmap, cells), ref, rtol=0, atol=0)
 
 
@@ -327,12 +328,12 @@ def test_pool_windows_cuda_matches_cpu():
 
 def test_scale_factors():
     assert scale_factors(375, 500, (688,)) == [688 / 375]
-    assert scale_factors(500, 375, spp.DEFAULT_SCALES_5) == [s / 375 for s in spp.DEFAULT_SCALES_5]
+    assert scale_factors(500, 375, feature_scales.DEFAULT_SCALES_5) == [s / 375 for s in feature_scales.DEFAULT_SCALES_5]
     # 3160 x 4605 photo at 1200: 1749 px long side, under the 2000 cap
     assert scale_factors(3160, 4605, (1200,)) == [1200 / 3160]
     # a panorama: the cap wins, the longer side becomes exactly max_size
     (f,) = scale_factors(100, 2000, (688,))
-    assert f == 1.0 and round(2000 * f) == spp.DEFAULT_MAX_SIZE
+    assert f == 1.0 and round(2000 * f) == feature_scales.DEFAULT_MAX_SIZE
     assert scale_factors(100, 2000, (688,), max_size=None) == [6.88]
     with pytest.raises(ValueError):
         scale_factors(0, 10, (688,))
@@ -355,14 +356,14 @@ def test_choose_scale_code_matches_matlab():
     """spm_expected_scale.m + spp_features_convX_to_poolX.m, ported literally."""
     rng = np.random.default_rng(0)
     height, width = 375, 500
-    scales = np.array(spp.CODE_SCALES_5, dtype=np.float64)
+    scales = np.array(feature_scales.CODE_SCALES_5, dtype=np.float64)
     xy = rng.uniform(0, 300, size=(500, 2))
     wh = rng.uniform(4, 200, size=(500, 2))
     boxes = np.concatenate([xy, xy + wh], axis=1)
     area = wh[:, 0] * wh[:, 1]                          # (r - l + 1) * (b - t + 1) in 1-based
     expected = np.round(13 * 16 * min(height, width) / np.sqrt(area))
     matlab = np.abs(scales[None, :] - expected[:, None]).argmin(axis=1)
-    ours = choose_scale(torch.from_numpy(boxes), scale_factors(height, width, spp.CODE_SCALES_5),
+    ours = choose_scale(torch.from_numpy(boxes), scale_factors(height, width, feature_scales.CODE_SCALES_5),
                         rule="code").numpy()
     differ = np.nonzero(matlab != ours)[0]
     # The code rounds the expected scale to an integer: only near-ties (within 1 px) may differ.
@@ -374,7 +375,7 @@ def test_choose_scale_code_matches_matlab():
 
 def test_named_scales_are_defined_once():
     from detection.errors import DetectionError
-    from detection.spp import CODE_SCALES_5, DEFAULT_SCALES_1, DEFAULT_SCALES_5, named_scales
+    from detection.features.scales import CODE_SCALES_5, DEFAULT_SCALES_1, DEFAULT_SCALES_5, named_scales
     assert named_scales("1") == DEFAULT_SCALES_1 == (688,)
     assert named_scales("5") == DEFAULT_SCALES_5 == (480, 576, 688, 864, 1200)
     assert named_scales("code5") == CODE_SCALES_5 == (480, 576, 688, 874, 1200)

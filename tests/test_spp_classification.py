@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detection.spp import SpatialPyramidPooling
+from detection.features.pooling import SpatialPyramidPooling
 
 
 def make_shapes(n: int, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:

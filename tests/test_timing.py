@@ -138,20 +138,21 @@ def test_timed_run_is_the_detectors_own_path(detectors, method):
 
 def test_compare_rcnn_times_the_features_rcnn_training_uses(detectors):
     # compare_rcnn's R-CNN twin (the SPP detector with method="rcnn") computes the same window
-    # features as the R-CNN training path (rcnn_pool5_fn), i.e. it times the R-CNN detector.
+    # features as the R-CNN training path (the R-CNN featurizer called on a record), i.e. it
+    # times the R-CNN detector.
+    from detection.features import make_featurizer
     from detection.timing import rcnn_twin
-    from detection.train import rcnn_pool5_fn
     spp, _ = detectors
     image, props = _image(), _proposals(6)
     twin = rcnn_twin(spp)
     assert twin.settings.method == "rcnn" and twin.head is spp.head and twin.svms is spp.svms
-    record_features = rcnn_pool5_fn(spp.backbone, spp.settings.levels, spp.settings.rcnn_batch_size)
+    record_features = make_featurizer("rcnn", spp.settings, backbone=spp.backbone)
     torch.testing.assert_close(twin.pool5_features(image, props),
                                _features_of(record_features, image, props), rtol=0, atol=0)
 
 
 def _features_of(pool5_fn, image, props):
-    """pool5_fn reads its image from disk: hand it the image through a temporary PNG record."""
+    """Training features read their image from disk: hand it the image through a temporary PNG record."""
     import tempfile
     from pathlib import Path
 

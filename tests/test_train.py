@@ -14,7 +14,7 @@ from detection.data.records import ImageRecord
 from detection.detector import DetectorSettings
 from detection.errors import DetectionError
 from detection.linear import UNTRAINED_BIAS
-from detection.train import WindowFeatureSource
+from detection.training.window_source import WindowFeatureSource
 from detection.training.bbox_regression import BBoxRegressionConfig, train_box_regressors
 from detection.training.detector_training import TrainConfig, regression_sources, train_detector
 from detection.training.from_features import fc_finetune_schedule

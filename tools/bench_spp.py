@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Time the SPP core on one image: the conv pass at one scale, :func:`detection.spp.pool_windows`
+"""Time the SPP core on one image: the conv pass at one scale, :func:`detection.features.pooling.pool_windows`
 of many windows (default sparse-table method, and its ``method="roi_pool"`` variant), and
 torchvision's ``roi_pool`` run at every pyramid level for comparison.
 
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from detection.errors import DetectionError
     from detection.backbones import build_backbone
-    from detection.spp import pool_windows, project_boxes, scale_factors
+    from detection.features.pooling import pool_windows, project_boxes
+    from detection.features.scales import scale_factors
 
     torch.set_num_threads(args.threads)
     levels = tuple(int(v) for v in args.levels.split(","))

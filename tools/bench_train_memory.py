@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import sys
@@ -24,11 +23,10 @@ from detection.cli import run_tool
 from detection.config import load_config
 from detection.data.voc import VOCDataset
 from detection.errors import DetectionError
-from detection.features import extract_conv_maps
+from detection.features import extract_conv_maps, make_featurizer
 from detection.io import write_json
-from detection.pipeline import PipelineConfig
+from detection.pipeline import PipelineConfig, detector_settings
 from detection.proposals import compute_proposals
-from detection.train import spp_pool5_fn
 from detection.training.detector_training import TrainConfig, train_detector
 
 
@@ -46,10 +44,7 @@ def main(args: argparse.Namespace) -> int:
     records = [r for r in ds.records if r.image_id in set(ids)]
     props = compute_proposals(ds, run / "proposals", cfg.proposals, num_workers=0, progress=False)
     backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, seed=cfg.backbone.seed)
-    settings = dataclasses.replace(cfg.test, method=cfg.method, scales=tuple(cfg.features.scales),
-                                   max_size=cfg.features.max_size, levels=tuple(cfg.features.levels),
-                                   projection_rule=cfg.features.projection_rule, feature_layer=cfg.feature_layer,
-                                   proposals=cfg.proposals)
+    settings = detector_settings(cfg)
     cache = extract_conv_maps(ds, backbone, run / "features", scales=settings.scales, max_size=settings.max_size,
                               fp16=cfg.features.fp16, num_workers=0, progress=False)
     tcfg = TrainConfig(finetune=cfg.finetune, svm=cfg.svm, bbox=cfg.bbox, bbox_regression=cfg.bbox_regression,
@@ -58,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     before = _peak_gb()
     t0 = time.perf_counter()
     detector = train_detector(records, ds.classes, props.proposals_for_record, backbone,
-                              spp_pool5_fn(cache, settings),
+                              make_featurizer(settings.method, settings, cache=cache),
                               backbone.out_channels * sum(n * n for n in settings.levels), settings, tcfg,
                               progress=not args.quiet)
     result = {"run": str(run), "images": len(ids), "records": len(records),

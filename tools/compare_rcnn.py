@@ -12,54 +12,27 @@ are random (they cost the same as trained ones).
     python tools/compare_rcnn.py --data ../shared/data/raccoon --split test --num-images 3 --out timing.json
 """
 import argparse
-import copy
 import sys
-import time
 
 from detection.cli import add_skip_bad_arg, run_tool
-from detection.io import write_json
+from detection.detector import DetectorSettings
+from detection.features.scales import named_scales
+from detection.report import timing_table
+from detection.timing import compare_on_dataset
 
 
 def main(args: argparse.Namespace) -> int:
-    from detection.backbones import build_backbone
-    from detection.data.images import load_image
-    from detection.data.voc import VOCDataset, report_images
-    from detection.detector import DetectorSettings, SPPDetector
-    from detection.proposals import selective_search
-    from detection.report import timing_table
-    from detection.runtime import resolve_device
-    from detection.spp import named_scales
-    from detection.timing import compare_methods, random_detector, rcnn_twin
-
-    ds = VOCDataset(args.data, args.split, skip_bad=args.skip_bad)
-    records = ds.records[: args.num_images]
-    images = [load_image(r) for r in records]
-    t0 = time.perf_counter()
-    props = [selective_search(im, mode=args.proposal_mode, max_boxes=args.windows) for im in images]
-    proposal_seconds = (time.perf_counter() - t0) / max(1, len(images))
-    if args.model:
-        spp = SPPDetector.from_file(args.model, device=resolve_device(args.device))
-    else:
-        settings = DetectorSettings(scales=named_scales(args.scales), feature_layer=args.feature_layer, scale_rule=args.scale_rule)
-        backbone = build_backbone(args.backbone, weights=args.weights)
-        spp = random_detector(backbone, len(ds.classes), settings, device=resolve_device(args.device))
-    rcnn = rcnn_twin(spp)
-    spp_svd = None
-    if args.svd:
-        # SVD is a speed-up of SPP-net's fc stage; R-CNN keeps the full fc layers (its time is conv).
-        spp_svd = SPPDetector(spp.backbone, copy.deepcopy(spp.head).compress(*args.svd), spp.svms, spp.regressors,
-                              spp.classes, spp.settings, spp.device)
-    timing = compare_methods(spp, rcnn, images, props, proposal_seconds, spp_svd=spp_svd)
-    timing["svd"] = list(args.svd) if args.svd else None
-    timing["command"] = " ".join(sys.argv)
-    write_json(args.out, timing)
+    settings = DetectorSettings(scales=named_scales(args.scales), feature_layer=args.feature_layer,
+                                scale_rule=args.scale_rule)
+    timing = compare_on_dataset(args.data, args.split, args.out, args.num_images, args.model, args.backbone,
+                                args.weights, settings, args.device, args.windows, args.proposal_mode, args.svd,
+                                args.skip_bad, command=" ".join(sys.argv))
     print(timing_table(timing))
     print(f"speed-up: conv {timing['speedup']['conv']:.1f}x, total {timing['speedup']['total']:.1f}x "
           f"(FLOP ratios {timing['flops']['ratio']['conv']:.1f}x / {timing['flops']['ratio']['total']:.1f}x)")
-    if spp_svd is not None:
+    if args.svd:
         print(f"with SVD fc {args.svd[0]}/{args.svd[1]}: SPP-net total {timing['spp_svd']['total']:.4f} s/img, "
               f"speed-up {timing['speedup_svd']['total']:.1f}x (FLOP ratio {timing['flops']['ratio_svd']['total']:.1f}x)")
-    report_images(ds)
     return 0
 
 

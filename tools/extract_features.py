@@ -13,54 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from detection.cli import add_skip_bad_arg, run_tool
-from detection.runtime import resolve_device
-from detection.spp import named_scales
+from detection.features.extract import extract_split
+from detection.features.scales import named_scales
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from detection.backbones import build_backbone
-    from detection.data.voc import VOCDataset, report_images
-    from detection.features import extract_conv_maps
-
-    scales = named_scales(args.scales)
-    dataset = VOCDataset(args.data, args.split, use_flipped=args.flip, skip_bad=args.skip_bad)
-    if not args.no_proposals:
-        from detection.proposals import compute_proposals
-
-        # Proposals are computed on the original images (flipped records mirror them); an
-        # existing complete cache is reused, a partial one resumed.
-        compute_proposals(dataset, args.out / "proposals", num_workers=args.workers, progress=not args.quiet)
-    backbone = build_backbone(args.backbone, weights=args.weights, seed=args.seed)
-    t0 = time.perf_counter()
-    cache = extract_conv_maps(dataset, backbone, args.out, scales=scales, max_size=args.max_size,
-                              fp16=args.fp16, include_flipped=args.flip, device=resolve_device(args.device),
-                              num_workers=args.workers, progress=not args.quiet, rebuild=args.rebuild)
-    seconds = time.perf_counter() - t0
-    nbytes = cache.nbytes()
-    n = int(cache.settings["num_records"])
-    summary = {
-        "cache": str(cache.root),
-        "num_images": n,
-        "seconds": round(seconds, 3),
-        "bytes_on_disk": nbytes,
-        "bytes_per_image": round(nbytes / max(n, 1)),
-        "settings": cache.settings,
-        # What the next stage (train_svm.py) rebuilds the trunk from; the weights id in the
-        # settings checks that the file is still the same.
-        "backbone": {"name": args.backbone, "seed": args.seed,
-                     "weights": None if args.weights is None else
-                     (args.weights if not Path(args.weights).expanduser().is_file()
-                      else str(Path(args.weights).expanduser().resolve()))},
-    }
-    from detection.io import write_json
-
-    write_json(args.out / "features_summary.json", summary)
+    summary = extract_split(args.data, args.split, args.out, args.backbone, args.weights, args.seed,
+                            named_scales(args.scales), args.max_size, args.fp16, args.flip, args.workers,
+                            args.device, not args.no_proposals, args.rebuild, args.skip_bad, not args.quiet)
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
-    report_images(dataset)
     return 0
 
 

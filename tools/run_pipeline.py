@@ -12,28 +12,13 @@ import argparse
 import sys
 
 from detection.cli import add_skip_bad_arg, run_tool
-from detection.config import ConfigError, merge, parse_overrides, read_yaml_mapping
-from detection.pipeline import PipelineConfig, embedded_default_overrides, run_pipeline
-from detection.spp import named_scales
+from detection.features import METHODS
+from detection.pipeline import pipeline_config, run_pipeline
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = PipelineConfig()
-    if args.data is None:
-        cfg = merge(cfg, embedded_default_overrides())
-    if args.config:
-        data = read_yaml_mapping(args.config)
-        try:
-            cfg = merge(cfg, data)
-        except ConfigError as e:   # say which file holds the unknown key or wrong value
-            raise ConfigError(f"config file {args.config}: {e}") from None
-    data = {**({"root": args.data} if args.data else {}), **({"skip_bad": True} if args.skip_bad else {})}
-    flags = {"data": data,
-             "backbone": {k: v for k, v in (("name", args.backbone), ("weights", args.weights)) if v is not None},
-             "features": {"scales": list(named_scales(args.scales))} if args.scales else {},
-             "method": args.method, "device": args.device}
-    cfg = merge(cfg, {k: v for k, v in flags.items() if v not in ({}, None)})
-    cfg = merge(cfg, parse_overrides(args.set))
+    cfg = pipeline_config(args.data, args.config, args.set, skip_bad=args.skip_bad, backbone=args.backbone,
+                          weights=args.weights, scales=args.scales, method=args.method, device=args.device)
     metrics = run_pipeline(cfg, args.out, progress=not args.quiet)
     print(f"mAP ({metrics['metric']}): {metrics['mAP']:.4f}; report: {args.out}/report.md")
     return 0
@@ -46,7 +31,7 @@ if __name__ == "__main__":
     p.add_argument("--backbone", help="zf5, alexnet, vgg16, squeezenet1_0, squeezenet1_1")
     p.add_argument("--weights", help="state-dict file, or 'imagenet' for torchvision's weights")
     p.add_argument("--scales", help="1 (688), 5 (480, 576, 688, 864, 1200), code5 (874 for 864) or a list, e.g. 480,688")
-    p.add_argument("--method", choices=["spp", "rcnn"], default=None)
+    p.add_argument("--method", choices=METHODS, default=None)
     p.add_argument("--device", default=None, help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. svm.C=0.001")

@@ -29,7 +29,7 @@ from ..heads import FCHead
 from ..io import atomic_torch_save
 from ..calibration import ScoreCalibration
 from ..linear import LinearSVMs
-from ..train import Pool5Fn, WindowFeatureSource
+from .window_source import Pool5Fn, WindowFeatureSource
 from .bbox_regression import BBoxRegressionConfig, ClassRegressor, plan_regression_samples, train_box_regressors
 from .calibration import CalibrationConfig, fit_calibration
 from .hard_negatives import train_svms

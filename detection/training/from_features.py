@@ -9,18 +9,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 from ..backbones import Backbone, rebuild_recorded_backbone
 from ..config import merge, parse_overrides
 from ..data.voc import VOCDataset, report_images
 from ..detector import DetectorSettings, SPPDetector
 from ..errors import CacheError
-from ..features import ConvMapCache
+from ..features import ConvMapCache, make_featurizer
 from ..finetune import FinetuneConfig
 from ..io import read_json
 from ..proposals import compute_proposals
-from ..train import spp_pool5_fn
 from .detector_training import TrainConfig, train_detector
 
 __all__ = ["train_from_features", "open_feature_folder", "recorded_backbone", "settings_from_cache",
@@ -114,16 +112,10 @@ def train_from_features(data: str | Path, split: str, features: str | Path, out:
     cfg = TrainConfig(finetune=fc_finetune_schedule(finetune_iterations), bbox_regression=bbox_regression)
     cfg = merge(cfg, parse_overrides(list(overrides)))
     pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)
-
-    def finetune_fn(i: int, boxes: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        # The SPP code's multi-scale fine-tuning: a random scale per window.
-        return cache.window_features(dataset.records[i], boxes, levels=settings.levels,
-                                     rule=settings.projection_rule, scale_rule="random", generator=g)
-
+    featurizer = make_featurizer(settings.method, settings, cache=cache)
     detector = train_detector(dataset.records, dataset.classes, proposals.proposals_for_record, backbone,
-                              spp_pool5_fn(cache, settings), pool5_dim, settings,
-                              cfg, out_dir=Path(out).parent, progress=progress,
-                              finetune_pool5_fn=finetune_fn)
+                              featurizer, pool5_dim, settings, cfg, out_dir=Path(out).parent, progress=progress,
+                              finetune_pool5_fn=featurizer.finetune_fn(dataset.records))
     detector.save(out, {"dataset": {"root": str(data), "split": split}, "train_config": dataclasses.asdict(cfg)})
     report_images(dataset)
     return detector

@@ -1,5 +1,5 @@
-"""Spatial pyramid pooling: whole-map SPP, window -> conv-cell projection, pooling of many
-windows of one conv map, and the choice of image scale per window.
+"""Spatial pyramid pooling: whole-map SPP, window -> conv-cell projection, and pooling of many
+windows of one conv map (the scale of each window: :mod:`detection.features.scales`).
 
 Bin rules (docs/spp.md, "Bins"):
 
@@ -28,64 +28,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DetectionError
-
 __all__ = [
     "DEFAULT_LEVELS",
-    "DEFAULT_SCALES_1",
-    "DEFAULT_SCALES_5",
-    "CODE_SCALES_5",
-    "DEFAULT_MAX_SIZE",
-    "named_scales",
     "CODE_OFFSET",
-    "CODE_TARGET",
-    "PAPER_TARGET",
     "BIN_RULES",
+    "PROJECTION_RULES",
     "spatial_pyramid_pool",
     "SpatialPyramidPooling",
     "project_boxes",
     "pool_windows",
     "window_features",
-    "scale_factors",
-    "choose_scale",
 ]
 
 #: The paper's pyramid {6x6, 3x3, 2x2, 1x1}: 50 bins per channel.
 DEFAULT_LEVELS: tuple[int, ...] = (6, 3, 2, 1)
-#: 1-scale testing: shorter side 688 (paper, Sec. 4.2).
-DEFAULT_SCALES_1: tuple[int, ...] = (688,)
-#: 5-scale: the paper's {480, 576, 688, 864, 1200}; the official code uses 874 for 864.
-DEFAULT_SCALES_5: tuple[int, ...] = (480, 576, 688, 864, 1200)
-CODE_SCALES_5: tuple[int, ...] = (480, 576, 688, 874, 1200)
-
-
-def named_scales(text: str) -> tuple[int, ...]:
-    """The tools' ``--scales``: "1" (the paper's 1-scale, 688), "5" (its 5 scales), "code5" (the
-    official code's, 874 for 864), or a comma-separated list of shorter sides ("480,688")."""
-    named = {"1": DEFAULT_SCALES_1, "5": DEFAULT_SCALES_5, "code5": CODE_SCALES_5}
-    if text in named:
-        return named[text]
-    try:
-        scales = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        scales = ()
-    if not scales or min(scales) <= 0:
-        raise DetectionError(f"--scales {text!r}: use 1, 5, code5 or a comma-separated list of positive sizes")
-    return scales
-
-
-#: Cap on the longer side after resizing. Neither the paper nor the code caps the size (the code
-#: only falls back to the CPU above 1200x2400x3 input values); 2000 keeps every VOC image at
-#: every paper scale untouched (500x375 at s=1200 is 1200x1600) and bounds a 3160x4605 photo,
-#: or a panorama, to a conv map of at most 125 cells per side.
-DEFAULT_MAX_SIZE: int = 2000
+#: Window -> conv-cell projection rules (:func:`project_boxes`).
+PROJECTION_RULES = ("paper", "code")
 #: The code's ``offset`` for ZF-5 (pixels the window is shrunk by on each side before picking
 #: the nearest cells): 6.5 = sz_conv_standard / 2 with sz_conv_standard = 13.
 CODE_OFFSET: float = 6.5
-#: The paper picks the scale whose window area is closest to 224^2 pixels.
-PAPER_TARGET: int = 224
-#: The code: sz_conv_standard * step_standard = 13 * 16 = 208 pixels (``spm_expected_scale.m``).
-CODE_TARGET: int = 208
 
 #: Memory budget of the range-max table of :func:`pool_windows` (the table is built for chunks
 #: of channels that fit; 64 MiB covers 256 channels of a 43x58 map at 688 px whole).
@@ -205,7 +166,7 @@ def project_boxes(boxes: torch.Tensor, stride: int = 16, map_size: tuple[int, in
         LongTensor[N, 4] (c1, r1, c2, r2): 0-based inclusive cell ranges, 0 <= c1 <= c2 < W and
         0 <= r1 <= r2 < H, on the device of ``boxes``.
     """
-    if rule not in ("paper", "code"):
+    if rule not in PROJECTION_RULES:
         raise ValueError(f"unknown projection rule {rule!r}: use 'paper' or 'code'")
     height, width = int(map_size[0]), int(map_size[1])
     if height < 1 or width < 1:
@@ -439,67 +400,3 @@ def window_features(fmap: torch.Tensor, boxes_scaled_px: torch.Tensor, stride: i
     cells = project_boxes(torch.as_tensor(boxes_scaled_px), stride, (h, w), rule=rule,
                           first_cell_center=first_cell_center)
     return pool_windows(fmap, cells.to(fmap.device), levels)
-
-
-# --------------------------------------------------------------------------------------------
-# Scales
-# --------------------------------------------------------------------------------------------
-
-def scale_factors(height: int, width: int, scales: Sequence[int] = DEFAULT_SCALES_1,
-                  max_size: int | None = DEFAULT_MAX_SIZE) -> list[float]:
-    """Resize factor per scale: shorter side -> s, unless the longer side would exceed max_size.
-
-    Args:
-        height, width: original image size in pixels.
-        scales: target shorter sides (e.g. :data:`DEFAULT_SCALES_5`).
-        max_size: cap on the longer side after resizing (None: no cap).
-    Returns:
-        One float factor per scale (``Backbone.preprocess`` resizes to round(H*f) x round(W*f)).
-    """
-    if height < 1 or width < 1:
-        raise ValueError(f"image size {width}x{height} is empty")
-    out = []
-    for s in scales:
-        f = float(s) / min(height, width)
-        if max_size is not None and max(height, width) * f > max_size:
-            f = float(max_size) / max(height, width)
-        out.append(f)
-    return out
-
-
-def choose_scale(boxes_orig_px: torch.Tensor, factors: Sequence[float], target: int | None = None,
-                 rule: str = "area") -> torch.Tensor:
-    """Index of the scale to pool each window from.
-
-    - ``"area"`` (paper, Sec. 4.2): the scale at which the window has a number of pixels closest
-      to ``target^2`` (target 224): ``argmin_s |w*h*f_s^2 - target^2|``.
-    - ``"code"`` (``utils/spm_pool/spm_expected_scale.m`` + ``spp_features_convX_to_poolX.m``): the
-      expected shorter side ``208 * min_side / sqrt(w*h)`` and the scale nearest to it, i.e.
-      ``argmin_s |f_s*sqrt(w*h) - 208|`` (comparing window sides linearly; the code also rounds
-      the expected scale to an integer, which only moves exact ties).
-
-    Ties go to the smaller scale index. Zero-area windows count as tiny (1e-6 px^2), so they go
-    to the largest factor, the limit for windows shrinking to a point.
-
-    Args:
-        boxes_orig_px: Tensor[N, 4] boxes in original-image pixels (w = x2-x1, h = y2-y1).
-        factors: per scale, its resize factor (:func:`scale_factors`).
-        target: window side in pixels; default 224 ("area") or 208 ("code").
-        rule: "area" or "code".
-    Returns:
-        LongTensor[N] of scale indices.
-    """
-    if rule not in ("area", "code"):
-        raise ValueError(f"unknown scale rule {rule!r}: use 'area' or 'code'")
-    if len(factors) == 0:
-        raise ValueError("no scales to choose from")
-    if target is None:
-        target = PAPER_TARGET if rule == "area" else CODE_TARGET
-    b = torch.as_tensor(boxes_orig_px).to(torch.float64).reshape(-1, 4)
-    area = ((b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)).clamp(min=1e-6)[:, None]
-    f = torch.as_tensor([float(v) for v in factors], dtype=torch.float64, device=b.device)[None, :]
-    if rule == "area":
-        dist = (area * f * f - float(target) ** 2).abs()
-    else:
-        dist = (area.sqrt() * f - float(target)).abs()
-    return dist.argmin(dim=1)      # first minimum: the smaller index on ties

@@ -1,7 +1,7 @@
-"""Window features for training: pool5 of a record's windows, from the conv-map cache (SPP-net)
-or from warped crops (R-CNN), and the :class:`~detection.training.samples.FeatureSource` of a
-training split built on them (:class:`WindowFeatureSource`). The train stage itself is
-:mod:`detection.training.detector_training`.
+"""The :class:`~detection.training.samples.FeatureSource` of a training split
+(:class:`WindowFeatureSource`): the features of each image's ground truth and proposals, from a
+pool5 function (a :class:`detection.features.WindowFeaturizer`) and, for fc6/fc7, the head.
+The train stage itself is :mod:`detection.training.detector_training`.
 """
 from __future__ import annotations
 
@@ -10,40 +10,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .backbones import Backbone
-from .data.records import ImageRecord
-from .data.images import load_image
-from .detector import DetectorSettings
-from .heads import FCHead
-from .rcnn import rcnn_window_features
-from .training.samples import ImageSample
+from ..data.records import ImageRecord
+from ..heads import FCHead
+from .samples import ImageSample
 
-__all__ = ["Pool5Fn", "WindowFeatureSource", "spp_pool5_fn", "rcnn_pool5_fn"]
+__all__ = ["Pool5Fn", "WindowFeatureSource"]
 
-#: pool5_fn(record, boxes Tensor[N, 4] internal, original pixels) -> Tensor[N, D]
+#: pool5_fn(record, boxes Tensor[N, 4] internal, original pixels) -> Tensor[N, D]; a
+#: :class:`detection.features.WindowFeaturizer` is one.
 Pool5Fn = Callable[[ImageRecord, torch.Tensor], torch.Tensor]
-
-
-def spp_pool5_fn(cache, settings: DetectorSettings) -> Pool5Fn:
-    """pool5 features from a :class:`~detection.features.ConvMapCache` at each window's best scale,
-    with the detector's pyramid, projection rule and scale rule (what detection will use)."""
-    def fn(record: ImageRecord, boxes: torch.Tensor) -> torch.Tensor:
-        return cache.window_features(record, boxes, levels=settings.levels, rule=settings.projection_rule,
-                                     scale_rule=settings.scale_rule)
-    return fn
-
-
-def rcnn_pool5_fn(backbone: Backbone, levels: Sequence[int], batch_size: int = 128,
-                  device: str | torch.device = "cpu") -> Pool5Fn:
-    """pool5 features of warped crops (R-CNN), computed on the fly."""
-
-    def fn(record: ImageRecord, boxes: torch.Tensor) -> torch.Tensor:
-        image = load_image(record)
-        with torch.inference_mode():
-            x = backbone.preprocess(image, 1.0).to(device)
-            return rcnn_window_features(backbone.trunk, x, boxes.to(device), backbone.input_size, levels,
-                                        batch_size).cpu()
-    return fn
 
 
 class WindowFeatureSource:

@@ -13,10 +13,10 @@ from typing import Sequence
 import torch
 from torchvision.ops import roi_align
 
-from .spp import spatial_pyramid_pool
-from .timer import NO_TIMER, Timer
+from .pooling import spatial_pyramid_pool
+from ..timer import NO_TIMER, Timer
 
-__all__ = ["context_padded_boxes", "warp_windows", "rcnn_window_features"]
+__all__ = ["CONTEXT_PADDING", "context_padded_boxes", "warp_windows", "rcnn_window_features"]
 
 #: R-CNN's context: 16 pixels around the window in the warped (input-size) frame.
 CONTEXT_PADDING = 16

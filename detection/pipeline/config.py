@@ -1,0 +1,178 @@
+"""The pipeline's settings: one typed, frozen tree (``OUT/config.yaml``), each setting with one
+home and one default, and the checks that refuse, by name, a setting the run would not use.
+
+The window-feature settings live in ``features`` (:class:`detection.features.FeatureSettings`,
+shared with the detector's settings), the proposals' in ``proposals``, and ``test`` holds only
+what acts at detection time; the model file records them all.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..config import ConfigError, merge, parse_overrides, read_yaml_mapping
+from ..detector import DETECTION_ONLY_SETTINGS, DetectorSettings, check_settings
+from ..features.featurizer import FeatureSettings
+from ..features.scales import named_scales
+from ..finetune import FinetuneConfig
+from ..proposals import SelectiveSearchConfig
+from ..training.bbox_regression import BBoxRegressionConfig
+from ..training.calibration import CalibrationConfig
+from ..training.detector_training import refuse_unused_finetune
+from ..training.svm import SVMConfig
+
+__all__ = ["DataConfig", "BackboneConfig", "FeatureConfig", "TimingConfig", "PipelineConfig",
+           "ConvFinetuneConfig", "embedded_default_overrides", "pipeline_config", "refuse_unused_settings",
+           "detector_settings"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    root: str | None = None               # VOC-layout folder; None: generate the synthetic dataset
+    train_split: str = "trainval"
+    test_split: str = "test"
+    flip: bool = True                     # add horizontally flipped training images (paper)
+    classes: tuple[str, ...] | None = None
+    skip_bad: bool = False                # leave out undecodable images (decided once, for both splits)
+    synthetic_trainval: int = 120
+    synthetic_test: int = 60
+    synthetic_seed: int = 0
+    synthetic_crowded: bool = False       # the crowded variant (detection.data.synthetic)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "zf5"
+    weights: str | None = None            # None: seeded random init; a path; or "imagenet"
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig(FeatureSettings):
+    """The window-feature settings (:class:`FeatureSettings`) and how the conv-map cache is made."""
+
+    fp16: bool = False                    # store the cached maps as float16
+    workers: int = 2                      # DataLoader workers decoding images for the cache
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvFinetuneConfig(FinetuneConfig):
+    """Training the conv layers through SPP before the features are cached (beyond the paper, as
+    Fast R-CNN does): the embedded default uses it to get useful features without pretrained
+    weights. The settings of fc fine-tuning, with the defaults of a short, fast schedule on a
+    small head."""
+
+    enabled: bool = False
+    iterations: int = 600
+    lr: float = 0.01
+    lr_steps: tuple[int, ...] = (400,)
+    batch_size: int = 64
+    images_per_batch: int | None = 2
+    hidden: tuple[int, int] = (256, 256)
+    finetune_conv: bool = True
+    checkpoint_every: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingConfig:
+    enabled: bool = True
+    num_images: int = 3
+    rcnn_windows: int | None = None       # cap R-CNN's windows per image (None: all proposals)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    method: str = "spp"                   # "spp" or "rcnn"
+    device: str = "auto"                  # cuda:LOCAL_RANK when a GPU is visible, else cpu
+    data: DataConfig = DataConfig()
+    proposals: SelectiveSearchConfig = SelectiveSearchConfig()   # every setting of the windows
+    proposal_workers: int | None = None   # selective-search processes (None: all cores)
+    backbone: BackboneConfig = BackboneConfig()
+    features: FeatureConfig = FeatureConfig()
+    conv_finetune: ConvFinetuneConfig = ConvFinetuneConfig()
+    finetune: FinetuneConfig = FinetuneConfig(enabled=False)
+    feature_layer: str = "pool5"          # SVM input; fc7 with fine-tuning (paper), pool5 without
+    svm: SVMConfig = SVMConfig()
+    bbox_regression: bool = True
+    bbox: BBoxRegressionConfig = BBoxRegressionConfig()
+    max_train_windows: int | None = None
+    #: GB for the train stage's large arrays; see detection.training.detector_training.TrainConfig
+    #: .memory_gb (checked before the first stage runs). null: no check.
+    memory_gb: float | None = 8.0
+    calibration: CalibrationConfig = CalibrationConfig()   # probabilities for the SVM scores
+    test: DetectorSettings = DetectorSettings()   # only the detection-time settings may be set
+    metric: str | None = None             # voc07 / voc10; None: voc07 for VOC2007, else voc10
+    timing: TimingConfig = TimingConfig()
+    seed: int = 0
+
+
+def embedded_default_overrides() -> dict[str, Any]:
+    """Settings of the no-download default run on the synthetic dataset (2 CPU cores, minutes)."""
+    return {
+        # AlexNet's trunk (random init) trains through SPP ~10x faster than ZF-5 on a CPU.
+        "backbone": {"name": "alexnet", "weights": None},
+        "features": {"scales": [400]},
+        "conv_finetune": {"enabled": True},
+        "metric": "voc07",            # the issue and the paper report VOC2007 11-point AP
+        "feature_layer": "pool5",
+    }
+
+
+def pipeline_config(data: str | None = None, config: str | None = None, overrides: list[str] | None = None,
+                    **flags: Any) -> PipelineConfig:
+    """The config of ``tools/run_pipeline.py``: defaults (the embedded default's without
+    ``data``), then the YAML file ``config``, then the flags (``skip_bad``, ``backbone``,
+    ``weights``, ``scales`` as ``named_scales`` reads it, ``method``, ``device``; None: not
+    given), then ``key=value`` overrides."""
+    cfg = PipelineConfig()
+    if data is None:
+        cfg = merge(cfg, embedded_default_overrides())
+    if config:
+        try:
+            cfg = merge(cfg, read_yaml_mapping(config))
+        except ConfigError as e:   # say which file holds the unknown key or wrong value
+            raise ConfigError(f"config file {config}: {e}") from None
+    given = {k: v for k, v in flags.items() if v not in (None, False)}
+    updates = {"data": {**({"root": data} if data else {}), **({"skip_bad": True} if given.get("skip_bad") else {})},
+               "backbone": {k: given[f] for k, f in (("name", "backbone"), ("weights", "weights")) if f in given},
+               "features": {"scales": list(named_scales(given["scales"]))} if "scales" in given else {},
+               "method": given.get("method"), "device": given.get("device")}
+    cfg = merge(cfg, {k: v for k, v in updates.items() if v not in ({}, None)})
+    return merge(cfg, parse_overrides(overrides))
+
+
+#: Detector settings that training decides (the features the SVMs were trained on), with their
+#: home in the pipeline's config: ``test.<key>`` is refused by name.
+_TEST_SETTINGS_FROM_TRAINING = {**{f.name: f"features.{f.name}" for f in dataclasses.fields(FeatureSettings)},
+                                "method": "method", "feature_layer": "feature_layer",
+                                # the proposals detection runs on are the pipeline's (stored in the model)
+                                "proposals": "proposals"}
+
+
+def refuse_unused_settings(cfg: PipelineConfig) -> None:
+    """ConfigError naming the first setting the run would ignore or cannot use."""
+    default = DetectorSettings()
+    for key, home in _TEST_SETTINGS_FROM_TRAINING.items():
+        if getattr(cfg.test, key) != getattr(default, key):
+            raise ConfigError(f"test.{key} cannot be set: detection uses the features the SVMs were trained on, "
+                              f"so it takes {home}; set {home} instead")
+    refuse_unused_finetune(cfg.feature_layer, cfg.finetune)
+    if cfg.finetune.finetune_conv:
+        raise ConfigError("finetune.finetune_conv=true: fc fine-tuning reads cached conv maps, which carry no "
+                          "gradient to the conv layers; use conv_finetune.enabled=true to train them")
+    if not cfg.conv_finetune.finetune_conv:
+        raise ConfigError("conv_finetune.finetune_conv=false would train only the throw-away fc head of the conv "
+                          "stage: set conv_finetune.enabled=false instead")
+    try:
+        check_settings(detector_settings(cfg))
+    except ValueError as e:
+        raise ConfigError(f"features / test settings: {e}") from None
+
+
+def detector_settings(cfg: PipelineConfig) -> DetectorSettings:
+    """The settings the trained detector stores: features from ``features``, proposals from
+    ``proposals``, the detection-time ones from ``test``."""
+    only = {k: getattr(cfg.test, k) for k in DETECTION_ONLY_SETTINGS}
+    only["proposals"] = cfg.proposals
+    return DetectorSettings(**dataclasses.asdict(cfg.features.feature_settings()), method=cfg.method,
+                            feature_layer=cfg.feature_layer, **only)

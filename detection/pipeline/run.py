@@ -1,0 +1,203 @@
+"""The whole pipeline in one call: proposals -> conv features -> (fine-tuning) -> SVMs + box
+regressors -> detection on the test split -> evaluation -> the R-CNN timing comparison -> report.
+
+Every stage writes its artifact under ``OUT`` and is skipped on a rerun when the artifact exists
+and was made with the same settings (each stage records a hash of the settings it depends on).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backbones import build_backbone
+from ..calibration import calibration_report
+from ..config import save_config, to_dict
+from ..data.synthetic import make_synthetic_voc
+from ..data.images import load_image
+from ..data.voc import VOCDataset, report_images
+from ..detector import DETECTION_ONLY_SETTINGS, SPPDetector, iter_detections
+from ..errors import DetectionError
+from ..evaluation import default_metric, detections_by_class, evaluate_result_dir, write_result_files
+from ..evaluation.plots import plot_pr_curves
+from ..features.featurizer import training_featurizer
+from ..io import make_dirs, read_json, write_json
+from ..proposals import compute_proposals
+from ..report import write_report
+from ..runtime import resolve_device
+from ..timing import compare_methods, rcnn_twin
+from ..training.detector_training import TrainConfig, check_train_memory, train_detector
+from .config import PipelineConfig, detector_settings, refuse_unused_settings
+from .conv_finetune import finetune_conv
+from .stages import StageBook, stage_key
+
+__all__ = ["run_pipeline", "evaluate_results", "compare_on_records"]
+
+log = logging.getLogger(__name__)
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Run every stage (skipping finished ones) and return the metrics dict.
+
+    Writes ``OUT/config.yaml`` (resolved config), ``OUT/model.pt``, ``OUT/results/``,
+    ``OUT/metrics.json``, ``OUT/timing.json``, ``OUT/report.md`` and the stage caches.
+    """
+
+    refuse_unused_settings(cfg)
+    out = Path(out)
+    make_dirs(out)
+    save_config(cfg, out / "config.yaml")
+    stages = StageBook(out)
+    timings: dict[str, float] = {}
+
+    # 1. data -----------------------------------------------------------------------------------
+    root = cfg.data.root
+    if root is not None and cfg.data.synthetic_crowded:
+        raise DetectionError("data.synthetic_crowded applies to the generated dataset only; it cannot be set "
+                             f"with data.root ({root})")
+    if root is None:
+        t0 = time.perf_counter()
+        root = str(make_synthetic_voc(out / "synthetic_voc", num_trainval=cfg.data.synthetic_trainval,
+                                      num_test=cfg.data.synthetic_test, seed=cfg.data.synthetic_seed,
+                                      crowded=cfg.data.synthetic_crowded))
+        timings["data"] = time.perf_counter() - t0
+    train_ds = VOCDataset(root, cfg.data.train_split, classes=cfg.data.classes, use_flipped=cfg.data.flip,
+                          skip_bad=cfg.data.skip_bad)
+    test_ds = VOCDataset(root, cfg.data.test_split, classes=train_ds.classes, skip_bad=cfg.data.skip_bad)
+    classes = train_ds.classes
+    log.info("data: %s, %d training records, %d test images, classes %s", root, len(train_ds), len(test_ds), classes)
+
+    # The train stage's memory, checked before anything runs: the worst case its settings allow.
+    device = resolve_device(cfg.device)
+    backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, seed=cfg.backbone.seed)
+    tcfg = TrainConfig(finetune=cfg.finetune, svm=cfg.svm, bbox=cfg.bbox, bbox_regression=cfg.bbox_regression,
+                       max_train_windows=cfg.max_train_windows, seed=cfg.seed, memory_gb=cfg.memory_gb,
+                       calibration=cfg.calibration)
+    settings = detector_settings(cfg)
+    pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)
+    layer_dim = pool5_dim if cfg.feature_layer == "pool5" else cfg.finetune.hidden[1 if cfg.feature_layer == "fc7" else 0]
+    windows = cfg.proposals.max_boxes if cfg.max_train_windows is None else min(cfg.proposals.max_boxes,
+                                                                                  cfg.max_train_windows)
+    need = check_train_memory(tcfg, len(classes), pool5_dim, layer_dim,
+                              windows + max((len(r.boxes) for r in train_ds.records), default=0))
+    log.info("train stage memory, worst case: %s GB (memory_gb=%s)",
+             {k: None if v is None else round(v, 2) for k, v in need.items()}, cfg.memory_gb)
+
+    # 2. proposals ------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    ss = dict(num_workers=cfg.proposal_workers, progress=progress)
+    train_props = compute_proposals(train_ds, out / "proposals", cfg.proposals, **ss)
+    test_props = compute_proposals(test_ds, out / "proposals", cfg.proposals, **ss)
+    timings["proposals"] = time.perf_counter() - t0
+
+    # 3. conv fine-tuning through SPP (optional) -------------------------------------------------
+    if cfg.conv_finetune.enabled:
+        t0 = time.perf_counter()
+        finetune_conv(cfg, backbone, train_ds, train_props, out / "conv_finetune", stages, progress)
+        timings["conv_finetune"] = time.perf_counter() - t0
+
+    # 4. conv maps of the training split (SPP-net) --------------------------------------------------
+    t0 = time.perf_counter()
+    featurizer = training_featurizer(cfg.method, settings, train_ds, backbone, out / "features",
+                                     fp16=cfg.features.fp16, num_workers=cfg.features.workers, device=device,
+                                     progress=progress)
+    timings["features"] = time.perf_counter() - t0
+
+    # 5. fc fine-tuning, SVMs, box regressors -> model.pt ------------------------------------------
+    model_path = out / "model.pt"
+    model_meta = {"config": to_dict(cfg), "dataset": {"root": str(root), "split": train_ds.split}}
+    # Settings that only act at detection time (NMS, thresholds) key the detect stage, not this one:
+    # changing them re-detects without retraining.
+    train_settings = {k: v for k, v in to_dict(settings).items() if k not in DETECTION_ONLY_SETTINGS}
+    train_key = stage_key(cfg.method, cfg.data, cfg.proposals, cfg.backbone, cfg.features, cfg.conv_finetune,
+                          cfg.finetune, cfg.feature_layer, cfg.svm, cfg.bbox_regression, cfg.bbox,
+                          cfg.max_train_windows, cfg.calibration, train_settings)
+    if not stages.done("train", train_key, model_path):
+        t0 = time.perf_counter()
+        # The SVMs and each box regressor are checkpointed as they finish: a crash or kill in box
+        # regression keeps the SVMs, and the rerun continues (train_key: everything they depend on).
+        detector = train_detector(train_ds.records, classes, train_props.proposals_for_record, backbone, featurizer,
+                                  pool5_dim, settings, tcfg, out_dir=out, progress=progress,
+                                  finetune_pool5_fn=featurizer.finetune_fn(train_ds.records),
+                                  checkpoint_key=train_key)
+        detector.save(model_path, model_meta)
+        stages.mark("train", train_key, time.perf_counter() - t0)
+        shutil.rmtree(out / "train_checkpoint", ignore_errors=True)    # model.pt holds it all now
+    timings["train"] = stages.state["train"]["seconds"]
+    detector = SPPDetector.from_file(model_path, device=device)
+    detection_settings = {k: getattr(settings, k) for k in DETECTION_ONLY_SETTINGS}
+    if any(getattr(detector.settings, k) != v for k, v in detection_settings.items()):
+        # The model file keeps the settings this run detects with (eval_voc.py --model reads them).
+        detector.settings = dataclasses.replace(detector.settings, **detection_settings)
+        detector.save(model_path, model_meta)
+
+    # 6. detection on the test split -> result files ---------------------------------------------
+    results_dir = out / "results"
+    det_key = stage_key(train_key, cfg.data.test_split, detection_settings)
+    if not stages.done("detect", det_key, results_dir):
+        t0 = time.perf_counter()
+        all_dets = [dets for _, _, dets in iter_detections(detector, test_ds.records,
+                                                            test_props.proposals_for_record, progress)]
+        write_result_files(results_dir, test_ds.split, classes, _per_class(all_dets, test_ds.records, len(classes)))
+        # How well the probabilities match how often the detections are right, on this split.
+        kept = [r for r in test_ds.records if not r.flipped]
+        write_json(out / "calibration.json", calibration_report(kept, all_dets)
+                   if detector.calibration is not None else {})
+        stages.mark("detect", det_key, time.perf_counter() - t0, seconds_per_image=(time.perf_counter() - t0) / max(1, len(test_ds)))
+    timings["detect"] = stages.state["detect"]["seconds"]
+
+    # 7. evaluation --------------------------------------------------------------------------------
+    metrics = evaluate_results(test_ds, results_dir, cfg.metric, out)
+    metrics["stage_seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    metrics["untrained_classes"] = list(detector.svms.meta.get("untrained", []))
+    calibration = read_json(out / "calibration.json") if (out / "calibration.json").is_file() else {}
+    if calibration:
+        metrics["calibration"] = calibration
+    write_json(out / "metrics.json", metrics)
+
+    # 8. timing: SPP-net against R-CNN -------------------------------------------------------------
+    timing = None
+    if cfg.timing.enabled:
+        timing_key = stage_key(train_key, cfg.timing)
+        if not stages.done("timing", timing_key, out / "timing.json"):
+            t0 = time.perf_counter()
+            timing = compare_on_records(detector, test_ds.records[: cfg.timing.num_images],
+                                        test_props.proposals_for_record, cfg.timing.rcnn_windows)
+            write_json(out / "timing.json", timing)
+            stages.mark("timing", timing_key, time.perf_counter() - t0)
+        timing = read_json(out / "timing.json")
+
+    # 9. report ------------------------------------------------------------------------------------
+    write_report(out, metrics, timing, test_ds, detector, test_props.proposals_for_record)
+    report_images(train_ds, test_ds)
+    return metrics
+
+
+def _per_class(all_dets, records, num_classes: int):
+    """Per-image detections -> per class (image ids, scores, boxes) for the result files."""
+    return detections_by_class([r.image_id for r in records], all_dets, num_classes)
+
+
+def evaluate_results(dataset, results_dir: Path, metric: str | None, out: Path) -> dict[str, Any]:
+    metric = metric or default_metric(dataset.root)
+    metrics = evaluate_result_dir(dataset, results_dir, metric=metric, coco=True)
+    try:
+        plot_pr_curves(metrics, out / "pr_curves")
+    except Exception as e:  # pictures are a nicety; never lose the metrics over them
+        log.warning("could not draw PR curves: %s", e)
+    return metrics
+
+
+def compare_on_records(detector: SPPDetector, records, proposals_fn, rcnn_windows: int | None = None) -> dict[str, Any]:
+    """SPP-net vs R-CNN timing with the trained model's head/SVMs on a few test images."""
+
+    images = [load_image(r) for r in records]
+    props = [np.asarray(proposals_fn(r), np.float32) for r in records]
+    if rcnn_windows is not None:
+        props = [p[:rcnn_windows] for p in props]
+    return compare_methods(detector, rcnn_twin(detector), images, props)

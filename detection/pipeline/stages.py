@@ -1,0 +1,45 @@
+"""Which pipeline stages are done, with which settings (``OUT/stages.json``)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..config import to_dict
+from ..errors import CacheError
+from ..io import read_json, settings_key, write_json
+
+__all__ = ["StageBook", "stage_key"]
+
+log = logging.getLogger(__name__)
+
+
+class StageBook:
+    """Book-keeping of which stages are done, with which settings (``OUT/stages.json``)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / "stages.json"
+        self.state: dict[str, Any] = {}
+        if self.path.exists():
+            try:
+                state = read_json(self.path)
+                if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+                    raise CacheError(f"{self.path}: not a stage book (expected {{stage: {{key, ...}}}})")
+                self.state = state
+            except CacheError as e:
+                # Only book-keeping: every stage's own cache is validated on its own, so forgetting
+                # which are done costs their checks (and any stage whose artifact is missing).
+                log.warning("%s; treating every stage as not done", e)
+
+    def done(self, name: str, key: str, *artifacts: Path) -> bool:
+        return self.state.get(name, {}).get("key") == key and all(p.exists() for p in artifacts)
+
+    def mark(self, name: str, key: str, seconds: float, **info: Any) -> None:
+        self.state[name] = {"key": key, "seconds": round(seconds, 3), **info}
+        write_json(self.path, self.state)
+
+
+def stage_key(*parts: Any) -> str:
+    """A short hash of the settings a stage depends on (configs or plain values)."""
+    return settings_key({"parts": [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]})

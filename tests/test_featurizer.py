@@ -1,0 +1,136 @@
+"""The window features of every path are the same: cached-map SPP (SVM / box-regression training),
+in-memory SPP (detection), fc and conv fine-tuning, and R-CNN's crop-and-warp (the baseline and
+its training). Written before those paths were merged into one featurizer (pinning their
+outputs), now exercising it (detection.features.featurizer)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from detection.backbones import build_backbone
+from detection.data.voc import VOCDataset, load_image
+from detection.detector import DetectorSettings
+from detection.errors import DetectionError
+from detection.features import (CachedSPPFeaturizer, CropWarpFeaturizer, InMemorySPPFeaturizer, conv_maps_for_image,
+                                extract_conv_maps, make_featurizer, pooled_window_features)
+from detection.features.scales import scale_factors
+from detection.timer import StageTimer
+from detection.timing import random_detector, rcnn_twin
+
+LEVELS = (4, 2, 1)
+SCALES = (96, 160)       # two scales: the scale rules matter
+MAX_SIZE = 400
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    # squeezenet: its first conv cell is centred at 15.5 px, so a path that forgets the trunk's
+    # geometry shows up.
+    return build_backbone("squeezenet1_1", seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic_voc):
+    ds = copy.copy(VOCDataset(synthetic_voc, "trainval"))
+    ds.records = list(ds.records[:2])
+    return ds
+
+
+@pytest.fixture(scope="module")
+def cache(dataset, backbone, tmp_path_factory):
+    return extract_conv_maps(dataset, backbone, tmp_path_factory.mktemp("maps"), scales=SCALES, max_size=MAX_SIZE,
+                             num_workers=0, progress=False)
+
+
+def _boxes(record, n: int = 30, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, [record.width - 20, record.height - 20], (n, 2))
+    wh = rng.uniform(8, 200, (n, 2))
+    return torch.from_numpy(np.concatenate([xy, xy + wh], axis=1).astype(np.float32))
+
+
+def _settings(**kw) -> DetectorSettings:
+    return DetectorSettings(scales=SCALES, max_size=MAX_SIZE, levels=LEVELS, **kw)
+
+
+@pytest.mark.parametrize("rule", ["paper", "code"])
+@pytest.mark.parametrize("scale_rule", ["area", "code"])
+def test_cached_in_memory_and_detection_features_are_equal(dataset, backbone, cache, rule, scale_rule):
+    settings = _settings(projection_rule=rule, scale_rule=scale_rule)
+    detector = random_detector(backbone, 2, settings, hidden=(8, 8))
+    for i, record in enumerate(dataset.records):
+        image, boxes = load_image(record), _boxes(record, seed=i)
+        cached = make_featurizer("spp", settings, cache=cache)(record, boxes)
+        maps = conv_maps_for_image(backbone, image, SCALES, MAX_SIZE)
+        pooled = pooled_window_features(maps.maps, maps.factors, boxes, maps.stride, LEVELS, rule, scale_rule,
+                                        first_cell_center=maps.first_cell_center)
+        in_memory = make_featurizer("spp", settings, backbone=backbone).pool5(record, boxes)
+        detected = detector.pool5_features(image, boxes.numpy())
+        assert cached.shape == (len(boxes), backbone.out_channels * 21)
+        torch.testing.assert_close(in_memory, cached, rtol=0, atol=1e-5)
+        torch.testing.assert_close(in_memory, pooled, rtol=0, atol=0)
+        torch.testing.assert_close(detected, in_memory, rtol=0, atol=0)
+
+
+def test_fine_tuning_features_are_the_cached_features_at_the_drawn_scale(dataset, backbone, cache):
+    # fc fine-tuning: a random scale per window from the cache; conv fine-tuning: one random
+    # scale per image, its map computed by the trunk (differentiable) and pooled.
+    record = dataset.records[0]
+    image, boxes = load_image(record), _boxes(record, seed=5)
+    cached = make_featurizer("spp", _settings(), cache=cache)
+    per_scale = [cached.pool5(record, boxes, scale_rule=k) for k in range(len(SCALES))]
+    g = torch.Generator().manual_seed(1)
+    fc = cached.finetune_fn(dataset.records)(0, boxes, g)
+    drawn = torch.randint(len(SCALES), (len(boxes),), generator=torch.Generator().manual_seed(1))
+    assert set(drawn.tolist()) == {0, 1}
+    for i, k in enumerate(drawn.tolist()):
+        torch.testing.assert_close(fc[i], per_scale[k][i], rtol=0, atol=0)
+
+    # Conv fine-tuning: the draw pipeline's conv stage made before the merge, one scale per image,
+    # and gradients reach the trunk.
+    conv_fn = make_featurizer("spp", _settings(), backbone=backbone).finetune_fn([image])
+    for seed in range(4):
+        factors = scale_factors(image.shape[0], image.shape[1], SCALES, MAX_SIZE)
+        k = int(torch.randint(len(factors), (1,), generator=torch.Generator().manual_seed(seed)))
+        conv = conv_fn(0, boxes, torch.Generator().manual_seed(seed))
+        assert conv.requires_grad
+        torch.testing.assert_close(conv.detach(), per_scale[k], rtol=0, atol=1e-5)
+    conv.sum().backward()
+    assert all(p.grad is not None for p in backbone.trunk.parameters() if p.requires_grad)
+    backbone.trunk.zero_grad(set_to_none=True)
+
+
+def test_rcnn_baseline_and_rcnn_training_features_are_equal(dataset, backbone):
+    detector = random_detector(backbone, 2, _settings(), hidden=(8, 8))
+    twin = rcnn_twin(detector)
+    record = dataset.records[0]
+    boxes = _boxes(record, n=5, seed=3)
+    trained_on = make_featurizer("rcnn", twin.settings, backbone=backbone)(record, boxes)
+    detected = twin.pool5_features(load_image(record), boxes.numpy())
+    assert trained_on.shape == (5, backbone.out_channels * 21)
+    torch.testing.assert_close(detected, trained_on, rtol=0, atol=0)
+
+
+def test_one_place_picks_the_implementation_and_the_timer_sees_its_stages(backbone, cache, dataset):
+    settings = _settings()
+    assert type(make_featurizer("spp", settings, cache=cache)) is CachedSPPFeaturizer
+    assert type(make_featurizer("spp", settings, backbone=backbone)) is InMemorySPPFeaturizer
+    assert type(make_featurizer("rcnn", settings, backbone=backbone)) is CropWarpFeaturizer
+    assert type(random_detector(backbone, 2, settings, hidden=(8, 8)).featurizer) is InMemorySPPFeaturizer
+    with pytest.raises(DetectionError, match="unknown method 'fast'"):
+        make_featurizer("fast", settings, backbone=backbone)
+    with pytest.raises(DetectionError, match=r"holds scales \[96, 160\]"):
+        make_featurizer("spp", DetectorSettings(scales=(96,), max_size=MAX_SIZE), cache=cache)
+    record = dataset.records[0]
+    boxes = _boxes(record, n=4)
+    for method, stages in (("spp", {"conv", "pool"}), ("rcnn", {"conv", "pool"})):
+        timer = StageTimer("cpu")
+        featurizer = make_featurizer(method, settings, backbone=backbone)
+        head_less = featurizer.features(load_image(record), boxes, layer="pool5", timer=timer)
+        torch.testing.assert_close(head_less, featurizer.pool5(record, boxes), rtol=0, atol=0)
+        assert set(timer.seconds) == stages | {"fc"}
