@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from detection.backbones import build_backbone
-from detection.data.voc import VOCDataset, load_image
+from detection.data.images import load_image
+from detection.data.voc import VOCDataset
 from detection.detector import DetectorSettings
 from detection.errors import DetectionError
 from detection.features import (CachedSPPFeaturizer, CropWarpFeaturizer, InMemorySPPFeaturizer, conv_maps_for_image,

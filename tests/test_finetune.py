@@ -1,4 +1,4 @@
-"""Tests of detection.finetune: window labels, mini-batch sampling, training, exact resumption."""
+"""Tests of detection.training.finetune: window labels, mini-batch sampling, training, exact resumption."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ from torch import nn
 
 from detection.data.records import ImageRecord
 from detection.errors import DetectionError
-from detection.finetune import FinetuneConfig, WindowLabels, finetune, label_windows, sample_minibatch
+from detection.training.finetune import FinetuneConfig, WindowLabels, finetune, label_windows, sample_minibatch
 from detection.heads import FCHead
 from detection.features.pooling import window_features
 

@@ -11,16 +11,15 @@ from pathlib import Path
 import cv2
 
 from detection.cli import add_skip_bad_arg, run_tool
+from detection.data.images import read_image
+from detection.detector import SPPDetector
 from detection.errors import DatasetError, DetectionError
 from detection.io import make_dirs
 from detection.runtime import resolve_device
+from detection.visualize import draw_detections, shown_detections
 
 
 def main(args: argparse.Namespace) -> int:
-    from detection.data.images import read_image
-    from detection.detector import SPPDetector
-    from detection.visualize import draw_detections, shown_detections
-
     if not 0.0 <= args.threshold <= 1.0:
         raise DetectionError(f"--threshold is a probability in [0, 1], got {args.threshold}")
     detector = SPPDetector.from_file(args.model, device=resolve_device(args.device))

@@ -11,6 +11,7 @@ pretrained weights needed). Every stage is resumable: rerun the same command aft
 import argparse
 import sys
 
+from detection.backbones import available_backbones
 from detection.cli import add_skip_bad_arg, run_tool
 from detection.features import METHODS
 from detection.pipeline import pipeline_config, run_pipeline
@@ -28,7 +29,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="VOC-layout folder (default: generate the synthetic dataset)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument("--backbone", help="zf5, alexnet, vgg16, squeezenet1_0, squeezenet1_1")
+    p.add_argument("--backbone", help="conv trunk (embedded default: alexnet; with --data: zf5): "
+                   + ", ".join(available_backbones()))
     p.add_argument("--weights", help="state-dict file, or 'imagenet' for torchvision's weights")
     p.add_argument("--scales", help="1 (688), 5 (480, 576, 688, 864, 1200), code5 (874 for 864) or a list, e.g. 480,688")
     p.add_argument("--method", choices=METHODS, default=None)

@@ -14,7 +14,7 @@ from ..config import ConfigError, merge, parse_overrides, read_yaml_mapping
 from ..detector import DETECTION_ONLY_SETTINGS, DetectorSettings, check_settings
 from ..features.featurizer import FeatureSettings
 from ..features.scales import named_scales
-from ..finetune import FinetuneConfig
+from ..training.finetune import FinetuneConfig
 from ..proposals import SelectiveSearchConfig
 from ..training.bbox_regression import BBoxRegressionConfig
 from ..training.calibration import CalibrationConfig

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..features.featurizer import make_featurizer
-from ..finetune import finetune, label_windows
+from ..training.finetune import finetune, label_windows
 from ..heads import FCHead
 from ..io import atomic_torch_save, make_dirs
 from .config import PipelineConfig

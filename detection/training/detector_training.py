@@ -24,7 +24,7 @@ from ..config import ConfigError
 from ..data.records import ImageRecord
 from ..detector import DetectorSettings, SPPDetector
 from ..errors import DetectionError, ModelError
-from ..finetune import FinetuneConfig, finetune, label_windows
+from .finetune import FinetuneConfig, finetune, label_windows
 from ..heads import FCHead
 from ..io import atomic_torch_save
 from ..calibration import ScoreCalibration

@@ -16,7 +16,7 @@ from ..data.voc import VOCDataset, report_images
 from ..detector import DetectorSettings, SPPDetector
 from ..errors import CacheError
 from ..features import ConvMapCache, make_featurizer
-from ..finetune import FinetuneConfig
+from .finetune import FinetuneConfig
 from ..io import read_json
 from ..proposals import compute_proposals
 from .detector_training import TrainConfig, train_detector
