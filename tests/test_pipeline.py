@@ -80,7 +80,7 @@ def test_pipeline_artifacts_resume_and_detection_only_settings(synthetic_voc, tm
     new = SPPDetector.from_file(out / "model.pt")
     assert new.settings.nms_iou == 0.6 and old.settings.nms_iou == 0.3
     # The model detects a new image with the proposals' settings of the run.
-    assert new.settings.max_proposals == 100 and new.settings.proposal_mode == "fast"
+    assert new.settings.proposals.max_boxes == 100 and new.settings.proposals.mode == "fast"
     for name, tensor in old.svms.tensors().items():
         assert torch.equal(tensor, new.svms.tensors()[name]), name
 
@@ -152,7 +152,8 @@ def test_every_feature_setting_reaches_the_detector():
     settings = detector_settings(cfg)
     assert {k: getattr(settings, k) for k in changed} == changed
     assert (settings.method, settings.feature_layer, settings.nms_iou) == ("rcnn", "fc6", 0.4)
-    assert (settings.proposal_mode, settings.max_proposals) == ("quality", 300)
+    assert settings.proposals == cfg.proposals and (settings.proposals.mode, settings.proposals.max_boxes) == \
+        ("quality", 300)
 
 
 # The child: run_pipeline with the config above, paused for a minute right after class 0's box
