@@ -239,3 +239,12 @@ def test_memory_budget_is_checked_before_any_stage(synthetic_voc, tmp_path, upda
     with pytest.raises(DetectionError, match=match):
         run_pipeline(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "proposals").exists()
+
+
+def test_fp16_maps_are_refused_with_rcnn(synthetic_voc, tmp_path):
+    # Before: accepted and ignored (R-CNN makes no conv-map cache).
+    from detection.config import ConfigError
+    cfg = merge(_config(synthetic_voc), {"method": "rcnn", "features": {"fp16": True}})
+    with pytest.raises(ConfigError, match=r"features\.fp16 sets up the conv-map cache"):
+        run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

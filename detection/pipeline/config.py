@@ -157,6 +157,12 @@ def refuse_unused_settings(cfg: PipelineConfig) -> None:
             raise ConfigError(f"test.{key} cannot be set: detection uses the features the SVMs were trained on, "
                               f"so it takes {home}; set {home} instead")
     refuse_unused_finetune(cfg.feature_layer, cfg.finetune)
+    if cfg.method == "rcnn" and cfg.features.fp16:
+        # R-CNN warps every window through the trunk: no conv-map cache is made, so nothing is
+        # stored as float16. (features.workers, a process count that changes no result, is left
+        # alone so one config serves both methods.)
+        raise ConfigError("features.fp16 sets up the conv-map cache, which method=rcnn does not make: "
+                          "leave it unset or use method=spp")
     if cfg.finetune.finetune_conv:
         raise ConfigError("finetune.finetune_conv=true: fc fine-tuning reads cached conv maps, which carry no "
                           "gradient to the conv layers; use conv_finetune.enabled=true to train them")
