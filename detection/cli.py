@@ -5,6 +5,7 @@ artifact), an OSError from the operating system, Ctrl-C, or an unexpected except
 same way: one ``error: ...`` line on stderr naming the file and the problem, no traceback, exit
 status 2 (130 after Ctrl-C). Artifacts are written atomically, so nothing is left half-written
 and the same command resumes. ``DETECTION_TRACEBACK=1`` shows the traceback of unexpected errors.
+Under ``torchrun`` the lines of each rank say which it is, and rank 0 alone prints results.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import traceback
 from typing import Callable
 
+from . import comm
 from .errors import DetectionError
 from .runtime import set_threads
 from .workers import LOG_DATE_FORMAT, LOG_FORMAT
@@ -64,13 +66,22 @@ def run_tool(main: Callable[[argparse.Namespace], int | None], parser: argparse.
         # A file name that is not valid UTF-8 must not make printing its error message fail.
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    rank = _launcher_rank()
     try:
         add_common_args(parser)
         args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format=LOG_FORMAT,
+        if rank is not None and rank > 0:
+            # Under torchrun rank 0 speaks for the run: the other ranks log warnings and errors
+            # only, show no progress bars and print no results.
+            args.quiet = True
+            sys.stdout = open(os.devnull, "w")
+        log_format = LOG_FORMAT if rank is None else LOG_FORMAT.replace("%(levelname)s", f"[rank {rank}] %(levelname)s")
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format=log_format,
                             datefmt=LOG_DATE_FORMAT)
         set_threads(args.threads)
-        return int(main(args) or 0)
+        status = int(main(args) or 0)
+        comm.shutdown()
+        return status
     except DetectionError as e:
         return _fail(_one_line(e))
     except KeyboardInterrupt:
@@ -85,6 +96,19 @@ def run_tool(main: Callable[[argparse.Namespace], int | None], parser: argparse.
                      "DETECTION_TRACEBACK=1 shows where)")
 
 
+def _launcher_rank() -> int | None:
+    """This process's rank when a launcher (torchrun) started several, else None."""
+    if not comm.launched():
+        return None
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+
+
 def _fail(message: str) -> int:
+    rank = _launcher_rank()
+    if rank is not None and not message.startswith("rank "):
+        message = f"rank {rank}: {message}"        # several processes share the terminal
     print(f"error: {message}", file=sys.stderr)
     return EXIT_ERROR

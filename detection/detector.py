@@ -22,6 +22,7 @@ import torch
 from torchvision.ops import batched_nms, clip_boxes_to_image
 from tqdm.auto import tqdm
 
+from . import comm
 from .backbones import Backbone, build_backbone
 from .calibration import ScoreCalibration
 from .config import from_dict
@@ -37,7 +38,7 @@ from .model import check_class_names, load_model, prefixed, save_model, unprefix
 from .proposals import SelectiveSearchConfig, compute_proposals, selective_search
 from .timer import NO_TIMER, Timer
 
-__all__ = ["DetectorSettings", "Detections", "SPPDetector", "iter_detections", "detect_dataset", "check_settings"]
+__all__ = ["DetectorSettings", "Detections", "SPPDetector", "iter_detections", "detect_records", "detect_dataset", "check_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -345,9 +346,26 @@ def iter_detections(detector: SPPDetector, records: Sequence[ImageRecord],
         yield record, image, detector.detect(image, proposals_fn(record) if proposals_fn is not None else None)
 
 
+def detect_records(detector: SPPDetector, records: Sequence[ImageRecord],
+                   proposals_fn: Callable[[ImageRecord], np.ndarray] | None = None,
+                   progress: bool = False) -> list[Detections] | None:
+    """Detections of every original record (flipped ones skipped), in record order, through
+    :func:`iter_detections`. Under ``torchrun`` each rank detects a contiguous share of the
+    images and rank 0 receives them all.
+
+    Returns:
+        the detections on rank 0 (the only process without a launcher); None on the other ranks.
+    """
+    kept = [r for r in records if not r.flipped]
+    mine = [dets for _, _, dets in iter_detections(detector, comm.shard(kept), proposals_fn, progress)]
+    parts = comm.gather(mine, "detection: gathering every rank's detections on rank 0")
+    return None if parts is None else [dets for part in parts for dets in part]
+
+
 def detect_dataset(model: str | Path | SPPDetector, dataset: Any, proposals_dir: str | Path | None = None,
-                   device: str | torch.device = "cpu", progress: bool = True) -> list[Detections]:
-    """Detections of every record of ``dataset`` (original images only), in record order.
+                   device: str | torch.device = "cpu", progress: bool = True) -> list[Detections] | None:
+    """Detections of every record of ``dataset`` (original images only), in record order
+    (:func:`detect_records`: sharded under ``torchrun``, None on ranks other than 0).
 
     Proposals come from the selective-search cache in ``proposals_dir`` (computed and cached
     there when missing, with the model's settings), or are computed per image when it is None.
@@ -360,4 +378,4 @@ def detect_dataset(model: str | Path | SPPDetector, dataset: Any, proposals_dir:
     if proposals_dir is not None:
         props = compute_proposals(dataset, proposals_dir, detector.settings.proposals, progress=progress)
         proposals_fn = props.proposals_for_record
-    return [dets for _, _, dets in iter_detections(detector, dataset.records, proposals_fn, progress)]
+    return detect_records(detector, dataset.records, proposals_fn, progress)

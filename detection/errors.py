@@ -22,3 +22,7 @@ class StorageError(DetectionError, OSError):
     """An output file or folder cannot be written: disk full, file size limit, read-only folder, a
     regular file where a folder should be. Also an OSError, for callers that catch those."""
 
+
+
+class DistributedError(DetectionError):
+    """A multi-process run (``torchrun``) lost a rank, timed out waiting for one, or cannot start."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ log = logging.getLogger(__name__)
 
 #: Layers whose output the SVMs can be trained on.
 FEATURE_LAYERS = ("pool5", "fc6", "fc7")
+
+#: Consecutive chunks of a batch's rows and the generator each chunk's dropout masks come from.
+RowGenerators = Sequence[tuple[int, torch.Generator]]
 
 
 class FCHead(nn.Module):
@@ -94,11 +98,12 @@ class FCHead(nn.Module):
             self.fc7.load_state_dict(src7.state_dict())
         return True
 
-    def features(self, pooled: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
+    def features(self, pooled: torch.Tensor, layer: str = "fc7", rows: RowGenerators | None = None) -> torch.Tensor:
         """Window features at ``layer`` ("pool5", "fc6" or "fc7"; after ReLU, no dropout at eval).
 
         Args:
             pooled: Tensor[N, in_dim] pooled window vectors.
+            rows: in training, dropout masks drawn chunk by chunk (see :meth:`_drop`).
         Returns:
             Tensor[N, D].
         """
@@ -109,13 +114,25 @@ class FCHead(nn.Module):
             return x
         if layer != "fc7":
             raise ValueError(f"unknown feature layer {layer!r}; choose from {FEATURE_LAYERS}")
-        return torch.relu(self.fc7(self.dropout(x)))
+        return torch.relu(self.fc7(self._drop(x, rows)))
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Class logits Tensor[N, K+1] (needs fc8)."""
+    def forward(self, pooled: torch.Tensor, rows: RowGenerators | None = None) -> torch.Tensor:
+        """Class logits Tensor[N, K+1] (needs fc8); ``rows``: see :meth:`_drop`."""
         if self.fc8 is None:
             raise RuntimeError("FCHead has no fc8: build it with num_classes to classify")
-        return self.fc8(self.dropout(self.features(pooled, "fc7")))
+        return self.fc8(self._drop(self.features(pooled, "fc7", rows), rows))
+
+    def _drop(self, x: torch.Tensor, rows: RowGenerators | None) -> torch.Tensor:
+        """Dropout. With ``rows`` [(count, generator), ...] covering x's rows in order, each
+        chunk's mask comes from its own generator: the rows of an image get the same mask
+        whichever process computes them (fine-tuning split over processes)."""
+        p = self.dropout.p
+        if rows is None or not self.training or p == 0:
+            return self.dropout(x)
+        if p >= 1:
+            return torch.zeros_like(x)
+        keep = torch.cat([torch.empty((n, x.shape[1])).bernoulli_(1 - p, generator=g) for n, g in rows])
+        return x * keep.to(x) / (1 - p)
 
     @torch.no_grad()
     def compress(self, rank6: int, rank7: int) -> "FCHead":

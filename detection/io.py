@@ -29,7 +29,7 @@ from .errors import CacheError, DetectionError, StorageError
 
 __all__ = ["atomic_path", "atomic_write_text", "atomic_save_npz", "atomic_torch_save", "make_dirs", "load_npz",
            "read_json", "parse_json", "write_json", "file_sha256", "settings_key", "safe_file_part",
-           "check_class_name", "path_in_folder", "describe_missing", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_FILE_PART_BYTES"]
+           "check_class_name", "path_in_folder", "process_alive", "describe_missing", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_FILE_PART_BYTES"]
 
 #: Largest JSON artifact or model metadata read, in bytes: the biggest written here (a metrics.json
 #: with PR curves of 20 classes, a conv-map index of 10k images) is a few MB; a larger file is
@@ -118,12 +118,13 @@ def _remove_stale_temps(dest: Path) -> None:
         return
     for name in names:
         pid = name[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             with contextlib.suppress(OSError):
                 os.unlink(dest.parent / name)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running (a zombie counts as gone)."""
     if pid == os.getpid():
         return True
     try:

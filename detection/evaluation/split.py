@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import comm
 from ..data.voc import VOCDataset, report_images
 from ..detector import SPPDetector, detect_dataset
 from ..errors import DetectionError
@@ -67,13 +68,18 @@ def evaluate_split(data: str | os.PathLike, split: str, out: str | os.PathLike,
         if not model:
             raise DetectionError("give --results RESULTS_DIR (devkit result files) or --model MODEL")
         results = Path(out).resolve().parent / "results"
+    comm.init_distributed(resolve_device(device))    # under torchrun: each rank detects a share
     detector = load_detector(model, device, svd) if model else None
     dataset = VOCDataset(data, split, classes=detector.classes if detector else None, skip_bad=skip_bad)
     if detector is not None:
         per_image = detect_dataset(detector, dataset, proposals_dir=Path(results).parent / "proposals",
                                    progress=progress)
-        write_result_files(results, dataset.split, dataset.classes,
-                           detections_by_class([r.image_id for r in dataset.records], per_image, len(dataset.classes)))
+        if comm.is_main():
+            write_result_files(results, dataset.split, dataset.classes,
+                               detections_by_class([r.image_id for r in dataset.records], per_image,
+                                                   len(dataset.classes)))
+    if not comm.is_main():      # rank 0 scores the gathered detections once
+        return comm.broadcast(None, "evaluation: waiting for rank 0's metrics")
     metrics = evaluate_result_dir(dataset, results, metric=metric, coco=coco, progress=progress)
     metrics["results_dir"] = str(results)
     # Classes the model could not train (no positives in its training images): AP 0 where the
@@ -85,7 +91,7 @@ def evaluate_split(data: str | os.PathLike, split: str, out: str | os.PathLike,
         plot_pr_curves(metrics, plots)
     write_json(out, metrics)
     report_images(dataset)
-    return metrics
+    return comm.broadcast(metrics, "evaluation: sending the metrics to every rank")
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:

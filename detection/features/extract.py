@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .. import comm
 from ..backbones import build_backbone
 from ..data.records import ImageRecord
 from ..data.images import load_image
@@ -187,7 +188,9 @@ def extract_conv_maps(dataset: Any, backbone: torch.nn.Module, out_dir: str | Pa
     differ); the trunk runs in eval mode under ``torch.inference_mode`` on ``device``. Records
     already complete in the cache are skipped, so an interrupted run resumes where it stopped.
     A flipped record gets its own conv pass on the mirrored image (a conv trunk is not
-    flip-equivariant), as the SPP code does.
+    flip-equivariant), as the SPP code does. Under ``torchrun`` each rank computes a contiguous
+    share of the records (on its own GPU with ``device`` ``cuda:LOCAL_RANK``) and rank 0 writes
+    the index; a rerun resumes with any number of ranks.
 
     Args:
         dataset: a VOCDataset (``records``, ``split``, ``fingerprint()``).
@@ -212,15 +215,24 @@ def extract_conv_maps(dataset: Any, backbone: torch.nn.Module, out_dir: str | Pa
         max_size = DEFAULT_MAX_SIZE
     records = cache_records(dataset, include_flipped)
     settings = convmap_settings(dataset, backbone, scales, max_size, fp16, records)
-    cache = ConvMapCache.create(out_dir, settings, rebuild=rebuild)
-    todo = [i for i, r in enumerate(records) if not cache.is_complete(r.key)]
-    log.info("conv-map cache %s: %d of %d records to compute (%s, scales %s, %s)", cache.root, len(todo),
-             len(records), settings["backbone"], list(scales), settings["dtype"])
+    # Rank 0 makes (or checks, or rebuilds) the folder; then each rank fills a contiguous share
+    # of the records, and rank 0 writes the index once all are done.
+    if comm.is_main():
+        ConvMapCache.create(out_dir, settings, rebuild=rebuild)
+    comm.barrier("conv maps: waiting for rank 0 to make the cache folder")
+    cache = ConvMapCache.create(out_dir, settings)
+    mine = comm.shard(records)
+    todo = [r for r in mine if not cache.is_complete(r.key)]
+    log.info("conv-map cache %s: %d of %d records to compute%s (%s, scales %s, %s)", cache.root, len(todo),
+             len(mine), "" if comm.world_size() == 1 else f" on rank {comm.rank()} ({len(records)} in all)",
+             settings["backbone"], list(scales), settings["dtype"])
     if todo:
-        _run_extraction(cache, [records[i] for i in todo], backbone, scales, max_size, device, num_workers,
-                        progress)
-    cache.write_index([r.key for r in records])
-    return cache
+        _run_extraction(cache, todo, backbone, scales, max_size, device, num_workers, progress)
+    comm.barrier("conv maps: waiting for every rank's records")
+    if comm.is_main():
+        cache.write_index([r.key for r in records])
+    comm.barrier("conv maps: waiting for rank 0 to write the index")
+    return ConvMapCache.open(cache.root) if comm.world_size() > 1 else cache
 
 
 def _run_extraction(cache: ConvMapCache, records: list[ImageRecord], backbone: torch.nn.Module,
@@ -272,6 +284,8 @@ def extract_split(data: str | Path, split: str, out: str | Path, backbone: str =
     partial; unless ``proposals`` is false), then its conv-map cache in ``out/convmaps_<key>/``,
     and a summary in ``out/features_summary.json`` (returned)."""
     out = Path(out)
+    device = resolve_device(device)
+    comm.init_distributed(device)
     dataset = VOCDataset(data, split, use_flipped=flip, skip_bad=skip_bad)
     if proposals:
         # Proposals are computed on the original images (flipped records mirror them); an
@@ -280,7 +294,7 @@ def extract_split(data: str | Path, split: str, out: str | Path, backbone: str =
     trunk = build_backbone(backbone, weights=weights, seed=seed)
     t0 = time.perf_counter()
     cache = extract_conv_maps(dataset, trunk, out, scales=scales, max_size=max_size, fp16=fp16, include_flipped=flip,
-                              device=resolve_device(device), num_workers=workers, progress=progress, rebuild=rebuild)
+                              device=device, num_workers=workers, progress=progress, rebuild=rebuild)
     seconds = time.perf_counter() - t0
     nbytes = cache.nbytes()
     n = int(cache.settings["num_records"])
@@ -298,6 +312,7 @@ def extract_split(data: str | Path, split: str, out: str | Path, backbone: str =
                      (weights if not Path(weights).expanduser().is_file()
                       else str(Path(weights).expanduser().resolve()))},
     }
-    write_json(out / "features_summary.json", summary)
-    report_images(dataset)
+    if comm.is_main():
+        write_json(out / "features_summary.json", summary)
+        report_images(dataset)
     return summary

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import comm
 from ..features.featurizer import make_featurizer
 from ..training.finetune import finetune, label_windows
 from ..heads import FCHead
@@ -26,7 +27,9 @@ log = logging.getLogger(__name__)
 def finetune_conv(cfg: PipelineConfig, backbone: Any, train_ds: Any, train_props: Any, work: Path,
                   stages: StageBook, progress: bool) -> None:
     """Train the conv trunk (with a small fc head) through SPP on the training windows, then keep
-    the trunk. Resumable through the fine-tuning checkpoint; skipped when already done."""
+    the trunk. Resumable through the fine-tuning checkpoint; skipped when already done. Under
+    ``torchrun`` the images of each mini-batch are shared out over the ranks and the gradients
+    summed (the same trunk on every rank); rank 0 alone writes the checkpoints."""
     c = cfg.conv_finetune
     key = stage_key(cfg.data, cfg.proposals, cfg.backbone, cfg.features, c)
     trunk_path = work / "trunk.pt"
@@ -54,9 +57,11 @@ def finetune_conv(cfg: PipelineConfig, backbone: Any, train_ds: Any, train_props
     bar = tqdm(total=c.iterations, desc="fine-tune conv", disable=not progress)
     losses = finetune(head, windows, featurizer.finetune_fn(records), c, checkpoint=work / "checkpoint.pt",
                       trunk=backbone.trunk, checkpoint_key=f"conv:{key}:{backbone.name}:{backbone.weights_id}",
-                      progress=lambda it, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"))
+                      progress=lambda it, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"),
+                      write_checkpoints=comm.is_main())
     bar.close()
-    atomic_torch_save(trunk_path, backbone.trunk.state_dict())
+    if comm.is_main():
+        atomic_torch_save(trunk_path, backbone.trunk.state_dict())
     backbone.weights_id = f"finetuned:{key}"
     stages.mark("conv_finetune", key, time.perf_counter() - t0,
                 first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)

@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from .. import comm
 from ..backbones import build_backbone
 from ..calibration import calibration_report
 from ..config import save_config, to_dict
 from ..data.synthetic import make_synthetic_voc
 from ..data.images import load_image
 from ..data.voc import VOCDataset, report_images
-from ..detector import DETECTION_ONLY_SETTINGS, SPPDetector, iter_detections
+from ..detector import DETECTION_ONLY_SETTINGS, SPPDetector, detect_records
 from ..errors import DetectionError
 from ..evaluation import default_metric, detections_by_class, evaluate_result_dir, write_result_files
 from ..evaluation.plots import plot_pr_curves
@@ -46,12 +47,19 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 
     Writes ``OUT/config.yaml`` (resolved config), ``OUT/model.pt``, ``OUT/results/``,
     ``OUT/metrics.json``, ``OUT/timing.json``, ``OUT/report.md`` and the stage caches.
+
+    Under ``torchrun`` (``docs/distributed.md``) the per-image stages (proposals, conv maps,
+    detection) are shared out by image and the SVMs and box regressors by class; rank 0 writes
+    every shared artifact, evaluates, times and reports, and every rank returns the metrics.
     """
 
     refuse_unused_settings(cfg)
     out = Path(out)
+    device = resolve_device(cfg.device)
+    comm.init_distributed(device)
     make_dirs(out)
-    save_config(cfg, out / "config.yaml")
+    if comm.is_main():
+        save_config(cfg, out / "config.yaml")
     stages = StageBook(out)
     timings: dict[str, float] = {}
 
@@ -62,9 +70,11 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
                              f"with data.root ({root})")
     if root is None:
         t0 = time.perf_counter()
-        root = str(make_synthetic_voc(out / "synthetic_voc", num_trainval=cfg.data.synthetic_trainval,
-                                      num_test=cfg.data.synthetic_test, seed=cfg.data.synthetic_seed,
-                                      crowded=cfg.data.synthetic_crowded))
+        root = str(out / "synthetic_voc")
+        if comm.is_main():
+            make_synthetic_voc(root, num_trainval=cfg.data.synthetic_trainval, num_test=cfg.data.synthetic_test,
+                               seed=cfg.data.synthetic_seed, crowded=cfg.data.synthetic_crowded)
+        comm.barrier("data: waiting for rank 0 to write the synthetic dataset")
         timings["data"] = time.perf_counter() - t0
     train_ds = VOCDataset(root, cfg.data.train_split, classes=cfg.data.classes, use_flipped=cfg.data.flip,
                           skip_bad=cfg.data.skip_bad)
@@ -73,7 +83,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     log.info("data: %s, %d training records, %d test images, classes %s", root, len(train_ds), len(test_ds), classes)
 
     # The train stage's memory, checked before anything runs: the worst case its settings allow.
-    device = resolve_device(cfg.device)
     backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, seed=cfg.backbone.seed)
     tcfg = TrainConfig(finetune=cfg.finetune, svm=cfg.svm, bbox=cfg.bbox, bbox_regression=cfg.bbox_regression,
                        max_train_windows=cfg.max_train_windows, seed=cfg.seed, memory_gb=cfg.memory_gb,
@@ -125,30 +134,38 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
                                   pool5_dim, settings, tcfg, out_dir=out, progress=progress,
                                   finetune_pool5_fn=featurizer.finetune_fn(train_ds.records),
                                   checkpoint_key=train_key)
-        detector.save(model_path, model_meta)
+        if comm.is_main():
+            detector.save(model_path, model_meta)
+            shutil.rmtree(out / "train_checkpoint", ignore_errors=True)    # model.pt holds it all now
         stages.mark("train", train_key, time.perf_counter() - t0)
-        shutil.rmtree(out / "train_checkpoint", ignore_errors=True)    # model.pt holds it all now
+        comm.barrier("train: waiting for rank 0 to write the model file")
     timings["train"] = stages.state["train"]["seconds"]
     detector = SPPDetector.from_file(model_path, device=device)
     detection_settings = {k: getattr(settings, k) for k in DETECTION_ONLY_SETTINGS}
     if any(getattr(detector.settings, k) != v for k, v in detection_settings.items()):
         # The model file keeps the settings this run detects with (eval_voc.py --model reads them).
         detector.settings = dataclasses.replace(detector.settings, **detection_settings)
-        detector.save(model_path, model_meta)
+        if comm.is_main():
+            detector.save(model_path, model_meta)
 
     # 6. detection on the test split -> result files ---------------------------------------------
     results_dir = out / "results"
     det_key = stage_key(train_key, cfg.data.test_split, detection_settings)
     if not stages.done("detect", det_key, results_dir):
         t0 = time.perf_counter()
-        all_dets = [dets for _, _, dets in iter_detections(detector, test_ds.records,
-                                                            test_props.proposals_for_record, progress)]
-        write_result_files(results_dir, test_ds.split, classes, _per_class(all_dets, test_ds.records, len(classes)))
-        # How well the probabilities match how often the detections are right, on this split.
-        kept = [r for r in test_ds.records if not r.flipped]
-        write_json(out / "calibration.json", calibration_report(kept, all_dets)
-                   if detector.calibration is not None else {})
-        stages.mark("detect", det_key, time.perf_counter() - t0, seconds_per_image=(time.perf_counter() - t0) / max(1, len(test_ds)))
+        all_dets = detect_records(detector, test_ds.records, test_props.proposals_for_record, progress)
+        if comm.is_main():      # the detections of every rank, gathered in image order
+            write_result_files(results_dir, test_ds.split, classes,
+                               _per_class(all_dets, test_ds.records, len(classes)))
+            # How well the probabilities match how often the detections are right, on this split.
+            kept = [r for r in test_ds.records if not r.flipped]
+            write_json(out / "calibration.json", calibration_report(kept, all_dets)
+                       if detector.calibration is not None else {})
+        stages.mark("detect", det_key, time.perf_counter() - t0,
+                    seconds_per_image=(time.perf_counter() - t0) / max(1, len(test_ds)))
+    if not comm.is_main():
+        # Rank 0 alone evaluates, times and reports (from the files it wrote).
+        return comm.broadcast(None, "evaluation: waiting for rank 0's metrics")
     timings["detect"] = stages.state["detect"]["seconds"]
 
     # 7. evaluation --------------------------------------------------------------------------------
@@ -164,7 +181,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     timing = None
     if cfg.timing.enabled:
         timing_key = stage_key(train_key, cfg.timing)
-        if not stages.done("timing", timing_key, out / "timing.json"):
+        if not stages.done_here("timing", timing_key, out / "timing.json"):     # rank 0 alone from here
             t0 = time.perf_counter()
             timing = compare_on_records(detector, test_ds.records[: cfg.timing.num_images],
                                         test_props.proposals_for_record, cfg.timing.rcnn_windows)
@@ -175,7 +192,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     # 9. report ------------------------------------------------------------------------------------
     write_report(out, metrics, timing, test_ds, detector, test_props.proposals_for_record)
     report_images(train_ds, test_ds)
-    return metrics
+    return comm.broadcast(metrics, "evaluation: sending the metrics to every rank")
 
 
 def _per_class(all_dets, records, num_classes: int):

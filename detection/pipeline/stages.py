@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .. import comm
 from ..config import to_dict
 from ..errors import CacheError
 from ..io import read_json, settings_key, write_json
@@ -33,11 +34,20 @@ class StageBook:
                 log.warning("%s; treating every stage as not done", e)
 
     def done(self, name: str, key: str, *artifacts: Path) -> bool:
+        """Whether stage ``name`` is done with settings ``key`` and its artifacts exist; under
+        ``torchrun`` rank 0 decides and tells the others, so that every rank takes the same path
+        (every rank must ask; a stage rank 0 runs alone asks :meth:`done_here`)."""
+        return comm.main_first_value(lambda: self.done_here(name, key, *artifacts), f"stage {name}: is it done?")
+
+    def done_here(self, name: str, key: str, *artifacts: Path) -> bool:
+        """:meth:`done` as this process sees it, without asking the other ranks."""
         return self.state.get(name, {}).get("key") == key and all(p.exists() for p in artifacts)
 
     def mark(self, name: str, key: str, seconds: float, **info: Any) -> None:
+        """Record a finished stage (rank 0 writes the file)."""
         self.state[name] = {"key": key, "seconds": round(seconds, 3), **info}
-        write_json(self.path, self.state)
+        if comm.is_main():
+            write_json(self.path, self.state)
 
 
 def stage_key(*parts: Any) -> str:

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import comm
 from ..data.images import load_image
 from ..errors import CacheError, DatasetError, DetectionError
 from ..io import atomic_path, make_dirs, settings_key
@@ -163,6 +164,10 @@ def compute_proposals(dataset: "VOCDataset", out_dir: str | os.PathLike, config:
       function of image and settings). The shards are kept after assembly (they are the same
       size as the cache); delete the folder to reclaim the space.
 
+    Under ``torchrun`` each rank computes a contiguous share of the images (:mod:`detection.comm`)
+    and rank 0 assembles the cache once every rank is done; a rerun resumes with any number of
+    ranks (the shards are per image).
+
     A cache with other settings or another dataset content has another key and is never reused.
     A damaged cache file is rebuilt from the shards with a warning (:meth:`ProposalSet.load`
     alone raises :class:`CacheError`). Flipped records share their original's proposals
@@ -173,7 +178,8 @@ def compute_proposals(dataset: "VOCDataset", out_dir: str | os.PathLike, config:
         out_dir: folder of the cache (created).
         config: every selective-search setting (default: :class:`SelectiveSearchConfig`'s).
         **settings: fields of :class:`SelectiveSearchConfig` that replace those of ``config``.
-        num_workers: worker processes (default ``os.cpu_count()``); 0 or 1 runs in this process.
+        num_workers: worker processes (default ``os.cpu_count()``, shared by the ranks on one
+            machine under ``torchrun``); 0 or 1 runs in this process.
             Workers are started with 'spawn', so a script that calls this with workers must do
             so under ``if __name__ == "__main__":`` (as for any spawn pool). Each worker imports
             the package (torch included) once: seconds of start-up on a small machine.
@@ -200,33 +206,52 @@ def compute_proposals(dataset: "VOCDataset", out_dir: str | os.PathLike, config:
         "settings": config.to_dict(),
     }
 
-    if cache_path.exists():
-        try:
-            cached = ProposalSet.load(cache_path)
-            if cached.image_ids == tuple(image_ids) and cached.metadata.get("cache_key") == key:
-                logger.info("proposals: reusing %s", cache_path)
-                return cached
-            logger.warning("%s does not match the dataset; rebuilding it", cache_path)
-        except CacheError as e:
-            logger.warning("%s; rebuilding it from the shards", e)
+    # Rank 0 decides whether the cache is reusable, so that every rank takes the same path.
+    cached = _matching_cache(cache_path, image_ids, key) if comm.is_main() else None
+    if comm.broadcast(cached is not None, "proposals: checking the cache"):
+        logger.info("proposals: reusing %s", cache_path)
+        return cached if cached is not None else ProposalSet.load(cache_path)
 
     make_dirs(shard_dir)  # a StorageError naming the folder when it cannot be made
     shards = [shard_dir / _shard_name(i) for i in image_ids]
-    todo = [(r, s) for r, s in zip(records, shards) if _read_shard(s) is None]
-    workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+    # Each rank computes a contiguous share of the images (all of them in one process).
+    todo = [(r, s) for r, s in comm.shard(list(zip(records, shards))) if _read_shard(s) is None]
+    # The machine's cores are shared by the ranks on it.
+    workers = max(1, (os.cpu_count() or 1) // comm.local_world_size()) if num_workers is None else num_workers
     workers = max(0, min(workers, len(todo)))
-    logger.info("proposals: %d images, %d done, %d to compute with %d worker(s); settings %s; cache %s",
-                len(records), len(records) - len(todo), len(todo), max(workers, 1), config.to_dict(), cache_path)
+    start, stop = comm.shard_bounds(len(records))
+    logger.info("proposals: %d images%s, %d to compute with %d worker(s); settings %s; cache %s",
+                len(records), "" if comm.world_size() == 1 else f" (rank {comm.rank()}: images {start}-{stop - 1})",
+                len(todo), max(workers, 1), config.to_dict(), cache_path)
     if todo:
         _run_jobs(todo, config, workers, progress)
+    comm.barrier("proposals: waiting for every rank's images")
 
-    boxes = []
-    for image_id, shard in zip(image_ids, shards):
-        b = _read_shard(shard)
-        if b is None:  # only if a shard was deleted or damaged while we ran
-            raise CacheError(f"{shard}: proposal shard of {image_id!r} vanished or is damaged; rerun")
-        boxes.append(b)
-    result = ProposalSet.from_lists(image_ids, boxes, metadata)
-    result.save(cache_path)
-    logger.info("proposals: wrote %s (%d boxes)", cache_path, len(result.boxes))
+    if comm.is_main():      # one writer of the assembled cache
+        boxes = []
+        for image_id, shard in zip(image_ids, shards):
+            b = _read_shard(shard)
+            if b is None:  # only if a shard was deleted or damaged while we ran
+                raise CacheError(f"{shard}: proposal shard of {image_id!r} vanished or is damaged; rerun")
+            boxes.append(b)
+        result = ProposalSet.from_lists(image_ids, boxes, metadata)
+        result.save(cache_path)
+        logger.info("proposals: wrote %s (%d boxes)", cache_path, len(result.boxes))
+    comm.barrier("proposals: waiting for rank 0 to write the cache")
     return ProposalSet.load(cache_path)
+
+
+def _matching_cache(cache_path: Path, image_ids: list[str], key: str) -> ProposalSet | None:
+    """The cache at ``cache_path`` when it holds these images with this key, else None (a damaged
+    or foreign one is rebuilt from the shards, with a warning)."""
+    if not cache_path.exists():
+        return None
+    try:
+        cached = ProposalSet.load(cache_path)
+    except CacheError as e:
+        logger.warning("%s; rebuilding it from the shards", e)
+        return None
+    if cached.image_ids == tuple(image_ids) and cached.metadata.get("cache_key") == key:
+        return cached
+    logger.warning("%s does not match the dataset; rebuilding it", cache_path)
+    return None

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import comm
 from ..data.voc import VOCDataset, report_images
 from ..io import write_json
 from .cache import compute_proposals
@@ -39,6 +40,7 @@ def compute_split_proposals(data: str | os.PathLike, split: str, out: str | os.P
         the summary dict (also written to ``out/summary.json``).
     """
     out = Path(out)
+    comm.init_distributed("cpu")          # under torchrun: each rank takes a share of the images
     dataset = VOCDataset(data, split, skip_bad=skip_bad)
     start = time.perf_counter()
     proposals = compute_proposals(dataset, out, config, num_workers=num_workers, progress=progress)
@@ -54,11 +56,14 @@ def compute_split_proposals(data: str | os.PathLike, split: str, out: str | os.P
         "cache_key": proposals.metadata["cache_key"],
         "split": split,
         "data": str(data),
-        "workers": num_workers if num_workers is not None else os.cpu_count(),
+        "workers": num_workers if num_workers is not None else max(1, (os.cpu_count() or 1) // comm.local_world_size()),
+        "processes": comm.world_size(),
         # Includes reading shards of a resumed run; on a fresh run it is the compute time.
         "seconds": seconds,
         "images_per_second": n / seconds if seconds > 0 else None,
     }
+    if not comm.is_main():
+        return summary
     write_json(out / "summary.json", summary)
     logger.info("%d images, %.1f boxes/image, recall@0.5 %.3f, recall@0.7 %.3f, %.2f images/s -> %s",
                 n, summary["boxes_per_image"], recall["0.5"], recall["0.7"], summary["images_per_second"] or 0,

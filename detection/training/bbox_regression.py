@@ -46,7 +46,7 @@ from ..linear import BoxRegressors, encode
 from .ridge import fit_class_regressor, regression_memory_bytes
 from .samples import FeatureSource, candidate_boxes, check_sample, compute_feature_scale
 
-__all__ = ["BBoxRegressionConfig", "train_box_regressors", "collect_regression_samples", "plan_regression_samples",
+__all__ = ["BBoxRegressionConfig", "train_box_regressors", "fit_box_regressors", "assemble_box_regressors", "collect_regression_samples", "plan_regression_samples",
            "proposal_subset", "gt_subset", "ImageSamples", "ClassRegressor", "check_regression_memory"]
 
 logger = logging.getLogger(__name__)
@@ -285,38 +285,60 @@ def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_cl
             memory budget.
     """
     cfg.validate()
-    done = dict(done or {})
     names = tuple(class_names) if class_names is not None else tuple(f"class_{k}" for k in range(num_classes))
     if len(names) != num_classes or num_classes < 1:
         raise DetectionError(f"bbox_regression: {len(names)} class names for {num_classes} classes")
+    if isinstance(source, (list, tuple)) and len(source) != num_classes:
+        raise DetectionError(f"bbox_regression: {len(source)} feature sources for {num_classes} classes")
     if feature_scale is not None and not (math.isfinite(feature_scale) and feature_scale > 0):
         raise DetectionError(f"bbox_regression: feature_scale must be a positive number, got {feature_scale}")
-    per_class = isinstance(source, (list, tuple))
-    if per_class and len(source) != num_classes:
-        raise DetectionError(f"bbox_regression: {len(source)} feature sources for {num_classes} classes")
-    if per_class:
-        logger.info("training %d box regressors, one class at a time on %s images: %s", num_classes,
-                    "/".join(str(s.num_images()) for s in source), cfg)
-    else:
-        logger.info("training %d box regressors on %d images: %s", num_classes, source.num_images(), cfg)
     mean_norm: float | None = None
     if feature_scale is None:
-        if per_class:
+        if isinstance(source, (list, tuple)):
             raise DetectionError("bbox_regression: per-class feature sources need feature_scale")
         feature_scale, mean_norm = compute_feature_scale(source, cfg.target_norm, cfg.norm_images,
                                                          cfg.norm_boxes_per_image, cfg.seed, progress)
         logger.info("mean feature norm %.4g -> feature scale %.6g", mean_norm, feature_scale)
-    todo = [c for c in range(num_classes) if c not in done]
-    samples = None if per_class or not todo else \
+    done = dict(done or {})
+    fitted = fit_box_regressors(source, num_classes, cfg, [c for c in range(num_classes) if c not in done],
+                                class_names=names, feature_scale=feature_scale, progress=progress,
+                                untrained=untrained, memory_budget=memory_budget, on_class=on_class)
+    for c in done:
+        logger.info("%s: box regressor from the checkpoint", names[c])
+    return assemble_box_regressors({**done, **fitted}, names, cfg, feature_scale, mean_norm)
+
+
+def fit_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_classes: int,
+                       cfg: BBoxRegressionConfig, classes: Sequence[int], *, class_names: Sequence[str],
+                       feature_scale: float, progress: bool = False, untrained: Sequence[str] = (),
+                       memory_budget: int | None = None,
+                       on_class: Callable[[int, ClassRegressor], None] | None = None) -> dict[int, ClassRegressor]:
+    """Fit the box regressors of ``classes`` only (each class is fitted on its own, so processes
+    can share the classes out); the arguments are :func:`train_box_regressors`'. Returns
+    {class: regressor}."""
+    cfg.validate()
+    names = tuple(class_names)
+    if len(names) != num_classes or num_classes < 1:
+        raise DetectionError(f"bbox_regression: {len(names)} class names for {num_classes} classes")
+    if not (math.isfinite(feature_scale) and feature_scale > 0):
+        raise DetectionError(f"bbox_regression: feature_scale must be a positive number, got {feature_scale}")
+    per_class = isinstance(source, (list, tuple))
+    if per_class and len(source) != num_classes:
+        raise DetectionError(f"bbox_regression: {len(source)} feature sources for {num_classes} classes")
+    todo = [int(c) for c in classes]
+    if not todo:
+        return {}
+    if per_class:
+        logger.info("training %d box regressors, one class at a time on %s images: %s", len(todo),
+                    "/".join(str(source[c].num_images()) for c in todo), cfg)
+    else:
+        logger.info("training %d box regressors on %d images: %s", len(todo), source.num_images(), cfg)
+    samples = None if per_class else \
         collect_regression_samples(source, num_classes, cfg, feature_scale, progress, classes=todo,
                                    memory_budget=memory_budget)
     dim = int((source[0] if per_class else source).dim)
     fitted: dict[int, ClassRegressor] = {}
-    for c in range(num_classes):
-        if c in done:
-            fitted[c] = done[c]
-            logger.info("%s: box regressor from the checkpoint", names[c])
-            continue
+    for c in todo:
         if per_class:        # read this class's samples now, after the previous class's are freed
             x, y = collect_regression_samples(source[c], num_classes, cfg, feature_scale, progress, classes=[c],
                                               memory_budget=memory_budget)[c]
@@ -343,10 +365,22 @@ def train_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_cl
                     np.round(mse, 5).tolist(), np.round(y.var(axis=0), 5).tolist())
         if on_class is not None:
             on_class(c, fitted[c])
+    return fitted
+
+
+def assemble_box_regressors(fitted: dict[int, ClassRegressor], class_names: Sequence[str],
+                            cfg: BBoxRegressionConfig, feature_scale: float,
+                            mean_norm: float | None = None) -> BoxRegressors:
+    """One :class:`BoxRegressors` from every class's fitted regressor."""
+    names = tuple(class_names)
+    missing = [names[c] for c in range(len(names)) if c not in fitted]
+    if missing:
+        raise DetectionError(f"bbox_regression: no regressor was fitted for class(es) {', '.join(missing)}")
+    k = len(names)
     meta = {"classes": list(names), "mean_norm": mean_norm, "config": dataclasses.asdict(cfg),
-            "stats": {names[c]: fitted[c].stats for c in range(num_classes)}}
-    return BoxRegressors(weights=np.stack([fitted[c].weight for c in range(num_classes)]),
-                         biases=np.stack([fitted[c].bias for c in range(num_classes)]),
-                         target_mean=np.stack([fitted[c].target_mean for c in range(num_classes)]),
-                         target_unwhiten=np.stack([fitted[c].target_unwhiten for c in range(num_classes)]),
+            "stats": {names[c]: fitted[c].stats for c in range(k)}}
+    return BoxRegressors(weights=np.stack([fitted[c].weight for c in range(k)]),
+                         biases=np.stack([fitted[c].bias for c in range(k)]),
+                         target_mean=np.stack([fitted[c].target_mean for c in range(k)]),
+                         target_unwhiten=np.stack([fitted[c].target_unwhiten for c in range(k)]),
                          feature_scale=feature_scale, meta=meta)

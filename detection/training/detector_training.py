@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import comm
 from ..backbones import Backbone
 from ..config import ConfigError
 from ..data.records import ImageRecord
@@ -30,9 +31,10 @@ from ..io import atomic_torch_save
 from ..calibration import ScoreCalibration
 from ..linear import LinearSVMs
 from .window_source import Pool5Fn, WindowFeatureSource
-from .bbox_regression import BBoxRegressionConfig, ClassRegressor, plan_regression_samples, train_box_regressors
+from .bbox_regression import (BBoxRegressionConfig, ClassRegressor, assemble_box_regressors, fit_box_regressors,
+                              plan_regression_samples)
 from .calibration import CalibrationConfig, fit_calibration
-from .hard_negatives import train_svms
+from .hard_negatives import merge_class_svms, train_svms
 from .ridge import regression_memory_bytes
 from .samples import compute_feature_scale
 from .svm import SVMConfig, svm_memory_bytes
@@ -175,7 +177,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                                   "settings": dataclasses.asdict(settings)}, sort_keys=True, default=str)
         losses = finetune(head, windows, fn, cfg.finetune, checkpoint=ckpt,
                           progress=lambda it, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"),
-                          checkpoint_key=feature_key)
+                          checkpoint_key=feature_key, write_checkpoints=comm.is_main())
         bar.close()
         if losses:
             log.info("fine-tuning: loss %.4f -> %.4f over %d iterations", losses[0], losses[-1], len(losses))
@@ -186,8 +188,12 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                                  cfg.max_train_windows)
     svms = train_ckpt.svms() if train_ckpt is not None else None
     if svms is None:
-        svms = train_svms(source, k, cfg.svm, class_names=classes, progress=progress)
-        if train_ckpt is not None:
+        # Each class's SVM is trained on its own: under torchrun every rank takes a share of the
+        # classes, and all stop after the same pass (the pass counts are summed).
+        part = train_svms(source, k, cfg.svm, class_names=classes, progress=progress, classes=comm.shard(range(k)),
+                          count_sum=lambda n: int(comm.all_reduce_sum(n, "svm: counting new hard negatives")))
+        svms = merge_class_svms(comm.all_gather(part, "svm: gathering every rank's classes"))
+        if train_ckpt is not None and comm.is_main():
             train_ckpt.save_svms(svms)
     else:
         log.info("SVMs from the checkpoint %s", train_ckpt.root)
@@ -203,7 +209,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                                           score_threshold=settings.score_threshold,
                                           max_per_class=settings.max_per_class, class_names=classes,
                                           progress=progress)
-            if train_ckpt is not None:
+            if train_ckpt is not None and comm.is_main():
                 train_ckpt.save_calibration(calibration)
     regressors = None
     if cfg.bbox_regression:
@@ -218,12 +224,19 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         # percent of them), and one class at a time: the same samples, in the same order, as
         # reading every proposal, with one class's features in memory instead of all.
         budget = None if cfg.memory_gb is None else int(cfg.memory_gb * 2**30)
-        done = train_ckpt.regressors(k, scale) if train_ckpt is not None else None
+        done = train_ckpt.regressors(k, scale) if train_ckpt is not None else {}
+        for c in done:
+            log.info("%s: box regressor from the checkpoint", classes[c])
         on_class = functools.partial(train_ckpt.save_regressor, scale=scale) if train_ckpt is not None else None
-        regressors = train_box_regressors(regression_sources(pool5_source, k, cfg.bbox), k, cfg.bbox,
-                                          class_names=classes, feature_scale=scale, progress=progress,
-                                          untrained=svms.meta.get("untrained", ()), memory_budget=budget,
-                                          done=done, on_class=on_class)
+        # One class at a time, each on its own: under torchrun the ranks share the classes out.
+        mine = fit_box_regressors(regression_sources(pool5_source, k, cfg.bbox), k, cfg.bbox,
+                                  [c for c in comm.shard(range(k)) if c not in done], class_names=classes,
+                                  feature_scale=scale, progress=progress, untrained=svms.meta.get("untrained", ()),
+                                  memory_budget=budget, on_class=on_class)
+        fitted = dict(done)
+        for part in comm.all_gather(mine, "box regression: gathering every rank's classes"):
+            fitted.update(part)
+        regressors = assemble_box_regressors(fitted, classes, cfg.bbox, scale)
     return SPPDetector(backbone, head, svms, regressors, classes, settings, calibration=calibration,
                        meta={"train": {"num_images": len(records), "seed": cfg.seed,
                                        "finetune": dataclasses.asdict(cfg.finetune),

@@ -9,6 +9,8 @@ The schedule is the code's shape (lr 1e-3, x0.1 twice) scaled down: the paper ru
 mini-batches (the code 3 x 30k); :func:`schedule_summary` states a run's length as a fraction of
 both, and :func:`finetune` logs it. Each iteration draws its samples from a generator seeded with
 ``(seed, iteration)``, so a run resumed from a checkpoint is identical to an uninterrupted one.
+Under ``torchrun`` the images of each mini-batch are shared out over the ranks and their
+gradients summed (data parallel, the same mini-batch as one process).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import comm
 from ..boxes import box_iou_numpy
 from ..data.records import ImageRecord
 from ..errors import DetectionError
@@ -193,7 +196,8 @@ def _lr_at(cfg: FinetuneConfig, iteration: int) -> float:
 
 def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn, cfg: FinetuneConfig,
              checkpoint: str | Path | None = None, trunk: nn.Module | None = None,
-             progress: Callable[[int, float], None] | None = None, checkpoint_key: str = "") -> list[float]:
+             progress: Callable[[int, float], None] | None = None, checkpoint_key: str = "",
+             write_checkpoints: bool = True) -> list[float]:
     """Train ``head`` (which must have fc8) and, when ``cfg.finetune_conv``, ``trunk``.
 
     Args:
@@ -206,6 +210,8 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
         progress: called with (iteration, loss) after every iteration.
         checkpoint_key: what else the checkpoint depends on (e.g. the features' settings); a
             checkpoint made with another key, config, head shape or windows is not resumed.
+        write_checkpoints: write ``checkpoint`` (False: only resume from it; under ``torchrun``
+            every rank runs the same fine-tuning and rank 0 alone writes).
     Returns:
         The loss of every iteration run in this call.
     """
@@ -224,6 +230,7 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
         if trunk is None:
             raise ValueError("finetune_conv needs the trunk")
         params.append({"params": [p for p in trunk.parameters() if p.requires_grad], "lr_mult": cfg.conv_lr_mult})
+    trainable = [p for group in params for p in group["params"] if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start = 0
     # Fix: checkpoints are keyed on what they depend on. Before, a checkpoint left by a run with
@@ -257,29 +264,38 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
         batch = sample_minibatch(windows, cfg, gen)
-        # Dropout draws from torch's global RNG: fork it, seeded per iteration, so runs repeat
-        # exactly and the caller's RNG state is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            feats, labels = [], []
-            for i, idx in batch:
-                boxes = torch.from_numpy(windows[i].boxes[idx])
-                feats.append(pooled_fn(i, boxes, gen))
+        # A seed per image of the mini-batch, drawn in order: an image's random scales and dropout
+        # masks come from its own generator, so they do not depend on which process computes it.
+        seeds = torch.randint(0, 2**62, (len(batch),), generator=gen).tolist()
+        total = sum(len(idx) for _, idx in batch)
+        # Under torchrun each rank takes a contiguous share of the batch's images; the loss is
+        # each window's cross-entropy over the whole batch's count, so the summed gradients are
+        # those of one process (up to float order).
+        lo, hi = comm.shard_bounds(len(batch))
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        if hi > lo:
+            feats, labels, rows = [], [], []
+            for (i, idx), seed in zip(batch[lo:hi], seeds[lo:hi]):
+                g = torch.Generator().manual_seed(seed)
+                feats.append(pooled_fn(i, torch.from_numpy(windows[i].boxes[idx]), g))
                 labels.append(torch.from_numpy(windows[i].labels[idx]))
-            x = torch.cat(feats).float()
-            y = torch.cat(labels)
-            loss = nn.functional.cross_entropy(head(x), y)
-            opt.zero_grad(set_to_none=True)
+                rows.append((len(idx), g))
+            loss = nn.functional.cross_entropy(head(torch.cat(feats).float(), rows), torch.cat(labels),
+                                               reduction="sum") / total
             loss.backward()
-            opt.step()
-        value = float(loss.detach())
+            loss_sum = float(loss.detach())
+        comm.sum_gradients(trainable, "fine-tuning: summing the ranks' gradients")
+        value = float(comm.all_reduce_sum(loss_sum, "fine-tuning: summing the ranks' losses"))
+        opt.step()
         if not math.isfinite(value):
             raise DetectionError(f"fine-tuning diverged at iteration {it} (loss {value}); lower finetune.lr")
         losses.append(value)
         if progress is not None:
             progress(it, value)
         done = it + 1
-        if checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
+        if checkpoint is not None and write_checkpoints and (done % cfg.checkpoint_every == 0
+                                                             or done == cfg.iterations):
             state = {"head": head.state_dict(), "optimizer": opt.state_dict(), "iteration": done, "key": key}
             if cfg.finetune_conv:
                 state["trunk"] = trunk.state_dict()

@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-
+from .. import comm
 from ..backbones import Backbone, rebuild_recorded_backbone
 from ..config import merge, parse_overrides
 from ..data.voc import VOCDataset, report_images
@@ -98,6 +98,7 @@ def train_from_features(data: str | Path, split: str, features: str | Path, out:
         CacheError: the folder is not a finished feature extraction of this dataset and split.
         ModelError: the recorded weights file is gone or has changed.
     """
+    comm.init_distributed("cpu")     # under torchrun: the ranks share the classes out
     if layer is None:
         layer = "fc7" if finetune_iterations > 0 else "pool5"
     summary, cache = open_feature_folder(features)
@@ -116,6 +117,8 @@ def train_from_features(data: str | Path, split: str, features: str | Path, out:
     detector = train_detector(dataset.records, dataset.classes, proposals.proposals_for_record, backbone,
                               featurizer, pool5_dim, settings, cfg, out_dir=Path(out).parent, progress=progress,
                               finetune_pool5_fn=featurizer.finetune_fn(dataset.records))
-    detector.save(out, {"dataset": {"root": str(data), "split": split}, "train_config": dataclasses.asdict(cfg)})
-    report_images(dataset)
+    if comm.is_main():
+        detector.save(out, {"dataset": {"root": str(data), "split": split}, "train_config": dataclasses.asdict(cfg)})
+        report_images(dataset)
+    comm.barrier("train: waiting for rank 0 to write the model file")
     return detector

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -50,7 +50,7 @@ from ..linear import UNTRAINED_BIAS, LinearSVMs
 from .samples import FeatureSource, check_sample, compute_feature_scale
 from .svm import SVMConfig, fit_linear_svm, svm_objective
 
-__all__ = ["SVMTrainer", "train_svms"]
+__all__ = ["SVMTrainer", "train_svms", "merge_class_svms"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ class SVMTrainer:
 
     def __init__(self, source: FeatureSource, num_classes: int, cfg: SVMConfig = SVMConfig(),
                  class_names: Sequence[str] | None = None, feature_scale: float | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, classes: Sequence[int] | None = None,
+                 count_sum: Callable[[int], int] | None = None) -> None:
         """
         Args:
             source: the training images' features.
@@ -160,6 +161,11 @@ class SVMTrainer:
             class_names: K names for messages and the model's metadata (default ``class_<k>``).
             feature_scale: use this scale instead of estimating it (e.g. one computed before).
             progress: show tqdm bars.
+            classes: the classes to train here (default all); the others keep a zero model. Every
+                class is trained on its own, so processes can share the classes out
+                (:func:`merge_class_svms` puts their results together).
+            count_sum: sums a pass's count of new hard negatives over those processes, so that
+                all stop after the same pass, as one process training every class would.
         """
         cfg.validate()
         if num_classes < 1:
@@ -177,6 +183,10 @@ class SVMTrainer:
         self._given_scale = feature_scale
         self._caches: list[_ClassCache] = []
         self._active: list[int] = list(range(num_classes))   # classes with positives, set by train()
+        self._owned = sorted(set(range(num_classes) if classes is None else (int(c) for c in classes)))
+        if any(not 0 <= c < num_classes for c in self._owned):
+            raise DetectionError(f"svm: classes {self._owned} outside 0..{num_classes - 1}")
+        self._count_sum = count_sum if count_sum is not None else (lambda n: n)
         self.converged = False
         self.passes_done = 0
 
@@ -203,34 +213,35 @@ class SVMTrainer:
         trained = np.zeros(k_cls, dtype=bool)
         untrained = [c for c, cache in enumerate(self._caches) if len(cache.pos) == 0]
         biases[untrained] = UNTRAINED_BIAS
-        self._active = [c for c in range(k_cls) if c not in untrained]
+        self._active = [c for c in self._owned if c not in untrained]
 
         self.converged = False
         for p in range(cfg.passes):
             added_in_pass = 0
-            for i in tqdm(range(n), desc=f"hard negatives {p + 1}/{cfg.passes}", disable=not self.progress):
+            # A process left without classes reads no features, but still counts (zero) each pass.
+            for i in tqdm(range(n if self._active else 0), desc=f"hard negatives {p + 1}/{cfg.passes}",
+                          disable=not self.progress):
                 added_in_pass += self._mine_image(i, dim, scale, weights, biases)
                 first_image = p == 0 and i == 0
-                for c, cache in enumerate(self._caches):
-                    if c in untrained:
-                        continue
+                for c in self._active:
+                    cache = self._caches[c]
                     if cache.num_neg and (first_image or cache.num_added > cfg.retrain_every):
                         self._retrain(c, weights, biases)
                         trained[c] = True
             self.passes_done = p + 1
             # End of a pass: bring every class up to date with what it gained.
-            for c, cache in enumerate(self._caches):
-                if c in untrained:
-                    continue
+            for c in self._active:
+                cache = self._caches[c]
                 if cache.num_neg and (cache.num_added > 0 or not trained[c]):
                     self._retrain(c, weights, biases)
                     trained[c] = True
             logger.info("pass %d: %d new hard negatives", p + 1, added_in_pass)
+            added_in_pass = int(self._count_sum(added_in_pass))
             if p > 0 and added_in_pass == 0:
                 # The model that mined this pass found nothing new and was not changed: converged.
                 self.converged = True
                 break
-        missing = [self.class_names[c] for c in range(k_cls) if not trained[c] and c not in untrained]
+        missing = [self.class_names[c] for c in self._active if not trained[c]]
         if missing:
             raise DetectionError(f"svm: no negatives (IoU < {cfg.neg_iou} with its GT) for class(es) "
                                  f"{', '.join(missing)}; every candidate window overlaps them")
@@ -249,6 +260,8 @@ class SVMTrainer:
             "stats": stats,
             "untrained": [self.class_names[c] for c in untrained],
         }
+        if len(self._owned) < k_cls:
+            meta["trained_here"] = list(self._owned)
         return LinearSVMs(weights=weights, biases=biases, feature_scale=scale, meta=meta)
 
     def cached_negative_keys(self, c: int) -> np.ndarray:
@@ -341,9 +354,34 @@ class SVMTrainer:
                     last["reg_loss"], last["train_accuracy"], cached_before - len(cache.neg), len(cache.neg))
 
 
+def merge_class_svms(parts: Sequence[LinearSVMs]) -> LinearSVMs:
+    """The SVMs of processes that each trained some of the classes (``classes=`` of
+    :class:`SVMTrainer`, recorded in ``meta["trained_here"]``), as one: each class's row and
+    statistics from the process that trained it. Every class must be trained by exactly one."""
+    first = parts[0]
+    k = len(first.biases)
+    owner: dict[int, LinearSVMs] = {}
+    for part in parts:
+        for c in part.meta.get("trained_here", range(k)):
+            if c in owner:
+                raise DetectionError(f"svm: class {c} was trained by two processes")
+            owner[c] = part
+    if sorted(owner) != list(range(k)):
+        raise DetectionError(f"svm: classes {sorted(set(range(k)) - set(owner))} were trained by no process")
+    weights = np.stack([owner[c].weights[c] for c in range(k)])
+    biases = np.array([owner[c].biases[c] for c in range(k)], dtype=first.biases.dtype)
+    names = first.meta["classes"]
+    meta = {key: value for key, value in first.meta.items() if key != "trained_here"}
+    meta["stats"] = {names[c]: owner[c].meta["stats"][names[c]] for c in range(k)}
+    meta["passes_done"] = max(p.meta["passes_done"] for p in parts)
+    meta["converged"] = all(p.meta["converged"] for p in parts)
+    return LinearSVMs(weights=weights, biases=biases, feature_scale=first.feature_scale, meta=meta)
+
+
 def train_svms(source: FeatureSource, num_classes: int, cfg: SVMConfig = SVMConfig(), *,
                class_names: Sequence[str] | None = None, feature_scale: float | None = None,
-               progress: bool = False) -> LinearSVMs:
+               progress: bool = False, classes: Sequence[int] | None = None,
+               count_sum: Callable[[int], int] | None = None) -> LinearSVMs:
     """Train one linear SVM per class with hard-negative mining (see the module docstring).
 
     Args:
@@ -353,10 +391,12 @@ def train_svms(source: FeatureSource, num_classes: int, cfg: SVMConfig = SVMConf
         class_names: K names for messages and metadata.
         feature_scale: skip the norm estimate and use this scale.
         progress: tqdm bars.
+        classes, count_sum: train only these classes, summing the pass counts over the
+            processes that train the others (see :class:`SVMTrainer`).
     Returns:
         The SVMs: weights [K, D], biases [K], feature_scale, and per-class statistics in ``meta``.
     Raises:
         DetectionError: a class without positives or negatives, NaN/inf or all-zero features,
             inconsistent samples, an invalid config.
     """
-    return SVMTrainer(source, num_classes, cfg, class_names, feature_scale, progress).train()
+    return SVMTrainer(source, num_classes, cfg, class_names, feature_scale, progress, classes, count_sum).train()

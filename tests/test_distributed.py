@@ -1,0 +1,293 @@
+"""Several processes (torch.distributed, gloo on the CPU) give the artifacts of one: the sharding
+arithmetic, the class split of the SVMs and box regressors against training every class in one
+process, the whole pipeline on 2 processes (torchrun) against 1, and a rank killed mid-stage:
+the other stops with a message naming the step and the rank, and a rerun (any number of
+processes) resumes and gives the same result."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detection import comm
+from detection.data.synthetic import make_synthetic_voc
+from detection.errors import DistributedError
+from detection.features import ConvMapCache
+from detection.model import load_model
+from detection.proposals import ProposalSet
+from detection.training.bbox_regression import (BBoxRegressionConfig, assemble_box_regressors, fit_box_regressors,
+                                                train_box_regressors)
+from detection.training.hard_negatives import merge_class_svms, train_svms
+from detection.training.samples import ListFeatureSource
+from detection.training.svm import SVMConfig
+
+from test_bbox_regression import linear_map_source
+from test_svm import DIM, make_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+
+
+# ---- sharding arithmetic and the one-process versions -------------------------------------------
+
+def test_shards_are_contiguous_cover_everything_once_and_differ_by_at_most_one():
+    for n in range(0, 23):
+        for parts in range(1, 6):
+            bounds = [comm.shard_bounds(n, i, parts) for i in range(parts)]
+            assert [i for start, stop in bounds for i in range(start, stop)] == list(range(n))
+            sizes = [stop - start for start, stop in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_without_a_launcher_every_collective_is_the_one_process_version(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    comm.init_distributed("cpu")
+    assert (comm.world_size(), comm.rank(), comm.is_main(), comm.launched()) == (1, 0, True, False)
+    assert comm.shard(["a", "b", "c"]) == ["a", "b", "c"]
+    assert comm.gather(5, "x") == [5] and comm.all_gather(5, "x") == [5] and comm.broadcast(7, "x") == 7
+    assert comm.all_reduce_sum(3, "x") == 3 and comm.main_first_value(lambda: "v", "x") == "v"
+    comm.barrier("x")
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan"])
+def test_a_bad_timeout_is_refused_by_name(monkeypatch, value):
+    monkeypatch.setenv(comm.TIMEOUT_ENV, value)
+    with pytest.raises(DistributedError, match=comm.TIMEOUT_ENV):
+        comm.timeout_seconds()
+
+
+# ---- the class split of the train stage -------------------------------------------------------
+
+def _thread_sums(parts: int):
+    """``count_sum`` functions for ``parts`` trainers running in threads, as the ranks' all-reduce."""
+    barrier, values, calls = threading.Barrier(parts), {}, [0] * parts
+
+    def make(index: int):
+        def count_sum(n: int) -> int:
+            slot = calls[index]
+            calls[index] += 1
+            values[(slot, index)] = n
+            barrier.wait()
+            return sum(values[(slot, i)] for i in range(parts))
+        return count_sum
+    return [make(i) for i in range(parts)]
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_svms_trained_class_by_class_in_parts_equal_one_trainer(passes):
+    k = 3
+    source = ListFeatureSource(make_samples(0, 30, num_classes=k), DIM)
+    cfg = SVMConfig(retrain_every=150, passes=passes)
+    whole = train_svms(source, k, cfg, class_names=["a", "b", "c"])
+    owned = [[0], [1, 2], []]                     # a rank may get no class at all
+    sums, parts = _thread_sums(len(owned)), [None] * len(owned)
+
+    def run(i: int) -> None:
+        parts[i] = train_svms(source, k, cfg, class_names=["a", "b", "c"], classes=owned[i], count_sum=sums[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(owned))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    merged = merge_class_svms(parts)
+    np.testing.assert_array_equal(merged.weights, whole.weights)
+    np.testing.assert_array_equal(merged.biases, whole.biases)
+    assert merged.feature_scale == whole.feature_scale
+    assert merged.meta == whole.meta
+    with pytest.raises(Exception, match="trained by no process"):
+        merge_class_svms(parts[1:])
+
+
+def test_box_regressors_fitted_in_parts_equal_one_fit():
+    dim, k = 12, 3
+    rng = np.random.default_rng(1)
+    source, _ = linear_map_source(2, 24, dim, rng.normal(scale=0.008, size=(k, dim, 4)),
+                                  rng.normal(scale=0.03, size=(k, 4)))
+    cfg, names = BBoxRegressionConfig(include_gt=False, min_iou=0.5), ["a", "b", "c"]
+    whole = train_box_regressors(source, k, cfg, class_names=names, feature_scale=0.5)
+    fitted = {}
+    for classes in ([2], [0, 1]):
+        fitted.update(fit_box_regressors(source, k, cfg, classes, class_names=names, feature_scale=0.5))
+    parts = assemble_box_regressors(fitted, names, cfg, 0.5)
+    for name in ("weights", "biases", "target_mean", "target_unwhiten"):
+        np.testing.assert_array_equal(getattr(parts, name), getattr(whole, name))
+    assert parts.meta == whole.meta
+
+
+# ---- fine-tuning, data parallel ----------------------------------------------------------------
+
+FINETUNE_SCRIPT = """
+import sys
+import numpy as np, torch
+from detection import comm
+from detection.heads import FCHead
+from detection.training.finetune import FinetuneConfig, WindowLabels, finetune
+comm.init_distributed("cpu")
+torch.set_num_threads(1)
+rng = np.random.default_rng(0)
+windows = []
+for i in range(6):
+    xy, wh = rng.uniform(0, 80, (40, 2)), rng.uniform(5, 40, (40, 2))
+    labels = rng.integers(0, 3, 40).astype(np.int64)
+    windows.append(WindowLabels(np.concatenate([xy, xy + wh], 1).astype(np.float32), labels,
+                                np.flatnonzero(labels > 0), np.flatnonzero(labels == 0)))
+proj = torch.from_numpy(np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32)) / 50
+def pooled(i, boxes, generator):   # features that use the image's generator, as random scales do
+    return torch.tanh(boxes @ proj + i) + 0.1 * torch.randn(len(boxes), 16, generator=generator)
+head = FCHead(16, (8, 8), num_classes=2, dropout=0.5, generator=torch.Generator().manual_seed(0))
+cfg = FinetuneConfig(enabled=True, iterations=6, lr=0.05, lr_steps=(4,), batch_size=16, images_per_batch=3,
+                     hidden=(8, 8))
+losses = finetune(head, windows, pooled, cfg)
+if comm.is_main():
+    torch.save({"state": head.state_dict(), "losses": torch.tensor(losses)}, sys.argv[1])
+comm.shutdown()
+"""
+
+
+def _launch(args: list[str], world: int) -> list[subprocess.Popen]:
+    """``world`` processes of ``args`` started as torchrun starts them."""
+    port = str(_free_port())
+    return [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+            for r in range(world)]
+
+
+def test_fine_tuning_on_two_processes_is_one_process_up_to_float_order(tmp_path):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, "-c", FINETUNE_SCRIPT, str(one)], check=True, env=_env(), timeout=300)
+    ranks = _launch([sys.executable, "-c", FINETUNE_SCRIPT, str(two)], 2)   # 3 images a batch: 1 + 2
+    for p in ranks:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    torch.testing.assert_close(b["losses"], a["losses"], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a["losses"][0], a["losses"][-1])           # it trained
+    for name, value in a["state"].items():
+        torch.testing.assert_close(b["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- whole runs on 2 processes ----------------------------------------------------------------
+
+SMALL_CONFIG = """
+data: {flip: false}
+proposals: {max_boxes: 100, resize_to: 320, min_size: 16}
+proposal_workers: 0
+backbone: {name: alexnet, weights: null}
+features: {scales: [128], workers: 0}
+svm: {norm_images: 4}
+metric: voc07
+timing: {num_images: 1, rcnn_windows: 10}
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), DETECTION_DIST_TIMEOUT="120", **extra)
+    return env
+
+
+def _pipeline(data: Path, out: Path, config: Path, processes: int) -> subprocess.CompletedProcess:
+    args = [str(TOOLS / "run_pipeline.py"), "--data", str(data), "--out", str(out), "--config", str(config),
+            "--device", "cpu", "--threads", "1", "--quiet"]
+    if processes > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), *args]
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=900, env=_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _results(folder: Path) -> dict[str, list[tuple[str, float, list[float]]]]:
+    """Each devkit result file's lines: (image id, score, box)."""
+    out = {}
+    for path in sorted(folder.glob("comp4_det_test_*.txt")):
+        rows = [line.split() for line in path.read_text().splitlines()]
+        out[path.name] = [(r[0], float(r[1]), [float(v) for v in r[2:]]) for r in rows]
+    return out
+
+
+def test_two_processes_give_the_artifacts_of_one(synthetic_voc, tmp_path):
+    config = tmp_path / "small.yaml"
+    config.write_text(SMALL_CONFIG)
+    one, two = tmp_path / "one", tmp_path / "two"
+    printed = _pipeline(synthetic_voc, one, config, 1).stdout
+    printed_two = _pipeline(synthetic_voc, two, config, 2).stdout
+    assert printed.count("mAP") == printed_two.count("mAP") == 1      # rank 0 alone prints
+
+    # Proposals identical.
+    for name in ("trainval", "test"):
+        [a] = [p for p in (one / "proposals").glob("proposals_*.npz") if ProposalSet.load(p).metadata["split"] == name]
+        b = two / "proposals" / a.name
+        pa, pb = ProposalSet.load(a), ProposalSet.load(b)
+        assert pa.image_ids == pb.image_ids
+        np.testing.assert_array_equal(pa.boxes, pb.boxes)
+    # Conv maps bit-identical (one torch thread in every process).
+    [cache_one] = [ConvMapCache.open(p) for p in one.glob("features/convmaps_*")]
+    cache_two = ConvMapCache.open(two / "features" / cache_one.root.name)
+    for key in json.loads((cache_one.root / "index.json").read_text())["records"]:
+        for a, b in zip(cache_one.maps(key), cache_two.maps(key)):
+            np.testing.assert_array_equal(a, b)
+    # The same model (SVMs, box regressors), detections and mAP.
+    (ma, meta_a), (mb, meta_b) = load_model(one / "model.pt"), load_model(two / "model.pt")
+    assert set(ma) == set(mb) and meta_a["settings"] == meta_b["settings"]
+    for name, value in ma.items():
+        torch.testing.assert_close(mb[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    ra, rb = _results(one / "results"), _results(two / "results")
+    assert list(ra) == list(rb) and len(ra) == 4
+    for name in ra:
+        assert [(d[0]) for d in ra[name]] == [(d[0]) for d in rb[name]], name
+        np.testing.assert_allclose([d[1] for d in ra[name]], [d[1] for d in rb[name]], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose([d[2] for d in ra[name]], [d[2] for d in rb[name]], rtol=1e-4, atol=1e-3)
+    metrics_one = json.loads((one / "metrics.json").read_text())
+    metrics_two = json.loads((two / "metrics.json").read_text())
+    assert metrics_two["mAP"] == pytest.approx(metrics_one["mAP"], abs=1e-6)
+    assert metrics_two["AP"] == pytest.approx(metrics_one["AP"], abs=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_killed_rank_stops_the_other_and_a_rerun_resumes(tmp_path):
+    data = make_synthetic_voc(tmp_path / "voc", num_trainval=24, num_test=2, seed=3)
+    ids = (data / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    args = [sys.executable, str(TOOLS / "compute_proposals.py"), "--data", str(data), "--split", "trainval",
+            "--workers", "1", "--no-progress"]
+    out = tmp_path / "two"
+    ranks = _launch([*args, "--out", str(out)], 2)     # as torchrun starts them; any launcher works
+    second_half = [i for i in ids[len(ids) // 2:]]
+    deadline = time.monotonic() + 300
+    while not any(p.exists() for p in out.glob("proposals_*.shards/*.npy") if p.stem in second_half):
+        assert time.monotonic() < deadline and ranks[1].poll() is None, ranks[1].communicate()
+        time.sleep(0.02)
+    ranks[1].send_signal(signal.SIGKILL)                # mid-stage: it has written some of its images
+    ranks[1].wait()
+    _, err = ranks[0].communicate(timeout=300)
+    assert ranks[0].returncode == 2, err
+    assert "error: rank 0 of 2: proposals: waiting for every rank's images: rank(s) 1 " in err, err
+    [shards] = list(out.glob("proposals_*.shards"))
+    kept = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.npy")}
+    assert 0 < len(kept) < len(ids) and not list(out.glob("proposals_*.npz"))
+
+    # The same command with one process resumes: finished images are not recomputed.
+    subprocess.run([*args, "--out", str(out)], check=True, capture_output=True, env=_env(), timeout=300)
+    assert all(shards.joinpath(name).stat().st_mtime_ns == t for name, t in kept.items())
+    reference = tmp_path / "one"
+    subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True, env=_env(), timeout=300)
+    [a] = list(reference.glob("proposals_*.npz"))
+    resumed, fresh = ProposalSet.load(out / a.name), ProposalSet.load(a)
+    assert resumed.image_ids == fresh.image_ids
+    np.testing.assert_array_equal(resumed.boxes, fresh.boxes)
