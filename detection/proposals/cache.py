@@ -215,14 +215,15 @@ def compute_proposals(dataset: "VOCDataset", out_dir: str | os.PathLike, config:
     make_dirs(shard_dir)  # a StorageError naming the folder when it cannot be made
     shards = [shard_dir / _shard_name(i) for i in image_ids]
     # Each rank computes a contiguous share of the images (all of them in one process).
-    todo = [(r, s) for r, s in comm.shard(list(zip(records, shards))) if _read_shard(s) is None]
+    mine = comm.shard(list(zip(records, shards)))
+    todo = [(r, s) for r, s in mine if _read_shard(s) is None]
     # The machine's cores are shared by the ranks on it.
     workers = max(1, (os.cpu_count() or 1) // comm.local_world_size()) if num_workers is None else num_workers
     workers = max(0, min(workers, len(todo)))
     start, stop = comm.shard_bounds(len(records))
-    logger.info("proposals: %d images%s, %d to compute with %d worker(s); settings %s; cache %s",
+    logger.info("proposals: %d images%s, %d done, %d to compute with %d worker(s); settings %s; cache %s",
                 len(records), "" if comm.world_size() == 1 else f" (rank {comm.rank()}: images {start}-{stop - 1})",
-                len(todo), max(workers, 1), config.to_dict(), cache_path)
+                len(mine) - len(todo), len(todo), max(workers, 1), config.to_dict(), cache_path)
     if todo:
         _run_jobs(todo, config, workers, progress)
     comm.barrier("proposals: waiting for every rank's images")
