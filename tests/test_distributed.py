@@ -255,6 +255,30 @@ def test_two_processes_give_the_artifacts_of_one(synthetic_voc, tmp_path):
     assert metrics_two["AP"] == pytest.approx(metrics_one["AP"], abs=1e-6)
 
 
+def test_the_stage_tools_on_two_processes_give_the_model_and_metrics_of_one(synthetic_voc, tmp_path):
+    def chain(out: Path, processes: int) -> tuple[dict, dict]:
+        launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                              str(processes)]
+        common = ["--data", str(synthetic_voc), "--workers", "0", "--threads", "1"]
+        for tool, *args in (
+                ("extract_features.py", *common, "--split", "trainval", "--out", str(out / "feat"),
+                 "--backbone", "alexnet", "--scales", "160", "--device", "cpu"),
+                ("train_svm.py", *common, "--split", "trainval", "--features", str(out / "feat"),
+                 "--out", str(out / "model.pt"), "--quiet"),
+                ("eval_voc.py", "--data", str(synthetic_voc), "--split", "test", "--model", str(out / "model.pt"),
+                 "--out", str(out / "metrics.json"), "--device", "cpu", "--threads", "1", "--quiet")):
+            proc = subprocess.run([sys.executable, *launcher, str(TOOLS / tool), *args], capture_output=True,
+                                  text=True, timeout=900, env=_env())
+            assert proc.returncode == 0, tool + proc.stderr[-3000:]
+        return load_model(out / "model.pt")[0], json.loads((out / "metrics.json").read_text())
+
+    (model_one, metrics_one), (model_two, metrics_two) = chain(tmp_path / "one", 1), chain(tmp_path / "two", 2)
+    for name, value in model_one.items():
+        torch.testing.assert_close(model_two[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert metrics_two["mAP"] == pytest.approx(metrics_one["mAP"], abs=1e-6)
+    assert metrics_two["num_detections"] == metrics_one["num_detections"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -211,7 +211,7 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
         checkpoint_key: what else the checkpoint depends on (e.g. the features' settings); a
             checkpoint made with another key, config, head shape or windows is not resumed.
         write_checkpoints: write ``checkpoint`` (False: only resume from it; under ``torchrun``
-            every rank runs the same fine-tuning and rank 0 alone writes).
+            every rank holds the same weights and rank 0 alone writes).
     Returns:
         The loss of every iteration run in this call.
     """
