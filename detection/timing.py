@@ -25,11 +25,10 @@ import torch
 from .backbones import build_backbone
 from .data.images import load_image
 from .data.voc import VOCDataset, report_images
-from .detector import DetectorSettings, SPPDetector
+from .detector import DetectorSettings, SPPDetector, check_settings
 from .heads import FCHead
 from .io import write_json
 from .linear import BoxRegressors, LinearSVMs
-from .proposals import selective_search
 from .runtime import resolve_device
 from .timer import StageTimer
 
@@ -142,26 +141,33 @@ def random_detector(backbone, num_classes: int, settings, hidden: tuple[int, int
 
 def compare_on_dataset(data: str | Path, split: str, out: str | Path, num_images: int = 3, model: str | None = None,
                        backbone: str = "zf5", weights: str | None = None, settings: DetectorSettings = DetectorSettings(),
-                       device: str = "auto", windows: int = 2000, proposal_mode: str = "fast",
+                       device: str = "auto", windows: int | None = None, proposal_mode: str | None = None,
                        svd: tuple[int, int] | None = None, skip_bad: bool = False, command: str = "") -> dict:
     """``tools/compare_rcnn.py``: SPP-net against R-CNN on the first ``num_images`` of a split,
     written to ``out`` (JSON) and returned.
 
-    Proposals (selective search, ``proposal_mode``, at most ``windows``) are timed apart. The
-    detector is ``model``'s, or without it a :func:`random_detector` of ``backbone`` with
-    ``settings``; R-CNN is its :func:`rcnn_twin`. With ``svd`` (ranks of fc6, fc7) SPP-net is
-    also timed with truncated fc layers (R-CNN keeps the full ones: its time is the conv stage).
+    The detector is ``model``'s, or without it a :func:`random_detector` of ``backbone`` with
+    ``settings``; R-CNN is its :func:`rcnn_twin`. Proposals are the detector's own selective
+    search (its stored settings), with ``proposal_mode`` and at most ``windows`` boxes where
+    given; they are timed apart, and the settings recorded in ``out`` are the ones used. With
+    ``svd`` (ranks of fc6, fc7) SPP-net is also timed with truncated fc layers (R-CNN keeps the
+    full ones: its time is the conv stage).
     """
     ds = VOCDataset(data, split, skip_bad=skip_bad)
     images = [load_image(r) for r in ds.records[:num_images]]
-    t0 = time.perf_counter()
-    props = [selective_search(im, mode=proposal_mode, max_boxes=windows) for im in images]
-    proposal_seconds = (time.perf_counter() - t0) / max(1, len(images))
     if model:
         spp = SPPDetector.from_file(model, device=resolve_device(device))
     else:
         spp = random_detector(build_backbone(backbone, weights=weights), len(ds.classes), settings,
                               device=resolve_device(device))
+    overrides = {k: v for k, v in (("mode", proposal_mode), ("max_boxes", windows)) if v is not None}
+    if overrides:
+        spp.settings = dataclasses.replace(spp.settings, proposals=dataclasses.replace(spp.settings.proposals,
+                                                                                        **overrides))
+        check_settings(spp.settings)
+    t0 = time.perf_counter()
+    props = [spp.proposals(im) for im in images]
+    proposal_seconds = (time.perf_counter() - t0) / max(1, len(images))
     spp_svd = None
     if svd:
         spp_svd = SPPDetector(spp.backbone, copy.deepcopy(spp.head).compress(*svd), spp.svms, spp.regressors,

@@ -181,3 +181,32 @@ def test_compare_methods_times_svd_fc_in_the_same_run(detectors):
     assert out["flops"]["spp_svd"]["conv"] == out["flops"]["spp"]["conv"]   # same trunk, same image
     assert out["flops"]["spp_svd"]["fc"] < out["flops"]["spp"]["fc"]        # rank 8/4 fc is cheaper
     assert out["flops"]["ratio_svd"]["fc"] > 1.0
+
+
+def test_compare_on_dataset_times_the_models_own_proposals(detectors, tmp_path):
+    # compare_rcnn.py with --model: the windows are the model's selective search (every stored
+    # setting), and the settings written to timing.json are the ones that made them; the
+    # command-line mode / window count replace only those two settings.
+    from detection.data.images import load_image
+    from detection.data.synthetic import make_synthetic_voc
+    from detection.data.voc import VOCDataset
+    from detection.proposals import selective_search
+    from detection.timing import compare_on_dataset
+    spp, _ = detectors
+    stored = dataclasses.replace(spp.settings.proposals, max_boxes=7, resize_to=200, min_size=12)
+    model = tmp_path / "model.pt"
+    type(spp)(spp.backbone, spp.head, spp.svms, spp.regressors, spp.classes,
+              dataclasses.replace(spp.settings, proposals=stored)).save(model)
+    root = make_synthetic_voc(tmp_path / "voc", num_trainval=1, num_test=1, image_size=(160, 120))
+    image = load_image(VOCDataset(root, "test").records[0])
+
+    out = compare_on_dataset(root, "test", tmp_path / "t.json", num_images=1, model=str(model), device="cpu")
+    assert out["settings"]["spp"]["proposals"] == dataclasses.asdict(stored)
+    assert out["settings"]["rcnn"]["proposals"] == dataclasses.asdict(stored)
+    assert out["num_windows"] == len(selective_search(image, stored)) <= 7
+
+    out = compare_on_dataset(root, "test", tmp_path / "t.json", num_images=1, model=str(model), device="cpu",
+                             proposal_mode="quality", windows=3)
+    used = dataclasses.replace(stored, mode="quality", max_boxes=3)
+    assert out["settings"]["spp"]["proposals"] == dataclasses.asdict(used)
+    assert out["num_windows"] == len(selective_search(image, used)) <= 3

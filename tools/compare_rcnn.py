@@ -47,9 +47,11 @@ if __name__ == "__main__":
     p.add_argument("--scales", default="1", help="without --model: 1, 5, code5 or a list, e.g. 480,688")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--model", help="a trained model file (its backbone, head and SVMs are timed)")
-    p.add_argument("--windows", type=int, default=2000, help="selective-search windows per image (at most)")
-    p.add_argument("--proposal-mode", choices=["fast", "quality"], default="fast",
-                   help="selective search mode (quality gives ~2,000 windows on small photos)")
+    p.add_argument("--windows", type=int, default=None,
+                   help="selective-search windows per image, at most (default: the model's, else 2000)")
+    p.add_argument("--proposal-mode", choices=["fast", "quality"], default=None,
+                   help="selective search mode (default: the model's, else fast; quality gives ~2,000 "
+                        "windows on small photos)")
     p.add_argument("--scale-rule", choices=["area", "code"], default="area",
                    help="multi-scale window -> scale rule without --model (docs/spp.md)")
     p.add_argument("--feature-layer", default="fc7", choices=["pool5", "fc6", "fc7"])
