@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.svm import LinearSVC
 
 from detection import comm
 from detection.data.synthetic import make_synthetic_voc
@@ -84,7 +85,17 @@ def _thread_sums(parts: int):
 
 
 @pytest.mark.parametrize("passes", [1, 3])
-def test_svms_trained_class_by_class_in_parts_equal_one_trainer(passes):
+def test_svms_trained_class_by_class_in_parts_equal_one_trainer(passes, monkeypatch):
+    # scikit-learn's liblinear draws from one process-wide generator (mt_rand in its newrand.h)
+    # with the GIL released, so fits in concurrent threads interleave their draws and differ from
+    # run to run. Ranks are processes, each with its own generator; here the threads take turns
+    # inside a fit (the pass counts still meet in count_sum, between fits).
+    lock, fit = threading.Lock(), LinearSVC.fit
+
+    def one_fit_at_a_time(self, *args, **kwargs):
+        with lock:
+            return fit(self, *args, **kwargs)
+    monkeypatch.setattr(LinearSVC, "fit", one_fit_at_a_time)
     k = 3
     source = ListFeatureSource(make_samples(0, 30, num_classes=k), DIM)
     cfg = SVMConfig(retrain_every=150, passes=passes)
