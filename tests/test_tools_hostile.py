@@ -238,10 +238,17 @@ def many_images(synthetic_voc, tmp_path_factory) -> Path:
     return make_synthetic_voc(tmp_path_factory.mktemp("many") / "voc", num_trainval=20, num_test=1, seed=3)
 
 
+#: Runs a command with SIGINT at its default action. A process started in the background by a
+#: non-interactive shell (``pytest ... &``, nohup) inherits SIGINT ignored, and Python then
+#: installs no KeyboardInterrupt handler: the tool would rightly ignore the Ctrl-C below.
+WITH_DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                       "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 def test_ctrl_c_to_the_process_group_stops_cleanly_and_the_rerun_resumes(many_images, tmp_path):
     out = tmp_path / "props"
-    cmd = tool_cmd("compute_proposals.py", "--data", many_images, "--split", "trainval", "--out", out,
-                   "--workers", "2", "--no-progress")
+    cmd = WITH_DEFAULT_SIGINT + tool_cmd("compute_proposals.py", "--data", many_images, "--split", "trainval",
+                                         "--out", out, "--workers", "2", "--no-progress")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV,
                             start_new_session=True)
     deadline = time.monotonic() + 240
