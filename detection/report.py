@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import cv2
 
-from .detector import iter_detections
+from .evaluation.inference import iter_detections
 from .io import atomic_path, atomic_write_text
 from .visualize import draw_detections, shown_detections
 

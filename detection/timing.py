@@ -26,6 +26,7 @@ from .backbones import build_backbone
 from .data.images import load_image
 from .data.voc import VOCDataset, report_images
 from .detector import DetectorSettings, SPPDetector, check_settings
+from .errors import DetectionError
 from .heads import FCHead
 from .io import write_json
 from .linear import BoxRegressors, LinearSVMs
@@ -140,26 +141,31 @@ def random_detector(backbone, num_classes: int, settings, hidden: tuple[int, int
 
 
 def compare_on_dataset(data: str | Path, split: str, out: str | Path, num_images: int = 3, model: str | None = None,
-                       backbone: str = "zf5", weights: str | None = None, settings: DetectorSettings = DetectorSettings(),
+                       backbone: str | None = None, weights: str | None = None, settings: DetectorSettings | None = None,
                        device: str = "auto", windows: int | None = None, proposal_mode: str | None = None,
                        svd: tuple[int, int] | None = None, skip_bad: bool = False, command: str = "") -> dict:
     """``tools/compare_rcnn.py``: SPP-net against R-CNN on the first ``num_images`` of a split,
     written to ``out`` (JSON) and returned.
 
-    The detector is ``model``'s, or without it a :func:`random_detector` of ``backbone`` with
-    ``settings``; R-CNN is its :func:`rcnn_twin`. Proposals are the detector's own selective
+    The detector is ``model``'s, or without it a :func:`random_detector` of ``backbone`` (None:
+    zf5) with ``settings`` (None: the defaults); with ``model`` these three are its own, and giving
+    any of them is refused by name. R-CNN is its :func:`rcnn_twin`. Proposals are the detector's own selective
     search (its stored settings), with ``proposal_mode`` and at most ``windows`` boxes where
     given; they are timed apart, and the settings recorded in ``out`` are the ones used. With
     ``svd`` (ranks of fc6, fc7) SPP-net is also timed with truncated fc layers (R-CNN keeps the
     full ones: its time is the conv stage).
     """
+    given = [name for name, v in (("backbone", backbone), ("weights", weights), ("settings", settings)) if v is not None]
+    if model and given:
+        raise DetectionError(f"the model file {model} holds its own backbone, weights and detector settings; "
+                             f"{', '.join(given)} cannot be given with it")
     ds = VOCDataset(data, split, skip_bad=skip_bad)
     images = [load_image(r) for r in ds.records[:num_images]]
     if model:
         spp = SPPDetector.from_file(model, device=resolve_device(device))
     else:
-        spp = random_detector(build_backbone(backbone, weights=weights), len(ds.classes), settings,
-                              device=resolve_device(device))
+        spp = random_detector(build_backbone(backbone or "zf5", weights=weights), len(ds.classes),
+                              settings or DetectorSettings(), device=resolve_device(device))
     overrides = {k: v for k, v in (("mode", proposal_mode), ("max_boxes", windows)) if v is not None}
     if overrides:
         spp.settings = dataclasses.replace(spp.settings, proposals=dataclasses.replace(spp.settings.proposals,

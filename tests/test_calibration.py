@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from detection.calibration import (ScoreCalibration, calibration_report, expected_calibration_error,
-                                   label_detections, reliability_bins)
+from detection.calibration import ScoreCalibration
+from detection.detector import DetectionSettings
+from detection.evaluation.reliability import (calibration_report, expected_calibration_error, label_detections,
+                                              reliability_bins)
 from detection.training.calibration import (CalibrationConfig, FoldSource, assign_folds, fit_calibration, fit_platt,
                                        window_samples)
 from detection.detector import Detections
@@ -177,17 +179,39 @@ def test_window_samples_are_the_windows_the_detector_keeps():
     rng = np.random.default_rng(2)
     sample = _sample("x", rng)
     scores = rng.normal(0, 1, (len(sample.boxes), 2))
-    out = window_samples(sample, scores, nms_iou=0.3, score_threshold=-0.5, max_per_class=5, iou=0.5, skip=[1])
+    out = window_samples(sample, scores, DetectionSettings(nms_iou=0.3, score_threshold=-0.5, max_per_class=5),
+                         iou=0.5, skip=[1])
     assert len(out[1][0]) == 0                                    # skipped class
     s, y = out[0]
     assert 0 < len(s) <= 5 and (s > -0.5).all() and set(y.tolist()) <= {0, 1}
-    # Slow reference: greedy NMS over windows above the threshold, best first.
-    order = [i for i in np.argsort(-scores[:, 0], kind="stable") if scores[i, 0] > -0.5]
+    # Slow reference: greedy NMS over windows above the threshold, best first (the detector's
+    # scores are float32).
+    s32 = scores.astype(np.float32)
+    order = [i for i in np.argsort(-s32[:, 0], kind="stable") if s32[i, 0] > -0.5]
     kept = []
     for i in order:
         if all(label_iou(sample.boxes[i], sample.boxes[j]) <= 0.3 for j in kept):
             kept.append(i)
-    np.testing.assert_allclose(np.sort(s)[::-1], scores[kept[:5], 0])
+    np.testing.assert_array_equal(np.sort(s)[::-1], s32[kept[:5], 0])
+    ref_labels = [int(label_iou(sample.boxes[i], sample.gt_boxes[0]) >= 0.5) for i in kept[:5]]
+    np.testing.assert_array_equal(y[np.argsort(-s, kind="stable")], ref_labels)
+
+
+def test_window_samples_label_the_regressed_clipped_boxes():
+    # The windows are labelled where the detector puts them (each class's regressed box), and a
+    # box the clipping left without area is no detection: before, calibration labelled the raw
+    # proposals and kept every one.
+    gt = np.array([[10, 10, 50, 50]], np.float64)
+    boxes = np.array([[100, 100, 140, 140], [200, 200, 240, 240]], np.float64)
+    sample = ImageSample(key="r", gt_boxes=gt, gt_labels=np.array([0]), gt_features=np.zeros((1, 2), np.float32),
+                         boxes=boxes, features=np.zeros((2, 2), np.float32))
+    scores = np.array([[1.0], [0.5]])
+    settings = DetectionSettings(nms_iou=0.3, score_threshold=-1.5, max_per_class=100)
+    s, y = window_samples(sample, scores, settings, iou=0.5)[0]
+    assert s.tolist() == [1.0, 0.5] and y.tolist() == [0, 0]       # the proposals miss the object
+    moved = torch.tensor([[[10.0, 10.0, 50.0, 50.0]], [[300.0, 300.0, 300.0, 340.0]]])   # hit; zero width
+    s, y = window_samples(sample, scores, settings, iou=0.5, per_class_boxes=moved)[0]
+    assert s.tolist() == [1.0] and y.tolist() == [1]
 
 
 def test_fit_calibration_end_to_end_on_real_svms():
@@ -200,15 +224,15 @@ def test_fit_calibration_end_to_end_on_real_svms():
             groups.append(i)
     source = ListFeatureSource(samples, dim=6)
     svm_cfg = SVMConfig(C=0.1, norm_images=16, norm_boxes_per_image=50)
-    cal = fit_calibration(source, groups, 2, svm_cfg, CalibrationConfig(), feature_scale=1.0, nms_iou=0.3,
-                          score_threshold=-1.5, max_per_class=100, class_names=["a", "b"])
+    cal = fit_calibration(source, groups, 2, svm_cfg, CalibrationConfig(), feature_scale=1.0,
+                          settings=DetectionSettings(), class_names=["a", "b"])
     assert cal is not None and cal.num_classes == 2 and (cal.slopes > 0).all()
     assert cal.meta["folds"] == 2 and cal.meta["pooled"] == []
     assert all(cal.meta["positives"][c] > 0 for c in "ab")
     assert all(cal.meta["windows"][c] > cal.meta["positives"][c] for c in "ab")
     # Fewer distinct images than folds: no calibration, with a warning (the model gives scores only).
     few = FoldSource(source, [0, 1])
-    assert fit_calibration(few, groups[:2], 2, svm_cfg, CalibrationConfig(), 1.0, nms_iou=0.3,
-                           score_threshold=-1.5, max_per_class=100) is None
+    assert fit_calibration(few, groups[:2], 2, svm_cfg, CalibrationConfig(), 1.0,
+                           settings=DetectionSettings()) is None
     with pytest.raises(DetectionError, match="folds"):
         CalibrationConfig(folds=1).validate()

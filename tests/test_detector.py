@@ -11,7 +11,7 @@ import torch
 
 from detection.backbones import build_backbone
 from detection.calibration import ScoreCalibration
-from detection.detector import Detections, DetectorSettings, SPPDetector
+from detection.detector import Detections, DetectorSettings, SPPDetector, postprocess
 from detection.errors import ModelError
 from detection.features import conv_maps_for_image, pooled_window_features
 from detection.features.rcnn import rcnn_window_features
@@ -74,7 +74,7 @@ def _proposals(seed: int = 1, n: int = 24, h: int = 72, w: int = 96) -> np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------
-# _postprocess against a slow reference
+# postprocess against a slow reference
 # ---------------------------------------------------------------------------------------------
 
 def ref_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -137,10 +137,9 @@ def _random_candidates(n: int = 400, k: int = 3, seed: int = 0):
     DetectorSettings(),
     DetectorSettings(nms_iou=0.5, max_per_class=20, score_threshold=0.0),
 ])
-def test_postprocess_matches_slow_reference(parts, settings):
-    det = SPPDetector(*parts, CLASSES, settings)
+def test_postprocess_matches_slow_reference(settings):
     boxes, scores = _random_candidates()
-    got = det._postprocess(boxes, scores)
+    got = Detections(*(t.numpy() for t in postprocess(boxes, scores, settings)))
     ref = ref_postprocess(boxes.numpy(), scores.numpy(), settings.score_threshold, settings.nms_iou,
                           settings.max_per_class)
     counts = np.bincount(ref[2], minlength=3)
@@ -161,9 +160,8 @@ def test_postprocess_matches_slow_reference(parts, settings):
             assert float(np.float32(scores[61, k])) not in s
 
 
-def test_postprocess_of_nothing(parts):
-    det = SPPDetector(*parts, CLASSES, SETTINGS)
-    d = det._postprocess(torch.zeros((5, 3, 4)), torch.full((5, 3), -10.0))
+def test_postprocess_of_nothing():
+    d = Detections(*(t.numpy() for t in postprocess(torch.zeros((5, 3, 4)), torch.full((5, 3), -10.0), SETTINGS)))
     assert len(d) == 0 and d.boxes.shape == (0, 4)
 
 

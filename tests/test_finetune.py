@@ -350,7 +350,7 @@ def _conv_problem():
 
 def test_conv_finetuning_updates_the_trunk(tmp_path):
     records, proposals, trunk, fn = _conv_problem()
-    cfg = _cfg(iterations=4, finetune_conv=True, conv_lr_mult=1.0)
+    cfg = _cfg(iterations=4)
     before = trunk.weight.detach().clone()
     head = _fresh_head(cfg)
     finetune(head, _labelled(records, proposals, cfg), fn, cfg, trunk=trunk, checkpoint=tmp_path / "c.pt")
@@ -358,16 +358,24 @@ def test_conv_finetuning_updates_the_trunk(tmp_path):
     assert "trunk" in torch.load(tmp_path / "c.pt", weights_only=True)
     assert not trunk.training
 
-    # Without finetune_conv the trunk is not trained, even though gradients reach it.
+    # Without the trunk given, it is not trained, even though gradients reach it.
     records, proposals, trunk, fn = _conv_problem()
     before = trunk.weight.detach().clone()
-    finetune(_fresh_head(cfg), _labelled(records, proposals, cfg), fn,
-             dataclasses.replace(cfg, finetune_conv=False), trunk=trunk)
+    finetune(_fresh_head(cfg), _labelled(records, proposals, cfg), fn, cfg)
     assert torch.equal(trunk.weight, before)
 
 
-def test_conv_finetuning_needs_the_trunk():
-    records, proposals, _, fn = _conv_problem()
-    cfg = _cfg(iterations=1, finetune_conv=True)
-    with pytest.raises(ValueError, match="trunk"):
-        finetune(_fresh_head(cfg), _labelled(records, proposals, cfg), fn, cfg)
+def test_trunk_lr_mult_scales_the_trunks_steps():
+    # conv_finetune.conv_lr_mult reaches the optimizer: with momentum and weight decay, plain SGD's
+    # first step is -lr * mult * (grad + wd * w), so a multiplier of 0 leaves the trunk as it was
+    # and 2 moves it twice as far as 1.
+    cfg = _cfg(iterations=1)
+    steps = {}
+    for mult in (0.0, 1.0, 2.0):
+        records, proposals, trunk, fn = _conv_problem()
+        before = trunk.weight.detach().clone()
+        finetune(_fresh_head(cfg), _labelled(records, proposals, cfg), fn, cfg, trunk=trunk, trunk_lr_mult=mult)
+        steps[mult] = (trunk.weight.detach() - before).double()
+    assert torch.equal(steps[0.0], torch.zeros_like(steps[0.0]))
+    assert steps[1.0].abs().max() > 0
+    torch.testing.assert_close(steps[2.0], 2 * steps[1.0], rtol=1e-4, atol=1e-7)

@@ -27,7 +27,7 @@ from detection.features import extract_conv_maps, make_featurizer
 from detection.io import write_json
 from detection.pipeline import PipelineConfig, detector_settings
 from detection.proposals import compute_proposals
-from detection.training.detector_training import TrainConfig, train_detector
+from detection.training.detector_training import train_detector
 
 
 def _peak_gb() -> float:
@@ -37,7 +37,7 @@ def _peak_gb() -> float:
 def main(args: argparse.Namespace) -> int:
     run = Path(args.run)
     cfg = load_config(PipelineConfig, run / "config.yaml")
-    if cfg.method != "spp" or cfg.data.root is None or cfg.conv_finetune.enabled or cfg.finetune.enabled:
+    if cfg.method != "spp" or cfg.data.root is None or cfg.conv_finetune.enabled or cfg.train.finetune.enabled:
         raise DetectionError("bench_train_memory.py measures SPP runs on a --data folder without fine-tuning")
     ds = VOCDataset(cfg.data.root, cfg.data.train_split, classes=cfg.data.classes, use_flipped=cfg.data.flip)
     ids = list(dict.fromkeys(r.image_id for r in ds.records))[: args.images]
@@ -47,9 +47,7 @@ def main(args: argparse.Namespace) -> int:
     settings = detector_settings(cfg)
     cache = extract_conv_maps(ds, backbone, run / "features", scales=settings.scales, max_size=settings.max_size,
                               fp16=cfg.features.fp16, num_workers=0, progress=False)
-    tcfg = TrainConfig(finetune=cfg.finetune, svm=cfg.svm, bbox=cfg.bbox, bbox_regression=cfg.bbox_regression,
-                       max_train_windows=cfg.max_train_windows, seed=cfg.seed, memory_gb=cfg.memory_gb,
-                       calibration=cfg.calibration)
+    tcfg = cfg.train
     before = _peak_gb()
     t0 = time.perf_counter()
     detector = train_detector(records, ds.classes, props.proposals_for_record, backbone,

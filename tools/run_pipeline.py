@@ -36,6 +36,6 @@ if __name__ == "__main__":
     p.add_argument("--method", choices=METHODS, default=None)
     p.add_argument("--device", default=None, help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--config", help="YAML config file")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. svm.C=0.001")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="config overrides, e.g. svm.C=0.001")
     add_skip_bad_arg(p)
     sys.exit(run_tool(main, p))

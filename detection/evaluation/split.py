@@ -14,12 +14,13 @@ from typing import Any, Sequence
 
 from .. import comm
 from ..data.voc import VOCDataset, report_images
-from ..detector import SPPDetector, detect_dataset
+from ..detector import SPPDetector
 from ..errors import DetectionError
 from ..io import write_json
 from ..runtime import resolve_device
 from . import evaluate_result_dir
 from .detections import detections_by_class
+from .inference import detect_dataset
 from .plots import plot_pr_curves
 from .result_files import write_result_files
 

@@ -1,25 +1,26 @@
-"""The pipeline's settings: one typed, frozen tree (``OUT/config.yaml``), each setting with one
-home and one default, and the checks that refuse, by name, a setting the run would not use.
+"""The pipeline's settings: one typed, frozen tree (``OUT/config.yaml``, exactly the settings
+that ran), each setting with one home and one default, and the checks that refuse, by name, a
+setting the run would not use.
 
 The window-feature settings live in ``features`` (:class:`detection.features.FeatureSettings`,
-shared with the detector's settings), the proposals' in ``proposals``, and ``test`` holds only
-what acts at detection time; the model file records them all.
+shared with the detector's settings), the proposals' in ``proposals``, the train stage's in
+``train`` (which is the :class:`~detection.training.detector_training.TrainConfig`), and
+``test`` holds only what acts after the SVMs score the windows
+(:class:`~detection.detector.DetectionSettings`). The model file records them all
+(:func:`detector_settings`).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from ..config import ConfigError, merge, parse_overrides, read_yaml_mapping
-from ..detector import DETECTION_ONLY_SETTINGS, DetectorSettings, check_settings
+from ..config import ConfigError, merge, parse_overrides, read_yaml_mapping, to_dict
+from ..detector import DetectionSettings, DetectorSettings, check_settings
 from ..features.featurizer import FeatureSettings
 from ..features.scales import named_scales
 from ..training.finetune import FinetuneConfig
 from ..proposals import SelectiveSearchConfig
-from ..training.bbox_regression import BBoxRegressionConfig
-from ..training.calibration import CalibrationConfig
-from ..training.detector_training import refuse_unused_finetune
-from ..training.svm import SVMConfig
+from ..training.detector_training import TrainConfig, refuse_unused_finetune
 
 __all__ = ["DataConfig", "BackboneConfig", "FeatureConfig", "TimingConfig", "PipelineConfig",
            "ConvFinetuneConfig", "embedded_default_overrides", "pipeline_config", "refuse_unused_settings",
@@ -34,10 +35,12 @@ class DataConfig:
     flip: bool = True                     # add horizontally flipped training images (paper)
     classes: tuple[str, ...] | None = None
     skip_bad: bool = False                # leave out undecodable images (decided once, for both splits)
+    # The generated dataset (data.root null): images per split, seed, the crowded variant
+    # (detection.data.synthetic). Refused with data.root.
     synthetic_trainval: int = 120
     synthetic_test: int = 60
     synthetic_seed: int = 0
-    synthetic_crowded: bool = False       # the crowded variant (detection.data.synthetic)
+    synthetic_crowded: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +72,9 @@ class ConvFinetuneConfig(FinetuneConfig):
     batch_size: int = 64
     images_per_batch: int | None = 2
     hidden: tuple[int, int] = (256, 256)
-    finetune_conv: bool = True
     checkpoint_every: int = 100
+    #: The conv layers' learning rate as a multiple of ``lr`` (the small fc head's).
+    conv_lr_mult: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,20 +94,11 @@ class PipelineConfig:
     backbone: BackboneConfig = BackboneConfig()
     features: FeatureConfig = FeatureConfig()
     conv_finetune: ConvFinetuneConfig = ConvFinetuneConfig()
-    finetune: FinetuneConfig = FinetuneConfig(enabled=False)
     feature_layer: str = "pool5"          # SVM input; fc7 with fine-tuning (paper), pool5 without
-    svm: SVMConfig = SVMConfig()
-    bbox_regression: bool = True
-    bbox: BBoxRegressionConfig = BBoxRegressionConfig()
-    max_train_windows: int | None = None
-    #: GB for the train stage's large arrays; see detection.training.detector_training.TrainConfig
-    #: .memory_gb (checked before the first stage runs). null: no check.
-    memory_gb: float | None = 8.0
-    calibration: CalibrationConfig = CalibrationConfig()   # probabilities for the SVM scores
-    test: DetectorSettings = DetectorSettings()   # only the detection-time settings may be set
+    train: TrainConfig = TrainConfig()    # fc fine-tuning, SVMs, box regressors, score calibration
+    test: DetectionSettings = DetectionSettings()   # NMS, score threshold, detections per class
     metric: str | None = None             # voc07 / voc10; None: voc07 for VOC2007, else voc10
     timing: TimingConfig = TimingConfig()
-    seed: int = 0
 
 
 def embedded_default_overrides() -> dict[str, Any]:
@@ -141,34 +136,50 @@ def pipeline_config(data: str | None = None, config: str | None = None, override
     return merge(cfg, parse_overrides(overrides))
 
 
-#: Detector settings that training decides (the features the SVMs were trained on), with their
-#: home in the pipeline's config: ``test.<key>`` is refused by name.
-_TEST_SETTINGS_FROM_TRAINING = {**{f.name: f"features.{f.name}" for f in dataclasses.fields(FeatureSettings)},
-                                "method": "method", "feature_layer": "feature_layer",
-                                # the proposals detection runs on are the pipeline's (stored in the model)
-                                "proposals": "proposals"}
+#: Settings inside a part that may be switched off which act even then: the fc head's sizes
+#: (fc6/fc7 features without fine-tuning come from a head of these sizes).
+_USED_WHEN_OFF = {"train.finetune.hidden"}
+
+
+def _switched_off(node: Any, where: str) -> list[tuple[str, str]]:
+    """(setting, switch) for every setting under ``node`` set away from its default inside a
+    part whose ``enabled`` is false: a setting of a switched-off part does nothing."""
+    found = []
+    if not dataclasses.is_dataclass(node):
+        return found
+    names = [f.name for f in dataclasses.fields(node)]
+    if "enabled" in names and node.enabled is False:
+        default = to_dict(type(node)())
+        for key, value in to_dict(node).items():
+            if key != "enabled" and f"{where}{key}" not in _USED_WHEN_OFF and value != default[key]:
+                found.append((f"{where}{key}", f"{where}enabled"))
+        return found
+    for name in names:
+        found += _switched_off(getattr(node, name), f"{where}{name}.")
+    return found
 
 
 def refuse_unused_settings(cfg: PipelineConfig) -> None:
     """ConfigError naming the first setting the run would ignore or cannot use."""
-    default = DetectorSettings()
-    for key, home in _TEST_SETTINGS_FROM_TRAINING.items():
-        if getattr(cfg.test, key) != getattr(default, key):
-            raise ConfigError(f"test.{key} cannot be set: detection uses the features the SVMs were trained on, "
-                              f"so it takes {home}; set {home} instead")
-    refuse_unused_finetune(cfg.feature_layer, cfg.finetune)
+    for key, switch in _switched_off(cfg, ""):
+        raise ConfigError(f"{key} is set, but {switch}=false: that part does not run, so the setting would do "
+                          f"nothing; remove it or set {switch}=true")
+    if cfg.data.root is not None:
+        default = DataConfig()
+        for f in dataclasses.fields(DataConfig):
+            if f.name.startswith("synthetic_") and getattr(cfg.data, f.name) != getattr(default, f.name):
+                raise ConfigError(f"data.{f.name} applies to the generated dataset only; it cannot be set with "
+                                  f"data.root ({cfg.data.root})")
+    refuse_unused_finetune(cfg.feature_layer, cfg.train.finetune, "train.")
+    if cfg.feature_layer == "pool5" and cfg.train.finetune.hidden != FinetuneConfig().hidden:
+        raise ConfigError("train.finetune.hidden sizes fc6/fc7, but the SVMs read pool5 (feature_layer=pool5) "
+                          "and the model has no fc layer: leave it unset or set feature_layer=fc7")
     if cfg.method == "rcnn" and cfg.features.fp16:
         # R-CNN warps every window through the trunk: no conv-map cache is made, so nothing is
         # stored as float16. (features.workers, a process count that changes no result, is left
         # alone so one config serves both methods.)
         raise ConfigError("features.fp16 sets up the conv-map cache, which method=rcnn does not make: "
                           "leave it unset or use method=spp")
-    if cfg.finetune.finetune_conv:
-        raise ConfigError("finetune.finetune_conv=true: fc fine-tuning reads cached conv maps, which carry no "
-                          "gradient to the conv layers; use conv_finetune.enabled=true to train them")
-    if not cfg.conv_finetune.finetune_conv:
-        raise ConfigError("conv_finetune.finetune_conv=false would train only the throw-away fc head of the conv "
-                          "stage: set conv_finetune.enabled=false instead")
     try:
         check_settings(detector_settings(cfg))
     except ValueError as e:
@@ -176,9 +187,9 @@ def refuse_unused_settings(cfg: PipelineConfig) -> None:
 
 
 def detector_settings(cfg: PipelineConfig) -> DetectorSettings:
-    """The settings the trained detector stores: features from ``features``, proposals from
-    ``proposals``, the detection-time ones from ``test``."""
-    only = {k: getattr(cfg.test, k) for k in DETECTION_ONLY_SETTINGS}
-    only["proposals"] = cfg.proposals
-    return DetectorSettings(**dataclasses.asdict(cfg.features.feature_settings()), method=cfg.method,
-                            feature_layer=cfg.feature_layer, **only)
+    """The settings the trained detector stores, each from its one home: the window features from
+    ``features``, the proposals from ``proposals``, ``method`` and ``feature_layer``, and the
+    post-processing from ``test``."""
+    return DetectorSettings(**dataclasses.asdict(cfg.features.feature_settings()),
+                            **dataclasses.asdict(cfg.test), method=cfg.method, feature_layer=cfg.feature_layer,
+                            proposals=cfg.proposals)

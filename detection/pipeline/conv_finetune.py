@@ -17,21 +17,21 @@ from ..training.finetune import finetune, label_windows
 from ..heads import FCHead
 from ..io import atomic_torch_save, make_dirs
 from .config import PipelineConfig
-from .stages import StageBook, stage_key
+from .stages import StageBook
 
 __all__ = ["finetune_conv"]
 
 log = logging.getLogger(__name__)
 
 
-def finetune_conv(cfg: PipelineConfig, backbone: Any, train_ds: Any, train_props: Any, work: Path,
+def finetune_conv(cfg: PipelineConfig, key: str, backbone: Any, train_ds: Any, train_props: Any, work: Path,
                   stages: StageBook, progress: bool) -> None:
     """Train the conv trunk (with a small fc head) through SPP on the training windows, then keep
     the trunk. Resumable through the fine-tuning checkpoint; skipped when already done. Under
     ``torchrun`` the images of each mini-batch are shared out over the ranks and the gradients
-    summed (the same trunk on every rank); rank 0 alone writes the checkpoints."""
+    summed (the same trunk on every rank); rank 0 alone writes the checkpoints. ``key``: the
+    stage's (:func:`.stages.stage_keys`)."""
     c = cfg.conv_finetune
-    key = stage_key(cfg.data, cfg.proposals, cfg.backbone, cfg.features, c)
     trunk_path = work / "trunk.pt"
     if stages.done("conv_finetune", key, trunk_path):
         try:
@@ -58,7 +58,7 @@ def finetune_conv(cfg: PipelineConfig, backbone: Any, train_ds: Any, train_props
     losses = finetune(head, windows, featurizer.finetune_fn(records), c, checkpoint=work / "checkpoint.pt",
                       trunk=backbone.trunk, checkpoint_key=f"conv:{key}:{backbone.name}:{backbone.weights_id}",
                       progress=lambda it, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"),
-                      write_checkpoints=comm.is_main())
+                      write_checkpoints=comm.is_main(), trunk_lr_mult=c.conv_lr_mult)
     bar.close()
     if comm.is_main():
         atomic_torch_save(trunk_path, backbone.trunk.state_dict())

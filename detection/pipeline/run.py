@@ -6,7 +6,6 @@ and was made with the same settings (each stage records a hash of the settings i
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -17,25 +16,25 @@ import numpy as np
 
 from .. import comm
 from ..backbones import build_backbone
-from ..calibration import calibration_report
 from ..config import save_config, to_dict
 from ..data.synthetic import make_synthetic_voc
 from ..data.images import load_image
 from ..data.voc import VOCDataset, report_images
-from ..detector import DETECTION_ONLY_SETTINGS, SPPDetector, detect_records
-from ..errors import DetectionError
+from ..detector import SPPDetector
 from ..evaluation import default_metric, detections_by_class, evaluate_result_dir, write_result_files
+from ..evaluation.inference import detect_records
 from ..evaluation.plots import plot_pr_curves
+from ..evaluation.reliability import calibration_report
 from ..features.featurizer import training_featurizer
 from ..io import make_dirs, read_json, write_json
 from ..proposals import compute_proposals
 from ..report import write_report
 from ..runtime import resolve_device
 from ..timing import compare_methods, rcnn_twin
-from ..training.detector_training import TrainConfig, check_train_memory, train_detector
+from ..training.detector_training import check_train_memory, train_detector
 from .config import PipelineConfig, detector_settings, refuse_unused_settings
 from .conv_finetune import finetune_conv
-from .stages import StageBook, stage_key
+from .stages import StageBook, stage_keys
 
 __all__ = ["run_pipeline", "evaluate_results", "compare_on_records"]
 
@@ -65,9 +64,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 
     # 1. data -----------------------------------------------------------------------------------
     root = cfg.data.root
-    if root is not None and cfg.data.synthetic_crowded:
-        raise DetectionError("data.synthetic_crowded applies to the generated dataset only; it cannot be set "
-                             f"with data.root ({root})")
     if root is None:
         t0 = time.perf_counter()
         root = str(out / "synthetic_voc")
@@ -84,18 +80,17 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 
     # The train stage's memory, checked before anything runs: the worst case its settings allow.
     backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, seed=cfg.backbone.seed)
-    tcfg = TrainConfig(finetune=cfg.finetune, svm=cfg.svm, bbox=cfg.bbox, bbox_regression=cfg.bbox_regression,
-                       max_train_windows=cfg.max_train_windows, seed=cfg.seed, memory_gb=cfg.memory_gb,
-                       calibration=cfg.calibration)
+    tcfg = cfg.train
     settings = detector_settings(cfg)
+    keys = stage_keys(cfg)
     pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)
-    layer_dim = pool5_dim if cfg.feature_layer == "pool5" else cfg.finetune.hidden[1 if cfg.feature_layer == "fc7" else 0]
-    windows = cfg.proposals.max_boxes if cfg.max_train_windows is None else min(cfg.proposals.max_boxes,
-                                                                                  cfg.max_train_windows)
+    layer_dim = pool5_dim if cfg.feature_layer == "pool5" else tcfg.finetune.hidden[1 if cfg.feature_layer == "fc7" else 0]
+    windows = cfg.proposals.max_boxes if tcfg.max_train_windows is None else min(cfg.proposals.max_boxes,
+                                                                                   tcfg.max_train_windows)
     need = check_train_memory(tcfg, len(classes), pool5_dim, layer_dim,
-                              windows + max((len(r.boxes) for r in train_ds.records), default=0))
-    log.info("train stage memory, worst case: %s GB (memory_gb=%s)",
-             {k: None if v is None else round(v, 2) for k, v in need.items()}, cfg.memory_gb)
+                              windows + max((len(r.boxes) for r in train_ds.records), default=0), prefix="train.")
+    log.info("train stage memory, worst case: %s GB (train.memory_gb=%s)",
+             {k: None if v is None else round(v, 2) for k, v in need.items()}, tcfg.memory_gb)
 
     # 2. proposals ------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -107,7 +102,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     # 3. conv fine-tuning through SPP (optional) -------------------------------------------------
     if cfg.conv_finetune.enabled:
         t0 = time.perf_counter()
-        finetune_conv(cfg, backbone, train_ds, train_props, out / "conv_finetune", stages, progress)
+        finetune_conv(cfg, keys["conv_finetune"], backbone, train_ds, train_props, out / "conv_finetune", stages,
+                      progress)
         timings["conv_finetune"] = time.perf_counter() - t0
 
     # 4. conv maps of the training split (SPP-net) --------------------------------------------------
@@ -120,12 +116,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     # 5. fc fine-tuning, SVMs, box regressors -> model.pt ------------------------------------------
     model_path = out / "model.pt"
     model_meta = {"config": to_dict(cfg), "dataset": {"root": str(root), "split": train_ds.split}}
-    # Settings that only act at detection time (NMS, thresholds) key the detect stage, not this one:
-    # changing them re-detects without retraining.
-    train_settings = {k: v for k, v in to_dict(settings).items() if k not in DETECTION_ONLY_SETTINGS}
-    train_key = stage_key(cfg.method, cfg.data, cfg.proposals, cfg.backbone, cfg.features, cfg.conv_finetune,
-                          cfg.finetune, cfg.feature_layer, cfg.svm, cfg.bbox_regression, cfg.bbox,
-                          cfg.max_train_windows, cfg.calibration, train_settings)
+    # The detection settings (test.*) key this stage only when the score calibration is fitted
+    # (through them); without it, changing them re-detects without retraining.
+    train_key = keys["train"]
     if not stages.done("train", train_key, model_path):
         t0 = time.perf_counter()
         # The SVMs and each box regressor are checkpointed as they finish: a crash or kill in box
@@ -141,16 +134,16 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
         comm.barrier("train: waiting for rank 0 to write the model file")
     timings["train"] = stages.state["train"]["seconds"]
     detector = SPPDetector.from_file(model_path, device=device)
-    detection_settings = {k: getattr(settings, k) for k in DETECTION_ONLY_SETTINGS}
-    if any(getattr(detector.settings, k) != v for k, v in detection_settings.items()):
-        # The model file keeps the settings this run detects with (eval_voc.py --model reads them).
-        detector.settings = dataclasses.replace(detector.settings, **detection_settings)
+    if detector.settings != settings:
+        # Only test.* can differ (the rest keys the train stage): the model file keeps the
+        # settings this run detects with (eval_voc.py --model reads them).
+        detector.settings = settings
         if comm.is_main():
             detector.save(model_path, model_meta)
 
     # 6. detection on the test split -> result files ---------------------------------------------
     results_dir = out / "results"
-    det_key = stage_key(train_key, cfg.data.test_split, detection_settings)
+    det_key = keys["detect"]
     if not stages.done("detect", det_key, results_dir):
         t0 = time.perf_counter()
         all_dets = detect_records(detector, test_ds.records, test_props.proposals_for_record, progress)
@@ -180,7 +173,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     # 8. timing: SPP-net against R-CNN -------------------------------------------------------------
     timing = None
     if cfg.timing.enabled:
-        timing_key = stage_key(train_key, cfg.timing)
+        timing_key = keys["timing"]
         if not stages.done_here("timing", timing_key, out / "timing.json"):     # rank 0 alone from here
             t0 = time.perf_counter()
             timing = compare_on_records(detector, test_ds.records[: cfg.timing.num_images],

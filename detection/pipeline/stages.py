@@ -10,8 +10,9 @@ from .. import comm
 from ..config import to_dict
 from ..errors import CacheError
 from ..io import read_json, settings_key, write_json
+from .config import PipelineConfig
 
-__all__ = ["StageBook", "stage_key"]
+__all__ = ["StageBook", "stage_key", "stage_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +54,23 @@ class StageBook:
 def stage_key(*parts: Any) -> str:
     """A short hash of the settings a stage depends on (configs or plain values)."""
     return settings_key({"parts": [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]})
+
+
+def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
+    """The key of each keyed stage: a hash of every setting its artifact depends on, and of no
+    other (a process count or a memory budget changes how a stage runs, never what it makes).
+
+    ``conv_finetune``: the trunk trained through SPP; ``train``: the model file (SVMs, box
+    regressors and the score calibration, which is fitted through the detector's post-processing,
+    so ``test`` keys it when it is fitted); ``detect``: the result files; ``timing``: timing.json.
+    The proposals and the conv-map cache carry their own keys (:mod:`detection.proposals.cache`,
+    :mod:`detection.features.convmap_cache`).
+    """
+    features = to_dict(cfg.features.feature_settings())
+    conv = stage_key(cfg.data, cfg.proposals, cfg.backbone, features, cfg.conv_finetune)
+    train_cfg = {k: v for k, v in to_dict(cfg.train).items() if k != "memory_gb"}
+    train = stage_key(cfg.method, cfg.data, cfg.proposals, cfg.backbone, features, cfg.features.fp16,
+                      conv if cfg.conv_finetune.enabled else None, cfg.feature_layer, train_cfg,
+                      cfg.test if cfg.train.calibration.enabled else None)
+    return {"conv_finetune": conv, "train": train, "detect": stage_key(train, cfg.test),
+            "timing": stage_key(train, cfg.test, cfg.timing)}

@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 class BBoxRegressionConfig:
     """Box-regression settings; defaults are SPP-net's (reference doc section 8)."""
 
+    #: Train per-class box regressors (the detector moves each window by its class's regressor).
+    enabled: bool = True
     #: Ridge penalty. SPP-net 4,000; R-CNN 1,000 (on pool5 features scaled to norm 20 in both).
     lam: float = 4000.0
     #: A candidate is a training sample when its best IoU with a GT box is above this.

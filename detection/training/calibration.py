@@ -1,25 +1,34 @@
 """Fitting the score calibration of :mod:`detection.calibration` at training time: cross-fitted
-Platt scaling (see that module's docstring for the method)."""
+Platt scaling (see that module's docstring for the method). The held-out windows go through the
+detector's own post-processing (:func:`detection.detector.postprocess`, after the box regression
+and clipping of :func:`detection.detector.class_boxes`), so the fit sees the detections a user
+gets; its settings (the pipeline's ``test.*``) therefore key the train stage."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from torchvision.ops import nms
 
-from ..calibration import ScoreCalibration, label_detections
+from ..calibration import ScoreCalibration
+from ..detector import DetectionSettings, postprocess
+from ..evaluation.reliability import label_detections
 from ..errors import DetectionError
 from ..linear import LinearSVMs
 from .hard_negatives import train_svms
 from .samples import FeatureSource, ImageSample
 from .svm import SVMConfig
 
-__all__ = ["CalibrationConfig", "assign_folds", "fit_platt", "fit_calibration", "window_samples", "FoldSource"]
+__all__ = ["CalibrationConfig", "assign_folds", "fit_platt", "fit_calibration", "window_samples", "FoldSource",
+           "BoxesFn"]
+
+#: boxes_fn(image index, its sample) -> Tensor[P, K, 4]: each proposal's box for each class as the
+#: detector makes it (:func:`detection.detector.class_boxes`: box regression, clipping).
+BoxesFn = Callable[[int, ImageSample], torch.Tensor]
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +85,22 @@ class FoldSource:
         return self.source.image(self.indices[index], with_proposals=with_proposals)
 
 
-def window_samples(sample: ImageSample, scores: np.ndarray, nms_iou: float, score_threshold: float,
-                   max_per_class: int, iou: float, skip: Sequence[int] = ()) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per class, (scores, 0/1 labels) of one image's proposals as the detector would keep them
-    (above ``score_threshold``, per-class NMS, at most ``max_per_class``); classes in ``skip`` empty."""
-    out = []
-    boxes = torch.as_tensor(sample.boxes, dtype=torch.float32)
-    for c in range(scores.shape[1]):
-        s = scores[:, c]
-        keep = np.flatnonzero(s > score_threshold)
-        if c in skip or not len(keep):
-            out.append((np.zeros(0), np.zeros(0, np.int64)))
-            continue
-        kept = nms(boxes[keep], torch.as_tensor(s[keep], dtype=torch.float32), nms_iou).numpy()[:max_per_class]
-        rows = keep[kept]
-        lab = label_detections(sample.boxes[rows], np.full(len(rows), c), sample.gt_boxes, sample.gt_labels,
-                               sample.gt_difficult, iou)
-        out.append((s[rows][lab >= 0], lab[lab >= 0]))
-    return out
+def window_samples(sample: ImageSample, scores: np.ndarray, settings: DetectionSettings, iou: float,
+                   skip: Sequence[int] = (), per_class_boxes: torch.Tensor | None = None
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per class, (scores, 0/1 labels) of the detections the detector keeps from one image's
+    proposals: :func:`detection.detector.postprocess` with ``settings`` on ``scores`` [P, K]
+    and ``per_class_boxes`` Tensor[P, K, 4] (None: every class's box is the proposal), each
+    labelled against the image's objects (:func:`label_detections`, difficult-only hits left out);
+    classes in ``skip`` empty."""
+    scores = torch.as_tensor(np.asarray(scores), dtype=torch.float32).clone()
+    k = scores.shape[1]
+    if per_class_boxes is None:
+        per_class_boxes = torch.as_tensor(sample.boxes, dtype=torch.float32)[:, None, :].expand(-1, k, -1)
+    scores[:, list(skip)] = -torch.inf            # no detection of a class without an SVM
+    boxes, kept, labels = (t.cpu().numpy() for t in postprocess(per_class_boxes.float().cpu(), scores, settings))
+    lab = label_detections(boxes, labels, sample.gt_boxes, sample.gt_labels, sample.gt_difficult, iou)
+    return [(kept[(labels == c) & (lab >= 0)].astype(np.float64), lab[(labels == c) & (lab >= 0)]) for c in range(k)]
 
 
 def assign_folds(groups: Sequence[str], folds: int) -> np.ndarray:
@@ -104,8 +111,8 @@ def assign_folds(groups: Sequence[str], folds: int) -> np.ndarray:
 
 
 def fit_calibration(source: FeatureSource, groups: Sequence[str], num_classes: int, svm_cfg: SVMConfig,
-                    cfg: CalibrationConfig, feature_scale: float, *, nms_iou: float, score_threshold: float,
-                    max_per_class: int, class_names: Sequence[str] | None = None,
+                    cfg: CalibrationConfig, feature_scale: float, *, settings: DetectionSettings,
+                    boxes_fn: BoxesFn | None = None, class_names: Sequence[str] | None = None,
                     progress: bool = False) -> ScoreCalibration | None:
     """Cross-fitted Platt scaling of SVMs trained on ``source`` (see the module docstring).
 
@@ -114,7 +121,9 @@ def fit_calibration(source: FeatureSource, groups: Sequence[str], num_classes: i
         groups: per image of ``source``, a group name (the image id): a group stays in one fold,
             so an image and its mirror never score each other.
         feature_scale: the final SVMs' feature scale (the fold SVMs use the same).
-        nms_iou, score_threshold, max_per_class: the detector's, so the windows are the ones it keeps.
+        settings: the detector's post-processing settings, so the windows are the ones it keeps.
+        boxes_fn: each held-out proposal's box per class as the detector makes it (the final box
+            regressors, clipping); None: the proposals as they are.
     Returns:
         the calibration; a class whose held-out windows cannot be fitted (no positive or no
         negative, or a slope <= 0) takes the fit of every class's windows pooled, listed in
@@ -143,8 +152,8 @@ def fit_calibration(source: FeatureSource, groups: Sequence[str], num_classes: i
             if not len(sample.boxes):
                 continue
             scores = np.asarray(svms.scores(sample.features), dtype=np.float64)
-            for c, (s, y) in enumerate(window_samples(sample, scores, nms_iou, score_threshold, max_per_class,
-                                                      cfg.iou, skip)):
+            boxes = boxes_fn(int(i), sample) if boxes_fn is not None else None
+            for c, (s, y) in enumerate(window_samples(sample, scores, settings, cfg.iou, skip, boxes)):
                 per_class[c][0].append(s)
                 per_class[c][1].append(y)
     scores = [np.concatenate(s) if s else np.zeros(0) for s, _ in per_class]
@@ -166,6 +175,7 @@ def fit_calibration(source: FeatureSource, groups: Sequence[str], num_classes: i
         log.warning("calibration: %d class(es) fitted with every class's windows pooled (too few held-out "
                     "positives or negatives): %s", len(fallback), ", ".join(fallback))
     meta = {"folds": cfg.folds, "iou": cfg.iou, "C": cfg.C, "pooled": fallback,
+            "detection_settings": dataclasses.asdict(settings.detection_settings()),
             "windows": {names[c]: int(len(labels[c])) for c in range(num_classes)},
             "positives": {names[c]: int(labels[c].sum()) for c in range(num_classes)}}
     return ScoreCalibration(np.array(slopes), np.array(intercepts), meta)

@@ -23,7 +23,7 @@ from .. import comm
 from ..backbones import Backbone
 from ..config import ConfigError
 from ..data.records import ImageRecord
-from ..detector import DetectorSettings, SPPDetector
+from ..detector import DetectorSettings, SPPDetector, class_boxes
 from ..errors import DetectionError, ModelError
 from .finetune import FinetuneConfig, finetune, label_windows
 from ..heads import FCHead
@@ -36,7 +36,7 @@ from .bbox_regression import (BBoxRegressionConfig, ClassRegressor, assemble_box
 from .calibration import CalibrationConfig, fit_calibration
 from .hard_negatives import merge_class_svms, train_svms
 from .ridge import regression_memory_bytes
-from .samples import compute_feature_scale
+from .samples import ImageSample, compute_feature_scale
 from .svm import SVMConfig, svm_memory_bytes
 
 __all__ = ["TrainConfig", "check_train_memory", "refuse_unused_finetune", "train_detector", "TrainCheckpoint",
@@ -47,13 +47,17 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """The train stage's settings: the one home of each (the pipeline's ``train.*``, the
+    ``--set`` keys of ``tools/train_svm.py``)."""
+
     finetune: FinetuneConfig = FinetuneConfig(enabled=False)
     svm: SVMConfig = SVMConfig()
     bbox: BBoxRegressionConfig = BBoxRegressionConfig()
-    bbox_regression: bool = True
     #: Cap on proposals per training image used for the SVMs (None: all). R-CNN's crops are costly.
     max_train_windows: int | None = None
-    seed: int = 0
+    #: Seeds the fc head's initial weights (fc6, fc7, fc8); fine-tuning's mini-batches, scales and
+    #: dropout draw from ``finetune.seed``, the SVMs' and regressors' samples from their own seeds.
+    head_seed: int = 0
     #: Budget in GB for the large arrays of this stage (SVM caches and retraining, each box
     #: regressor's samples and solve), checked before training starts (:func:`check_train_memory`)
     #: and again per class before box regression reads features. 8 GB fits a 24 GB machine with
@@ -64,13 +68,15 @@ class TrainConfig:
 
 
 def check_train_memory(cfg: TrainConfig, num_classes: int, pool5_dim: int, layer_dim: int,
-                       max_candidates: int) -> dict[str, float]:
+                       max_candidates: int, prefix: str = "") -> dict[str, float]:
     """Check the train stage's worst case against ``cfg.memory_gb`` before anything runs.
 
     Args:
         num_classes, pool5_dim: K and the pool5 length (box regression).
         layer_dim: length of the SVMs' features (pool5, fc6 or fc7).
         max_candidates: most GT boxes + proposals of one training image.
+        prefix: where ``cfg`` sits in the caller's settings tree (the pipeline's ``"train."``),
+            so the messages name the keys the user sets.
     Returns:
         GB needed by each part (``svm``, ``bbox``), None where unbounded (a null cap).
     Raises:
@@ -79,36 +85,37 @@ def check_train_memory(cfg: TrainConfig, num_classes: int, pool5_dim: int, layer
     """
     svm = svm_memory_bytes(cfg.svm, num_classes, layer_dim, max_candidates)
     caps = cfg.bbox.max_samples, cfg.bbox.max_gt_samples
-    bbox = regression_memory_bytes(caps[0] + caps[1], pool5_dim) if cfg.bbox_regression and None not in caps else None
+    bbox = regression_memory_bytes(caps[0] + caps[1], pool5_dim) if cfg.bbox.enabled and None not in caps else None
     need = {"svm": None if svm is None else svm / 2**30, "bbox": None if bbox is None else bbox / 2**30}
     if cfg.memory_gb is None:
         return need
+    p = prefix
     if not cfg.memory_gb > 0:
-        raise DetectionError(f"memory_gb must be > 0 or null, got {cfg.memory_gb}")
+        raise DetectionError(f"{p}memory_gb must be > 0 or null, got {cfg.memory_gb}")
     if svm is None:
-        raise DetectionError(f"train stage (SVM hard-negative mining): svm.max_positives / svm.max_negatives is "
-                             f"null, so its memory is unbounded under memory_gb={cfg.memory_gb:g}; set both caps "
-                             "or memory_gb=null")
+        raise DetectionError(f"train stage (SVM hard-negative mining): {p}svm.max_positives / {p}svm.max_negatives is "
+                             f"null, so its memory is unbounded under {p}memory_gb={cfg.memory_gb:g}; set both caps "
+                             f"or {p}memory_gb=null")
     if need["svm"] > cfg.memory_gb:
         raise DetectionError(
             f"train stage (SVM hard-negative mining) needs up to {need['svm']:.2f} GB for {num_classes} classes of "
-            f"{layer_dim:,}-d features (svm.max_positives={cfg.svm.max_positives}, "
-            f"svm.max_negatives={cfg.svm.max_negatives}), above memory_gb={cfg.memory_gb:g}: lower "
-            "svm.max_negatives or svm.max_positives, or raise memory_gb")
+            f"{layer_dim:,}-d features ({p}svm.max_positives={cfg.svm.max_positives}, "
+            f"{p}svm.max_negatives={cfg.svm.max_negatives}), above {p}memory_gb={cfg.memory_gb:g}: lower "
+            f"{p}svm.max_negatives or {p}svm.max_positives, or raise {p}memory_gb")
     if need["bbox"] is not None and need["bbox"] > cfg.memory_gb:
         raise DetectionError(
             f"train stage (box regression) needs up to {need['bbox']:.2f} GB per class for {caps[1]} GT + {caps[0]} "
-            f"proposal samples of {pool5_dim:,}-d pool5 features (bbox.max_gt_samples, bbox.max_samples), above "
-            f"memory_gb={cfg.memory_gb:g}: lower bbox.max_samples or bbox.max_gt_samples, or raise memory_gb")
+            f"proposal samples of {pool5_dim:,}-d pool5 features ({p}bbox.max_gt_samples, {p}bbox.max_samples), above "
+            f"{p}memory_gb={cfg.memory_gb:g}: lower {p}bbox.max_samples or {p}bbox.max_gt_samples, or raise {p}memory_gb")
     return need
 
 
-def refuse_unused_finetune(feature_layer: str, finetune_cfg: FinetuneConfig) -> None:
+def refuse_unused_finetune(feature_layer: str, finetune_cfg: FinetuneConfig, prefix: str = "") -> None:
     """Refused, not ignored: fc fine-tuning trains fc6/fc7, which SVMs on pool5 never read."""
     if finetune_cfg.enabled and feature_layer == "pool5":
-        raise ConfigError("finetune.enabled=true trains fc6/fc7, but the SVMs read pool5 (feature_layer=pool5), "
+        raise ConfigError(f"{prefix}finetune.enabled=true trains fc6/fc7, but the SVMs read pool5 (feature_layer=pool5), "
                           "which fine-tuning does not change: set feature_layer=fc7 (the paper's) or "
-                          "finetune.enabled=false")
+                          f"{prefix}finetune.enabled=false")
 
 
 def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
@@ -117,7 +124,8 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                    out_dir: str | Path | None = None, progress: bool = True,
                    finetune_pool5_fn: Callable[[int, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                    checkpoint_key: str | None = None) -> SPPDetector:
-    """(fc fine-tuning) -> SVMs on ``settings.feature_layer`` -> box regressors on pool5.
+    """(fc fine-tuning) -> SVMs on ``settings.feature_layer`` -> box regressors on pool5 -> score
+    calibration (through the detector's post-processing with ``settings``' detection settings).
 
     Args:
         records: training images (flipped ones included when wanted).
@@ -149,7 +157,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
     check_train_memory(cfg, k, pool5_dim, svm_dim, max_candidates)
     train_ckpt = TrainCheckpoint(Path(out_dir) / "train_checkpoint", checkpoint_key) \
         if out_dir is not None and checkpoint_key is not None else None
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.head_seed)
     # SVMs on pool5 use no fc layer: an empty head keeps ~400 MB of unused fc6/fc7 out of the
     # model file (and out of memory).
     hidden = (0, 0) if settings.feature_layer == "pool5" else cfg.finetune.hidden
@@ -197,22 +205,8 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
             train_ckpt.save_svms(svms)
     else:
         log.info("SVMs from the checkpoint %s", train_ckpt.root)
-    calibration = None
-    if cfg.calibration.enabled:
-        found, calibration = train_ckpt.calibration(k) if train_ckpt is not None else (False, None)
-        if found:
-            log.info("score calibration from the checkpoint %s", train_ckpt.root)
-        else:
-            # The groups keep an image and its mirror in one fold.
-            calibration = fit_calibration(source, [r.image_id for r in records], k, cfg.svm, cfg.calibration,
-                                          svms.feature_scale, nms_iou=settings.nms_iou,
-                                          score_threshold=settings.score_threshold,
-                                          max_per_class=settings.max_per_class, class_names=classes,
-                                          progress=progress)
-            if train_ckpt is not None and comm.is_main():
-                train_ckpt.save_calibration(calibration)
     regressors = None
-    if cfg.bbox_regression:
+    if cfg.bbox.enabled:
         pool5_source = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim,
                                            cfg.max_train_windows)
         if settings.feature_layer == "pool5" and _same_norm_sample(cfg.svm, cfg.bbox):
@@ -237,16 +231,41 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         for part in comm.all_gather(mine, "box regression: gathering every rank's classes"):
             fitted.update(part)
         regressors = assemble_box_regressors(fitted, classes, cfg.bbox, scale)
+    calibration = None
+    if cfg.calibration.enabled:
+        found, calibration = train_ckpt.calibration(k) if train_ckpt is not None else (False, None)
+        if found:
+            log.info("score calibration from the checkpoint %s", train_ckpt.root)
+        else:
+            # Fitted through the detector's own box regression, clipping and post-processing.
+            @torch.inference_mode()
+            def boxes_fn(i: int, sample: ImageSample) -> torch.Tensor:
+                r = source.records[i]
+                pool5 = None
+                if regressors is not None:
+                    pool5 = (torch.from_numpy(sample.features) if settings.feature_layer == "pool5"
+                             else pool5_fn(r, torch.from_numpy(sample.boxes)))
+                return class_boxes(sample.boxes, pool5, regressors, (r.height, r.width), k)
+
+            # The groups keep an image and its mirror in one fold.
+            calibration = fit_calibration(source, [r.image_id for r in records], k, cfg.svm, cfg.calibration,
+                                          svms.feature_scale, settings=settings.detection_settings(),
+                                          boxes_fn=boxes_fn, class_names=classes, progress=progress)
+            if train_ckpt is not None and comm.is_main():
+                train_ckpt.save_calibration(calibration)
     return SPPDetector(backbone, head, svms, regressors, classes, settings, calibration=calibration,
-                       meta={"train": {"num_images": len(records), "seed": cfg.seed,
+                       meta={"train": {"num_images": len(records), "head_seed": cfg.head_seed,
+                                       # what the calibration was fitted through (also when it failed)
+                                       "detection_settings": dataclasses.asdict(settings.detection_settings())
+                                       if cfg.calibration.enabled else None,
                                        "finetune": dataclasses.asdict(cfg.finetune),
                                        "svm": dataclasses.asdict(cfg.svm),
-                                       "bbox": dataclasses.asdict(cfg.bbox) if cfg.bbox_regression else None}})
+                                       "bbox": dataclasses.asdict(cfg.bbox) if cfg.bbox.enabled else None}})
 
 
 class TrainCheckpoint:
-    """The train stage's progress on disk: ``svms.pt``, ``calibration.pt``, then ``bbox_<k>.pt``
-    per class, each written atomically and holding the key of the settings it was made with (a file with another
+    """The train stage's progress on disk: ``svms.pt``, then ``bbox_<k>.pt`` per class, then
+    ``calibration.pt``, each written atomically and holding the key of the settings it was made with (a file with another
     key, or unreadable, is ignored and redone). Tensors and JSON strings only (no pickles)."""
 
     def __init__(self, root: Path, key: str) -> None:

@@ -63,8 +63,6 @@ class FinetuneConfig:
     bg_iou_lo: float = 0.1                 # IoU in [0.1, 0.5): background (paper)
     dropout: float = 0.5
     hidden: tuple[int, int] = (4096, 4096)
-    finetune_conv: bool = False            # beyond the paper: train the conv layers through SPP
-    conv_lr_mult: float = 1.0
     checkpoint_every: int = 500
     seed: int = 0
 
@@ -197,8 +195,8 @@ def _lr_at(cfg: FinetuneConfig, iteration: int) -> float:
 def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn, cfg: FinetuneConfig,
              checkpoint: str | Path | None = None, trunk: nn.Module | None = None,
              progress: Callable[[int, float], None] | None = None, checkpoint_key: str = "",
-             write_checkpoints: bool = True) -> list[float]:
-    """Train ``head`` (which must have fc8) and, when ``cfg.finetune_conv``, ``trunk``.
+             write_checkpoints: bool = True, trunk_lr_mult: float = 1.0) -> list[float]:
+    """Train ``head`` (which must have fc8) and, when given, ``trunk``.
 
     Args:
         head: FCHead with fc8 (K + 1 outputs).
@@ -206,12 +204,14 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
         pooled_fn: pooled SPP features of some windows of an image (differentiable through the
             trunk when the conv layers are fine-tuned).
         checkpoint: file for periodic checkpoints; an existing one is resumed from.
-        trunk: the conv layers, trained too when ``cfg.finetune_conv``.
+        trunk: the conv layers, trained too when given (``pooled_fn`` must then run through
+            them differentiably); None: only the head is trained.
         progress: called with (iteration, loss) after every iteration.
         checkpoint_key: what else the checkpoint depends on (e.g. the features' settings); a
             checkpoint made with another key, config, head shape or windows is not resumed.
         write_checkpoints: write ``checkpoint`` (False: only resume from it; under ``torchrun``
             every rank holds the same weights and rank 0 alone writes).
+        trunk_lr_mult: the trunk's learning rate as a multiple of the head's.
     Returns:
         The loss of every iteration run in this call.
     """
@@ -226,17 +226,15 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
         raise DetectionError("no training window overlaps a ground-truth box by IoU >= "
                              f"{cfg.fg_iou}: nothing to fine-tune on (check the proposals and annotations)")
     params = [{"params": list(head.parameters()), "lr_mult": 1.0}]
-    if cfg.finetune_conv:
-        if trunk is None:
-            raise ValueError("finetune_conv needs the trunk")
-        params.append({"params": [p for p in trunk.parameters() if p.requires_grad], "lr_mult": cfg.conv_lr_mult})
+    if trunk is not None:
+        params.append({"params": [p for p in trunk.parameters() if p.requires_grad], "lr_mult": trunk_lr_mult})
     trainable = [p for group in params for p in group["params"] if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start = 0
     # Fix: checkpoints are keyed on what they depend on. Before, a checkpoint left by a run with
     # another config (lr, seed, classes, proposals...) in the same folder was resumed silently:
     # the "new" model was the old one, or load_state_dict failed with a raw RuntimeError.
-    key = _checkpoint_key(head, windows, cfg, checkpoint_key)
+    key = _checkpoint_key(head, windows, cfg, f"{checkpoint_key}:trunk={trunk is not None}:{trunk_lr_mult!r}")
     if checkpoint is not None and Path(checkpoint).exists():
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -247,17 +245,17 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
             log.warning("fine-tuning checkpoint %s was made with other settings or data: starting over", checkpoint)
         else:
             head.load_state_dict(state["head"])
-            if cfg.finetune_conv and "trunk" in state:
+            if trunk is not None and "trunk" in state:
                 trunk.load_state_dict(state["trunk"])
             opt.load_state_dict(state["optimizer"])
             start = int(state["iteration"])
             log.info("resumed fine-tuning from %s at iteration %d", checkpoint, start)
 
-    log.info("fine-tuning%s: %s", " (conv layers too)" if cfg.finetune_conv else "", schedule_summary(cfg))
+    log.info("fine-tuning%s: %s", " (conv layers too)" if trunk is not None else "", schedule_summary(cfg))
     losses: list[float] = []
     head.train()
     if trunk is not None:
-        trunk.train(cfg.finetune_conv)
+        trunk.train()
     for it in range(start, cfg.iterations):
         gen = _iteration_generator(cfg.seed, it)
         lr = _lr_at(cfg, it)
@@ -297,7 +295,7 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
         if checkpoint is not None and write_checkpoints and (done % cfg.checkpoint_every == 0
                                                              or done == cfg.iterations):
             state = {"head": head.state_dict(), "optimizer": opt.state_dict(), "iteration": done, "key": key}
-            if cfg.finetune_conv:
+            if trunk is not None:
                 state["trunk"] = trunk.state_dict()
             atomic_torch_save(checkpoint, state)
     head.eval()

@@ -19,6 +19,7 @@ from ..features import ConvMapCache, make_featurizer
 from .finetune import FinetuneConfig
 from ..io import read_json
 from ..proposals import compute_proposals
+from .bbox_regression import BBoxRegressionConfig
 from .detector_training import TrainConfig, train_detector
 
 __all__ = ["train_from_features", "open_feature_folder", "recorded_backbone", "settings_from_cache",
@@ -89,7 +90,8 @@ def train_from_features(data: str | Path, split: str, features: str | Path, out:
         bbox_regression: train box regressors.
         scale_rule: multi-scale window-to-scale rule stored in the model ("area" or "code").
         workers: selective-search processes if proposals are missing.
-        overrides: ``KEY=VALUE`` training-config overrides (``svm.C=0.001``).
+        overrides: ``KEY=VALUE`` overrides of the :class:`TrainConfig` (``svm.C=0.001``, the
+            pipeline's ``train.svm.C``), applied after the options above.
         skip_bad: leave out undecodable images instead of stopping.
         progress: progress bars.
     Returns:
@@ -110,7 +112,7 @@ def train_from_features(data: str | Path, split: str, features: str | Path, out:
     backbone = recorded_backbone(summary, cache, Path(features) / "features_summary.json", weights, seed)
     proposals = compute_proposals(dataset, Path(features) / "proposals", num_workers=workers)
     settings = settings_from_cache(cache, layer, scale_rule)
-    cfg = TrainConfig(finetune=fc_finetune_schedule(finetune_iterations), bbox_regression=bbox_regression)
+    cfg = TrainConfig(finetune=fc_finetune_schedule(finetune_iterations), bbox=BBoxRegressionConfig(enabled=bbox_regression))
     cfg = merge(cfg, parse_overrides(list(overrides)))
     pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)
     featurizer = make_featurizer(settings.method, settings, cache=cache)
