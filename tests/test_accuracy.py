@@ -34,8 +34,7 @@ def accuracy_config(root, method: str) -> PipelineConfig:
         "proposal_workers": 0,
         "backbone": {"name": "alexnet", "weights": None, "seed": 0},
         "features": {"scales": [320], "workers": 0},
-        "svm": {"norm_images": 4},
-        "max_train_windows": 10 if method == "rcnn" else None,
+        "train": {"svm": {"norm_images": 4}, "max_train_windows": 10 if method == "rcnn" else None},
         "metric": "voc07",
         "timing": {"enabled": False},
     })

@@ -196,7 +196,7 @@ proposals: {max_boxes: 100, resize_to: 320, min_size: 16}
 proposal_workers: 0
 backbone: {name: alexnet, weights: null}
 features: {scales: [128], workers: 0}
-svm: {norm_images: 4}
+train: {svm: {norm_images: 4}}
 metric: voc07
 timing: {num_images: 1, rcnn_windows: 10}
 """

@@ -1,15 +1,17 @@
 """detection.pipeline.run_pipeline end to end on the tiny synthetic dataset (real selective search,
-real AlexNet trunk, real SVMs): its artifacts, a rerun that skips every finished stage, and a
-change of detection-only settings (NMS) that re-detects without retraining."""
+real AlexNet trunk, real SVMs): its artifacts, a rerun from the config.yaml it wrote that skips
+every finished stage, and a change of a detection setting (NMS) that refits the score calibration
+fitted through it, or, without calibration, re-detects without retraining."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 
-from detection.config import merge
+from detection.config import merge, to_dict
 from detection.detector import SPPDetector
 from detection.pipeline import PipelineConfig, run_pipeline
 from detection.proposals import SelectiveSearchConfig, selective_search
@@ -25,7 +27,7 @@ def _config(root, **test) -> PipelineConfig:
         "proposal_workers": 0,
         "backbone": {"name": "alexnet", "weights": None},
         "features": {"scales": [128], "workers": 0},
-        "svm": {"norm_images": 4},
+        "train": {"svm": {"norm_images": 4}},
         "metric": "voc07",
         "timing": {"num_images": 1, "rcnn_windows": 10},
         "test": test,
@@ -36,7 +38,7 @@ def _stages(out):
     return json.loads((out / "stages.json").read_text())
 
 
-def test_pipeline_artifacts_resume_and_detection_only_settings(synthetic_voc, tmp_path):
+def test_pipeline_artifacts_resume_and_detection_settings(synthetic_voc, tmp_path, caplog):
     out = tmp_path / "run"
     metrics = run_pipeline(_config(synthetic_voc), out, progress=False)
     for name in ("config.yaml", "model.pt", "metrics.json", "timing.json", "report.md", "stages.json"):
@@ -65,67 +67,84 @@ def test_pipeline_artifacts_resume_and_detection_only_settings(synthetic_voc, tm
     np.testing.assert_array_equal(got.boxes, ref.boxes)
     np.testing.assert_array_equal(got.scores, ref.scores)
 
-    # The same config again: nothing is recomputed.
-    run_pipeline(_config(synthetic_voc), out, progress=False)
+    # OUT/config.yaml is exactly the settings that ran: read back, it is the config, and a rerun
+    # from it finds every stage done with the same keys (nothing is recomputed).
+    from detection.config import load_config
+    from detection.pipeline import stage_keys
+    written = load_config(PipelineConfig, out / "config.yaml")
+    assert written == _config(synthetic_voc) and stage_keys(written) == stage_keys(_config(synthetic_voc))
+    run_pipeline(written, out, progress=False)
     assert _stages(out) == first
     assert (out / "model.pt").stat().st_mtime_ns == model_mtime
 
-    # Another NMS threshold: the train stage is kept, detection reruns with the new setting, and
-    # the model file now carries it (eval_voc.py --model detects as this run did).
+    # Another NMS threshold: the score calibration is fitted through the detector's post-processing,
+    # so the train stage is redone and the calibration refitted with it (before: the old one was
+    # kept); detection reruns, and the model file carries the new setting (eval_voc.py --model
+    # detects as this run did).
     old = SPPDetector.from_file(out / "model.pt")
-    run_pipeline(_config(synthetic_voc, nms_iou=0.6), out, progress=False)
+    assert old.meta["train"]["detection_settings"]["nms_iou"] == 0.3
+    with caplog.at_level(logging.INFO, logger="detection.training.calibration"):
+        run_pipeline(_config(synthetic_voc, nms_iou=0.6), out, progress=False)
+    assert any(r.getMessage().startswith("calibration fold 1/2") for r in caplog.records)
     second = _stages(out)
-    assert second["train"] == first["train"]
+    assert second["train"]["key"] != first["train"]["key"]
     assert second["detect"]["key"] != first["detect"]["key"]
     new = SPPDetector.from_file(out / "model.pt")
     assert new.settings.nms_iou == 0.6 and old.settings.nms_iou == 0.3
+    assert new.meta["train"]["detection_settings"]["nms_iou"] == 0.6
     # The model detects a new image with the proposals' settings of the run.
     assert new.settings.proposals.max_boxes == 100 and new.settings.proposals.mode == "fast"
-    for name, tensor in old.svms.tensors().items():
+    for name, tensor in old.svms.tensors().items():        # the same SVMs again (seeded)
         assert torch.equal(tensor, new.svms.tensors()[name]), name
 
+    # Without the calibration the detection settings touch no trained part: another NMS threshold
+    # keeps the train stage and reruns detection only.
+    off = {"train": {"svm": {"norm_images": 4}, "calibration": {"enabled": False}}}
+    run_pipeline(merge(_config(synthetic_voc, nms_iou=0.6), off), out, progress=False)
+    third = _stages(out)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="detection.training.calibration"):
+        run_pipeline(merge(_config(synthetic_voc, nms_iou=0.5), off), out, progress=False)
+    fourth = _stages(out)
+    assert fourth["train"] == third["train"] and fourth["detect"]["key"] != third["detect"]["key"]
+    assert not any(r.name == "detection.training.calibration" for r in caplog.records)
+    assert SPPDetector.from_file(out / "model.pt").settings.nms_iou == 0.5
 
-@pytest.mark.parametrize("override, home", [
-    ({"test": {"scales": [480, 688]}}, "features.scales"),
-    ({"test": {"levels": [4, 2, 1]}}, "features.levels"),
-    ({"test": {"max_size": 1000}}, "features.max_size"),
-    ({"test": {"projection_rule": "code"}}, "features.projection_rule"),
-    ({"test": {"feature_layer": "fc6"}}, "feature_layer"),
-    ({"test": {"method": "rcnn"}}, "method"),
-    ({"test": {"proposals": {"max_boxes": 50}}}, "proposals"),
-    ({"test": {"scale_rule": "code"}}, "features.scale_rule"),
-    ({"test": {"rcnn_batch_size": 4}}, "features.rcnn_batch_size"),
-])
-def test_test_settings_that_training_decides_are_refused_by_name(synthetic_voc, tmp_path, override, home):
-    # Before: accepted and silently replaced by the training setting.
+
+@pytest.mark.parametrize("key", ["scales", "levels", "max_size", "projection_rule", "feature_layer", "method",
+                                 "proposals", "scale_rule", "rcnn_batch_size", "proposal_mode", "max_proposals"])
+def test_test_holds_only_detection_settings(synthetic_voc, key):
+    # test.* is the post-processing alone (DetectionSettings): what training decides has its one
+    # home elsewhere (features.*, method, feature_layer, proposals), and a test.<key> for it is an
+    # unknown key. Before, test.scales etc. were accepted and silently replaced by the training
+    # setting, and OUT/config.yaml showed test.scales: [688] beside the features.scales that ran.
     from detection.config import ConfigError
-    key = next(iter(override["test"]))
-    cfg = merge(_config(synthetic_voc), override)
-    with pytest.raises(ConfigError, match=rf"test\.{key} cannot be set: .* set {home} instead"):
-        run_pipeline(cfg, tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()          # refused before any work
-
-
-def test_the_old_test_proposal_settings_are_refused_by_name(synthetic_voc):
-    # Their home is proposals (which the model file stores); before, test.proposal_mode and
-    # test.max_proposals could differ from the windows the SVMs were trained on.
-    from detection.config import ConfigError
-    for key in ("proposal_mode", "max_proposals"):
-        with pytest.raises(ConfigError, match=rf"unknown config key test\.{key}"):
-            merge(_config(synthetic_voc), {"test": {key: 1}})
+    with pytest.raises(ConfigError, match=rf"unknown config key test\.{key}"):
+        merge(_config(synthetic_voc), {"test": {key: 1}})
+    assert set(to_dict(PipelineConfig().test)) == {"nms_iou", "score_threshold", "max_per_class"}
 
 
 def test_fc_finetuning_with_pool5_svms_is_refused(synthetic_voc, tmp_path):
     from detection.config import ConfigError
-    cfg = merge(_config(synthetic_voc), {"finetune": {"enabled": True}, "feature_layer": "pool5"})
-    with pytest.raises(ConfigError, match="finetune.enabled=true trains fc6/fc7, but the SVMs read pool5"):
+    cfg = merge(_config(synthetic_voc), {"train": {"finetune": {"enabled": True}}, "feature_layer": "pool5"})
+    with pytest.raises(ConfigError, match=r"train\.finetune\.enabled=true trains fc6/fc7, but the SVMs read pool5"):
         run_pipeline(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("updates, match", [
-    ({"finetune": {"finetune_conv": True}}, r"finetune\.finetune_conv=true: .* conv_finetune\.enabled=true"),
-    ({"conv_finetune": {"finetune_conv": False}}, r"conv_finetune\.finetune_conv=false .* conv_finetune\.enabled=false"),
+    # Settings of a part that is switched off do nothing: refused, naming the switch.
+    ({"train": {"finetune": {"lr": 0.1}}}, r"train\.finetune\.lr is set, but train\.finetune\.enabled=false"),
+    ({"conv_finetune": {"iterations": 5}}, r"conv_finetune\.iterations is set, but conv_finetune\.enabled=false"),
+    ({"train": {"calibration": {"enabled": False, "folds": 3}}},
+     r"train\.calibration\.folds is set, but train\.calibration\.enabled=false"),
+    ({"train": {"bbox": {"enabled": False, "lam": 10.0}}}, r"train\.bbox\.lam is set, but train\.bbox\.enabled=false"),
+    ({"timing": {"enabled": False, "num_images": 1}}, r"timing\.num_images is set, but timing\.enabled=false"),
+    # The generated dataset's settings with a dataset folder given.
+    ({"data": {"synthetic_trainval": 10}}, r"data\.synthetic_trainval applies to the generated dataset only"),
+    ({"data": {"synthetic_seed": 3}}, r"data\.synthetic_seed applies to the generated dataset only"),
+    # The fc head's sizes without an fc layer (SVMs on pool5).
+    ({"train": {"finetune": {"hidden": [64, 64]}}}, r"train\.finetune\.hidden sizes fc6/fc7"),
     ({"features": {"scale_rule": "random"}}, r"features / test settings: .*scale rule 'random'"),
     ({"features": {"max_size": 10 ** 6}}, r"features / test settings: setting max_size = 1000000"),
 ])
@@ -211,7 +230,11 @@ def test_kill_in_box_regression_keeps_the_svms_and_the_rerun_continues(synthetic
         run_pipeline(cfg, out, progress=False)
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("SVMs from the checkpoint") for m in messages)
-    assert not any("hard negatives" in m and "pass" in m for m in messages)          # no mining again
+    # No mining again for the final SVMs: the only mining is the score calibration's fold SVMs,
+    # fitted after the box regressors (through them).
+    mining = [i for i, m in enumerate(messages) if "hard negatives" in m and m.startswith("pass")]
+    folds = [i for i, m in enumerate(messages) if m.startswith("calibration fold 1/")]
+    assert folds and all(i > folds[0] for i in mining)
     assert any(m.endswith("box regressor from the checkpoint") for m in messages)    # class 0 kept
     model = SPPDetector.from_file(out / "model.pt")
     for name, tensor in model.svms.tensors().items():
@@ -220,16 +243,18 @@ def test_kill_in_box_regression_keeps_the_svms_and_the_rerun_continues(synthetic
     # The budget refuses or allows a run, it never changes what is trained: another budget
     # keeps every stage.
     before = _stages(out)
-    run_pipeline(merge(cfg, {"memory_gb": 12.0}), out, progress=False)
+    run_pipeline(merge(cfg, {"train": {"memory_gb": 12.0}}), out, progress=False)
     assert _stages(out) == before
 
 
 @pytest.mark.parametrize("updates,match", [
-    ({"memory_gb": 0.5}, r"train stage \(SVM hard-negative mining\).*memory_gb=0\.5.*lower svm\.max_negatives"),
-    ({"memory_gb": 1.0, "svm": {"max_positives": 10, "max_negatives": 10}},
-     r"train stage \(box regression\).*memory_gb=1.*lower bbox\.max_samples or bbox\.max_gt_samples"),
-    ({"svm": {"max_negatives": None}}, r"svm\.max_positives / svm\.max_negatives is null.*memory_gb=8"),
-    ({"memory_gb": -1.0}, r"memory_gb must be > 0"),
+    ({"train": {"memory_gb": 0.5}},
+     r"train stage \(SVM hard-negative mining\).*train\.memory_gb=0\.5.*lower train\.svm\.max_negatives"),
+    ({"train": {"memory_gb": 1.0, "svm": {"max_positives": 10, "max_negatives": 10}}},
+     r"train stage \(box regression\).*train\.memory_gb=1.*lower train\.bbox\.max_samples or train\.bbox\.max_gt"),
+    ({"train": {"svm": {"max_negatives": None}}},
+     r"train\.svm\.max_positives / train\.svm\.max_negatives is null.*train\.memory_gb=8"),
+    ({"train": {"memory_gb": -1.0}}, r"train\.memory_gb must be > 0"),
     ({"data": {"synthetic_crowded": True}}, r"data\.synthetic_crowded .* data\.root"),
 ])
 def test_memory_budget_is_checked_before_any_stage(synthetic_voc, tmp_path, updates, match):
