@@ -22,7 +22,11 @@ def test_extract_train_evaluate_chain(synthetic_voc, tmp_path):
     run(str(TOOLS / "extract_features.py"), *common, "--split", "trainval", "--out", str(feat),
         "--backbone", "alexnet", "--scales", "224")
     run(str(TOOLS / "train_svm.py"), *common, "--split", "trainval", "--features", str(feat), "--out", str(model),
-        "--quiet")
+        "--quiet", "--set", "svm.C=0.002", "--set", "bbox.lam=3000", "head_seed=4")
+    # Every --set is kept (before, a second --set replaced the first), and each is a TrainConfig key.
+    from detection.model import load_model
+    train_config = load_model(model)[1]["train_config"]
+    assert (train_config["svm"]["C"], train_config["bbox"]["lam"], train_config["head_seed"]) == (0.002, 3000.0, 4)
     out = tmp_path / "eval" / "metrics.json"
     run(str(TOOLS / "eval_voc.py"), "--data", str(synthetic_voc), "--split", "test", "--model", str(model),
         "--out", str(out), "--quiet")
