@@ -7,7 +7,11 @@
 
 Steps (sppnet-reference.md, section 9): conv maps at the model's scales (SPP-net) or warped crops
 (R-CNN), pooled window features, fc6/fc7, SVM scores of every class, per-class box regression,
-per-class NMS at IoU 0.3 (``torchvision.ops.batched_nms``), at most 100 detections per class.
+per-class NMS at IoU 0.3 (``torchvision.ops.batched_nms``), at most 100 detections per class
+(:func:`class_boxes` and :func:`postprocess`, which the score calibration is fitted through too).
+
+Its settings are :mod:`detection.settings`; reading and writing the model file,
+:mod:`detection.model_file`; the loop over a dataset, :mod:`detection.evaluation.inference`.
 """
 from __future__ import annotations
 

@@ -17,13 +17,14 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .backbones import build_backbone
 from .data.images import load_image
+from .data.records import ImageRecord
 from .data.voc import VOCDataset, report_images
 from .detector import DetectorSettings, SPPDetector, check_settings
 from .errors import DetectionError
@@ -34,7 +35,7 @@ from .runtime import resolve_device
 from .timer import StageTimer
 
 __all__ = ["STAGES", "StageTimer", "time_detector", "rcnn_twin", "compare_methods", "random_detector",
-           "compare_on_dataset"]
+           "compare_on_records", "compare_on_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,33 @@ def random_detector(backbone, num_classes: int, settings, hidden: tuple[int, int
     return SPPDetector(backbone, head, svms, regressors, classes, settings, device)
 
 
+def compare_on_records(spp: SPPDetector, records: Sequence[ImageRecord],
+                       proposals_fn: Callable[[ImageRecord], np.ndarray] | None = None,
+                       max_windows: int | None = None, svd: tuple[int, int] | None = None) -> dict:
+    """SPP-net (``spp``) against R-CNN (its :func:`rcnn_twin`) on the images of ``records``: the
+    timing entry of ``tools/compare_rcnn.py`` and of the pipeline's timing stage.
+
+    Proposals come from ``proposals_fn`` (a cache: not timed) or, when None, from the detector's
+    own selective search (timed apart, ``proposals_seconds_per_image``); each image keeps at most
+    ``max_windows`` of them. With ``svd`` (ranks of fc6, fc7) SPP-net is also timed with truncated
+    fc layers (R-CNN keeps the full ones: its time is the conv stage).
+    """
+    images = [load_image(r) for r in records]
+    t0 = time.perf_counter()
+    if proposals_fn is not None:
+        props, proposal_seconds = [np.asarray(proposals_fn(r), np.float32) for r in records], None
+    else:
+        props = [spp.proposals(im) for im in images]
+        proposal_seconds = (time.perf_counter() - t0) / max(1, len(images))
+    if max_windows is not None:
+        props = [p[:max_windows] for p in props]
+    spp_svd = None
+    if svd:
+        spp_svd = SPPDetector(spp.backbone, copy.deepcopy(spp.head).compress(*svd), spp.svms, spp.regressors,
+                              spp.classes, spp.settings, spp.device)
+    return compare_methods(spp, rcnn_twin(spp), images, props, proposal_seconds, spp_svd=spp_svd)
+
+
 def compare_on_dataset(data: str | Path, split: str, out: str | Path, num_images: int = 3, model: str | None = None,
                        backbone: str | None = None, weights: str | None = None, settings: DetectorSettings | None = None,
                        device: str = "auto", windows: int | None = None, proposal_mode: str | None = None,
@@ -160,7 +188,6 @@ def compare_on_dataset(data: str | Path, split: str, out: str | Path, num_images
         raise DetectionError(f"the model file {model} holds its own backbone, weights and detector settings; "
                              f"{', '.join(given)} cannot be given with it")
     ds = VOCDataset(data, split, skip_bad=skip_bad)
-    images = [load_image(r) for r in ds.records[:num_images]]
     if model:
         spp = SPPDetector.from_file(model, device=resolve_device(device))
     else:
@@ -171,14 +198,7 @@ def compare_on_dataset(data: str | Path, split: str, out: str | Path, num_images
         spp.settings = dataclasses.replace(spp.settings, proposals=dataclasses.replace(spp.settings.proposals,
                                                                                         **overrides))
         check_settings(spp.settings)
-    t0 = time.perf_counter()
-    props = [spp.proposals(im) for im in images]
-    proposal_seconds = (time.perf_counter() - t0) / max(1, len(images))
-    spp_svd = None
-    if svd:
-        spp_svd = SPPDetector(spp.backbone, copy.deepcopy(spp.head).compress(*svd), spp.svms, spp.regressors,
-                              spp.classes, spp.settings, spp.device)
-    timing = compare_methods(spp, rcnn_twin(spp), images, props, proposal_seconds, spp_svd=spp_svd)
+    timing = compare_on_records(spp, ds.records[:num_images], svd=svd)
     timing["svd"] = list(svd) if svd else None
     timing["command"] = command
     write_json(out, timing)

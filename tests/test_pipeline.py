@@ -78,14 +78,18 @@ def test_pipeline_artifacts_resume_and_detection_settings(synthetic_voc, tmp_pat
     assert (out / "model.pt").stat().st_mtime_ns == model_mtime
 
     # Another NMS threshold: the score calibration is fitted through the detector's post-processing,
-    # so the train stage is redone and the calibration refitted with it (before: the old one was
-    # kept); detection reruns, and the model file carries the new setting (eval_voc.py --model
-    # detects as this run did).
+    # so it is refitted (before: the old one was kept), from the SVMs and box regressors of the
+    # train stage's checkpoint; detection reruns, and the model file carries the new setting
+    # (eval_voc.py --model detects as this run did).
     old = SPPDetector.from_file(out / "model.pt")
     assert old.meta["train"]["detection_settings"]["nms_iou"] == 0.3
-    with caplog.at_level(logging.INFO, logger="detection.training.calibration"):
+    with caplog.at_level(logging.INFO, logger="detection"):
         run_pipeline(_config(synthetic_voc, nms_iou=0.6), out, progress=False)
-    assert any(r.getMessage().startswith("calibration fold 1/2") for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("calibration fold 1/2") for m in messages)
+    assert any(m.startswith("SVMs from the checkpoint") for m in messages)
+    assert any(m.endswith("box regressor from the checkpoint") for m in messages)
+    assert not any(m.startswith("box regressor") and "checkpointed" in m for m in messages)   # none refitted
     second = _stages(out)
     assert second["train"]["key"] != first["train"]["key"]
     assert second["detect"]["key"] != first["detect"]["key"]
@@ -94,7 +98,7 @@ def test_pipeline_artifacts_resume_and_detection_settings(synthetic_voc, tmp_pat
     assert new.meta["train"]["detection_settings"]["nms_iou"] == 0.6
     # The model detects a new image with the proposals' settings of the run.
     assert new.settings.proposals.max_boxes == 100 and new.settings.proposals.mode == "fast"
-    for name, tensor in old.svms.tensors().items():        # the same SVMs again (seeded)
+    for name, tensor in old.svms.tensors().items():        # the same SVMs
         assert torch.equal(tensor, new.svms.tensors()[name]), name
 
     # Without the calibration the detection settings touch no trained part: another NMS threshold
@@ -239,7 +243,8 @@ def test_kill_in_box_regression_keeps_the_svms_and_the_rerun_continues(synthetic
     model = SPPDetector.from_file(out / "model.pt")
     for name, tensor in model.svms.tensors().items():
         assert torch.equal(tensor, saved["tensors"][name]), name
-    assert not ckpt.exists()                                  # model.pt holds everything now
+    # Kept after model.pt is written: a change of test.* refits the calibration alone from it.
+    assert (ckpt / "svms.pt").is_file() and (ckpt / "bbox_1.pt").is_file() and (ckpt / "calibration.pt").is_file()
     # The budget refuses or allows a run, it never changes what is trained: another budget
     # keeps every stage.
     before = _stages(out)

@@ -17,8 +17,9 @@ from detection.pipeline import PipelineConfig, detector_settings, refuse_unused_
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
-ALL = frozenset({"conv_finetune", "train", "detect", "timing"})     # every artifact from the trunk on
-TRAINED = frozenset({"train", "detect", "timing"})                 # the model file and what uses it
+ALL = frozenset({"conv_finetune", "train_parts", "train", "detect", "timing"})   # every artifact from the trunk on
+TRAINED = frozenset({"train_parts", "train", "detect", "timing"})    # the model file and what uses it
+CALIBRATED = frozenset({"train", "detect", "timing"})                # the calibration alone is refitted
 TIMING = frozenset({"timing"})
 
 #: How the run uses each leaf: the stages whose key (the settings hash its artifact is kept under)
@@ -53,10 +54,10 @@ USES: dict[str, frozenset[str]] = {
     **{f"train.finetune.{k}": TRAINED for k in _FINETUNE},
     **{f"train.svm.{k}": TRAINED for k in _SVM},
     **{f"train.bbox.{k}": TRAINED for k in _BBOX},
-    **{f"train.calibration.{k}": TRAINED for k in ("enabled", "folds", "iou", "C")},
+    **{f"train.calibration.{k}": CALIBRATED for k in ("enabled", "folds", "iou", "C")},
     "train.max_train_windows": TRAINED, "train.head_seed": TRAINED,
     # The score calibration is fitted through the post-processing (tested apart without it).
-    **{f"test.{k}": TRAINED for k in ("nms_iou", "max_per_class", "score_threshold")},
+    **{f"test.{k}": CALIBRATED for k in ("nms_iou", "max_per_class", "score_threshold")},
     **{f"timing.{k}": TIMING for k in ("enabled", "num_images", "rcnn_windows")},
 }
 

@@ -210,3 +210,23 @@ def test_compare_on_dataset_times_the_models_own_proposals(detectors, tmp_path):
     used = dataclasses.replace(stored, mode="quality", max_boxes=3)
     assert out["settings"]["spp"]["proposals"] == dataclasses.asdict(used)
     assert out["num_windows"] == len(selective_search(image, used)) <= 3
+
+
+def test_compare_rcnn_refuses_settings_its_model_would_ignore(tmp_path):
+    # With --model the model file's own backbone and settings are timed: --scales, --scale-rule
+    # and --feature-layer (before: silently ignored) are refused by name, before anything is read.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from detection.errors import DetectionError
+    from detection.timing import compare_on_dataset
+    tool = Path(__file__).resolve().parents[1] / "tools" / "compare_rcnn.py"
+    proc = subprocess.run([sys.executable, str(tool), "--data", str(tmp_path), "--out", str(tmp_path / "t.json"),
+                           "--model", str(tmp_path / "model.pt"), "--scales", "5", "--feature-layer", "pool5"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: --scales, --feature-layer cannot be given with --model" in proc.stderr
+    with pytest.raises(DetectionError, match="backbone, settings cannot be given with it"):
+        compare_on_dataset(tmp_path, "test", tmp_path / "t.json", model=str(tmp_path / "model.pt"),
+                           backbone="zf5", settings=DetectorSettings())

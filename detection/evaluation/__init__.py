@@ -1,8 +1,11 @@
 """Evaluation: detections per class (:mod:`.detections`), the PASCAL VOC devkit protocol (its
 matching and AP, :mod:`.devkit`; its result files, :mod:`.result_files`; a ``reset / process /
 evaluate`` evaluator, :mod:`.evaluator`), COCO-style metrics through pycocotools (:mod:`.coco`;
-COCO and the VOC modules never import each other) and precision/recall plots (:mod:`.plots`).
-Scoring a split end to end, a model's detections included, is :mod:`.split`."""
+COCO and the VOC modules never import each other), precision/recall plots (:mod:`.plots`) and
+how well calibrated probabilities match how often detections are right (:mod:`.reliability`).
+The one detection loop over a split is :mod:`.inference`; scoring a split end to end, a model's
+detections included, is :mod:`.split` (both need the detector, so this ``__init__`` does not
+import them)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,6 +7,7 @@ importable without it.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -24,7 +25,9 @@ from .inference import detect_dataset
 from .plots import plot_pr_curves
 from .result_files import write_result_files
 
-__all__ = ["evaluate_split", "load_detector", "metrics_table"]
+__all__ = ["evaluate_split", "score_split", "load_detector", "metrics_table"]
+
+log = logging.getLogger(__name__)
 
 
 def load_detector(model: str | os.PathLike, device: str = "auto", svd: Sequence[int] | None = None) -> SPPDetector:
@@ -81,18 +84,32 @@ def evaluate_split(data: str | os.PathLike, split: str, out: str | os.PathLike,
                                                    len(dataset.classes)))
     if not comm.is_main():      # rank 0 scores the gathered detections once
         return comm.broadcast(None, "evaluation: waiting for rank 0's metrics")
-    metrics = evaluate_result_dir(dataset, results, metric=metric, coco=coco, progress=progress)
+    metrics = score_split(dataset, results, metric=metric, coco=coco, plots=plots, progress=progress)
     metrics["results_dir"] = str(results)
     # Classes the model could not train (no positives in its training images): AP 0 where the
     # split has them; marked so a reader does not take it for a detector that failed.
     metrics["untrained_classes"] = list(detector.svms.meta.get("untrained", [])) if detector else []
     if svd:
         metrics["svd"] = list(svd)
-    if plots:
-        plot_pr_curves(metrics, plots)
     write_json(out, metrics)
     report_images(dataset)
     return comm.broadcast(metrics, "evaluation: sending the metrics to every rank")
+
+
+def score_split(dataset: VOCDataset, results: str | os.PathLike, *, metric: str | None = None, coco: bool = False,
+                plots: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
+    """Score the devkit result files in ``results`` against ``dataset`` (the VOC protocol with
+    ``metric``, None: :func:`~detection.evaluation.result_files.default_metric`; COCO's too with
+    ``coco``) and draw the per-class precision/recall curves into ``plots`` when given (a
+    drawing failure is a warning: the metrics are never lost over pictures). What
+    :func:`evaluate_split` and the pipeline's evaluation stage run."""
+    metrics = evaluate_result_dir(dataset, results, metric=metric, coco=coco, progress=progress)
+    if plots:
+        try:
+            plot_pr_curves(metrics, plots)
+        except Exception as e:  # noqa: BLE001 - pictures are a nicety
+            log.warning("could not draw PR curves: %s", e)
+    return metrics
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:

@@ -2,9 +2,9 @@
 conv fine-tuning stage (:mod:`.conv_finetune`) and the book of finished stages (:mod:`.stages`)."""
 from .config import (BackboneConfig, ConvFinetuneConfig, DataConfig, FeatureConfig, PipelineConfig, TimingConfig,
                      detector_settings, embedded_default_overrides, pipeline_config, refuse_unused_settings)
-from .run import compare_on_records, evaluate_results, run_pipeline
+from .run import run_pipeline
 from .stages import StageBook, stage_key, stage_keys
 
 __all__ = ["BackboneConfig", "ConvFinetuneConfig", "DataConfig", "FeatureConfig", "PipelineConfig", "TimingConfig",
            "detector_settings", "embedded_default_overrides", "pipeline_config", "refuse_unused_settings",
-           "compare_on_records", "evaluate_results", "run_pipeline", "StageBook", "stage_key", "stage_keys"]
+           "run_pipeline", "StageBook", "stage_key", "stage_keys"]

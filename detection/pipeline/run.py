@@ -7,36 +7,32 @@ and was made with the same settings (each stage records a hash of the settings i
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .. import comm
 from ..backbones import build_backbone
 from ..config import save_config, to_dict
 from ..data.synthetic import make_synthetic_voc
-from ..data.images import load_image
 from ..data.voc import VOCDataset, report_images
 from ..detector import SPPDetector
-from ..evaluation import default_metric, detections_by_class, evaluate_result_dir, write_result_files
+from ..evaluation import detections_by_class, write_result_files
 from ..evaluation.inference import detect_records
-from ..evaluation.plots import plot_pr_curves
 from ..evaluation.reliability import calibration_report
+from ..evaluation.split import score_split
 from ..features.featurizer import training_featurizer
 from ..io import make_dirs, read_json, write_json
 from ..proposals import compute_proposals
 from ..report import write_report
 from ..runtime import resolve_device
-from ..timing import compare_methods, rcnn_twin
+from ..timing import compare_on_records
 from ..training.detector_training import check_train_memory, train_detector
 from .config import PipelineConfig, detector_settings, refuse_unused_settings
 from .conv_finetune import finetune_conv
 from .stages import StageBook, stage_keys
 
-__all__ = ["run_pipeline", "evaluate_results", "compare_on_records"]
+__all__ = ["run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +118,15 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     if not stages.done("train", train_key, model_path):
         t0 = time.perf_counter()
         # The SVMs and each box regressor are checkpointed as they finish: a crash or kill in box
-        # regression keeps the SVMs, and the rerun continues (train_key: everything they depend on).
+        # regression keeps the SVMs, and the rerun continues (train_parts: all they depend on).
         detector = train_detector(train_ds.records, classes, train_props.proposals_for_record, backbone, featurizer,
                                   pool5_dim, settings, tcfg, out_dir=out, progress=progress,
                                   finetune_pool5_fn=featurizer.finetune_fn(train_ds.records),
-                                  checkpoint_key=train_key)
+                                  checkpoint_key=keys["train_parts"])
         if comm.is_main():
+            # train_checkpoint/ is kept: a change of the calibration's settings (test.*,
+            # train.calibration.*) refits the calibration alone from the SVMs and regressors there.
             detector.save(model_path, model_meta)
-            shutil.rmtree(out / "train_checkpoint", ignore_errors=True)    # model.pt holds it all now
         stages.mark("train", train_key, time.perf_counter() - t0)
         comm.barrier("train: waiting for rank 0 to write the model file")
     timings["train"] = stages.state["train"]["seconds"]
@@ -162,7 +159,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     timings["detect"] = stages.state["detect"]["seconds"]
 
     # 7. evaluation --------------------------------------------------------------------------------
-    metrics = evaluate_results(test_ds, results_dir, cfg.metric, out)
+    metrics = score_split(test_ds, results_dir, metric=cfg.metric, coco=True, plots=out / "pr_curves")
     metrics["stage_seconds"] = {k: round(v, 2) for k, v in timings.items()}
     metrics["untrained_classes"] = list(detector.svms.meta.get("untrained", []))
     calibration = read_json(out / "calibration.json") if (out / "calibration.json").is_file() else {}
@@ -191,23 +188,3 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
 def _per_class(all_dets, records, num_classes: int):
     """Per-image detections -> per class (image ids, scores, boxes) for the result files."""
     return detections_by_class([r.image_id for r in records], all_dets, num_classes)
-
-
-def evaluate_results(dataset, results_dir: Path, metric: str | None, out: Path) -> dict[str, Any]:
-    metric = metric or default_metric(dataset.root)
-    metrics = evaluate_result_dir(dataset, results_dir, metric=metric, coco=True)
-    try:
-        plot_pr_curves(metrics, out / "pr_curves")
-    except Exception as e:  # pictures are a nicety; never lose the metrics over them
-        log.warning("could not draw PR curves: %s", e)
-    return metrics
-
-
-def compare_on_records(detector: SPPDetector, records, proposals_fn, rcnn_windows: int | None = None) -> dict[str, Any]:
-    """SPP-net vs R-CNN timing with the trained model's head/SVMs on a few test images."""
-
-    images = [load_image(r) for r in records]
-    props = [np.asarray(proposals_fn(r), np.float32) for r in records]
-    if rcnn_windows is not None:
-        props = [p[:rcnn_windows] for p in props]
-    return compare_methods(detector, rcnn_twin(detector), images, props)

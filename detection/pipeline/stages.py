@@ -60,17 +60,19 @@ def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
     """The key of each keyed stage: a hash of every setting its artifact depends on, and of no
     other (a process count or a memory budget changes how a stage runs, never what it makes).
 
-    ``conv_finetune``: the trunk trained through SPP; ``train``: the model file (SVMs, box
-    regressors and the score calibration, which is fitted through the detector's post-processing,
-    so ``test`` keys it when it is fitted); ``detect``: the result files; ``timing``: timing.json.
-    The proposals and the conv-map cache carry their own keys (:mod:`detection.proposals.cache`,
+    ``conv_finetune``: the trunk trained through SPP; ``train``: the model file; ``detect``: the
+    result files; ``timing``: timing.json. ``train_parts`` keys the train stage's checkpoints of
+    the SVMs and box regressors (``OUT/train_checkpoint/``): the model file's key without the
+    score calibration, which is fitted through the detector's post-processing, so ``test`` keys
+    ``train`` when it is fitted, and a change of ``test`` refits only the calibration. The
+    proposals and the conv-map cache carry their own keys (:mod:`detection.proposals.cache`,
     :mod:`detection.features.convmap_cache`).
     """
     features = to_dict(cfg.features.feature_settings())
     conv = stage_key(cfg.data, cfg.proposals, cfg.backbone, features, cfg.conv_finetune)
-    train_cfg = {k: v for k, v in to_dict(cfg.train).items() if k != "memory_gb"}
-    train = stage_key(cfg.method, cfg.data, cfg.proposals, cfg.backbone, features, cfg.features.fp16,
-                      conv if cfg.conv_finetune.enabled else None, cfg.feature_layer, train_cfg,
-                      cfg.test if cfg.train.calibration.enabled else None)
-    return {"conv_finetune": conv, "train": train, "detect": stage_key(train, cfg.test),
+    parts_cfg = {k: v for k, v in to_dict(cfg.train).items() if k not in ("memory_gb", "calibration")}
+    parts = stage_key(cfg.method, cfg.data, cfg.proposals, cfg.backbone, features, cfg.features.fp16,
+                      conv if cfg.conv_finetune.enabled else None, cfg.feature_layer, parts_cfg)
+    train = stage_key(parts, cfg.train.calibration, cfg.test if cfg.train.calibration.enabled else None)
+    return {"conv_finetune": conv, "train_parts": parts, "train": train, "detect": stage_key(train, cfg.test),
             "timing": stage_key(train, cfg.test, cfg.timing)}

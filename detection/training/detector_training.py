@@ -139,9 +139,12 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         out_dir: where fine-tuning checkpoints go (resumable).
         finetune_pool5_fn: pooled features for fine-tuning (random scale per window); defaults
             to ``pool5_fn``.
-        checkpoint_key: with ``out_dir``, checkpoint the SVMs and then each class's box regressor
-            under ``out_dir/train_checkpoint/`` (:class:`TrainCheckpoint`); a rerun with the same
-            key continues from them. The key must change with anything they depend on.
+        checkpoint_key: with ``out_dir``, checkpoint the SVMs, then each class's box regressor,
+            then the score calibration under ``out_dir/train_checkpoint/`` (:class:`TrainCheckpoint`);
+            a rerun with the same key continues from them. The key must change with anything the
+            SVMs and box regressors depend on; the calibration's checkpoint is keyed on it plus
+            ``cfg.calibration`` and ``settings``' detection settings (what it is fitted through),
+            so a change of those alone refits only the calibration.
     Returns:
         The trained detector (not yet saved).
     Raises:
@@ -233,7 +236,9 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         regressors = assemble_box_regressors(fitted, classes, cfg.bbox, scale)
     calibration = None
     if cfg.calibration.enabled:
-        found, calibration = train_ckpt.calibration(k) if train_ckpt is not None else (False, None)
+        cal_key = json.dumps({"calibration": dataclasses.asdict(cfg.calibration),
+                              "detection": dataclasses.asdict(settings.detection_settings())}, sort_keys=True)
+        found, calibration = train_ckpt.calibration(k, cal_key) if train_ckpt is not None else (False, None)
         if found:
             log.info("score calibration from the checkpoint %s", train_ckpt.root)
         else:
@@ -252,7 +257,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                                           svms.feature_scale, settings=settings.detection_settings(),
                                           boxes_fn=boxes_fn, class_names=classes, progress=progress)
             if train_ckpt is not None and comm.is_main():
-                train_ckpt.save_calibration(calibration)
+                train_ckpt.save_calibration(calibration, cal_key)
     return SPPDetector(backbone, head, svms, regressors, classes, settings, calibration=calibration,
                        meta={"train": {"num_images": len(records), "head_seed": cfg.head_seed,
                                        # what the calibration was fitted through (also when it failed)
@@ -271,7 +276,7 @@ class TrainCheckpoint:
     def __init__(self, root: Path, key: str) -> None:
         self.root, self.key = Path(root), key
 
-    def _load(self, name: str) -> dict | None:
+    def _load(self, name: str, extra: str = "") -> dict | None:
         path = self.root / name
         if not path.is_file():
             return None
@@ -280,7 +285,7 @@ class TrainCheckpoint:
         except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is redone, never trusted
             log.warning("ignoring the unreadable checkpoint %s (%s)", path, " ".join(str(e).split())[:200])
             return None
-        if not isinstance(state, dict) or state.get("key") != self.key:
+        if not isinstance(state, dict) or state.get("key") != self.key + extra:
             log.info("ignoring %s: made with other settings", path)
             return None
         return state
@@ -296,9 +301,10 @@ class TrainCheckpoint:
         atomic_torch_save(self.root / "svms.pt", {"key": self.key, "tensors": svms.tensors(),
                                                   "meta": json.dumps(svms.to_meta())})
 
-    def calibration(self, num_classes: int) -> tuple[bool, ScoreCalibration | None]:
-        """(found, calibration): the fit saved by :meth:`save_calibration` (None: it was skipped)."""
-        state = self._load("calibration.pt")
+    def calibration(self, num_classes: int, extra: str) -> tuple[bool, ScoreCalibration | None]:
+        """(found, calibration): the fit saved by :meth:`save_calibration` with the same ``extra``
+        key (what the fit depends on beyond the SVMs); None: the fit was skipped."""
+        state = self._load("calibration.pt", extra)
         if state is None:
             return False, None
         try:
@@ -308,10 +314,10 @@ class TrainCheckpoint:
             log.warning("ignoring the damaged checkpoint %s (%s)", self.root / "calibration.pt", e)
             return False, None
 
-    def save_calibration(self, calibration: ScoreCalibration | None) -> None:
+    def save_calibration(self, calibration: ScoreCalibration | None, extra: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(self.root / "calibration.pt", {
-            "key": self.key, "meta": json.dumps(None if calibration is None else calibration.to_meta())})
+            "key": self.key + extra, "meta": json.dumps(None if calibration is None else calibration.to_meta())})
 
     def regressors(self, num_classes: int, scale: float) -> dict[int, ClassRegressor]:
         done = {}
