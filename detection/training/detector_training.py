@@ -242,7 +242,9 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         if found:
             log.info("score calibration from the checkpoint %s", train_ckpt.root)
         else:
-            # Fitted through the detector's own box regression, clipping and post-processing.
+            # Fitted through the detector's own box regression, clipping and post-processing. The
+            # regressors are the final ones (fitted on every image): they only move the boxes
+            # that are labelled; what is held out is the SVM scores the probabilities map.
             @torch.inference_mode()
             def boxes_fn(i: int, sample: ImageSample) -> torch.Tensor:
                 r = source.records[i]
