@@ -59,8 +59,7 @@ def test_map_stays_above_its_floor(accuracy_voc, run_dir, method):
     assert metrics["mAP"] >= FLOORS[method], (
         f"{method} VOC07 mAP {metrics['mAP']:.3f} fell below its floor {FLOORS[method]}: per class {metrics['AP']}")
     # The score calibration is fitted on held-out training windows and checked on the test split's
-    # detections (measured ECE: 0.009 SPP-net, 0.040 R-CNN over ~900 detections, fitted through the
-    # detector's box regression and post-processing; 0.008 and 0.039 before, through NMS alone).
+    # detections (measured ECE: 0.009 SPP-net, 0.040 R-CNN over ~900 detections).
     cal = metrics["calibration"]
     assert cal["num_detections"] > 100 and cal["ece"] <= 0.1, cal
     assert "## Score calibration" in (run_dir / "report.md").read_text()
