@@ -278,3 +278,27 @@ def test_fp16_maps_are_refused_with_rcnn(synthetic_voc, tmp_path):
     with pytest.raises(ConfigError, match=r"features\.fp16 sets up the conv-map cache"):
         run_pipeline(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_conv_finetuning_stage_trains_the_trunk_with_its_own_settings(synthetic_voc, tmp_path, caplog):
+    # conv_finetune.* (the embedded default's stage) reaches the run: the trunk the features come
+    # from is the fine-tuned one, and conv_finetune.conv_lr_mult is its learning rate's multiple
+    # (0: the trunk stays as built, so its conv maps are those of the untrained trunk).
+    from detection.backbones import build_backbone
+    conv = {"enabled": True, "iterations": 2, "lr_steps": [1], "batch_size": 16, "images_per_batch": 2,
+            "hidden": [16, 16], "checkpoint_every": 1}
+    no_timing = {"enabled": False, "num_images": 3, "rcnn_windows": None}      # the defaults: off
+    cfg = merge(_config(synthetic_voc), {"conv_finetune": conv, "timing": no_timing,
+                                         "train": {"calibration": {"enabled": False}}})
+    run_pipeline(cfg, tmp_path / "a", progress=False)
+    tuned = SPPDetector.from_file(tmp_path / "a" / "model.pt")
+    assert tuned.backbone.weights_id.startswith("finetuned:") and "conv_finetune" in _stages(tmp_path / "a")
+    built = build_backbone("alexnet", weights=None).trunk.state_dict()
+    assert any(not torch.equal(v, built[k]) for k, v in tuned.backbone.trunk.state_dict().items())
+
+    frozen = merge(cfg, {"conv_finetune": {"conv_lr_mult": 0.0}})
+    run_pipeline(frozen, tmp_path / "b", progress=False)
+    kept = SPPDetector.from_file(tmp_path / "b" / "model.pt").backbone.trunk.state_dict()
+    for k, v in kept.items():
+        torch.testing.assert_close(v, built[k], rtol=0, atol=0)
