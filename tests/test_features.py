@@ -35,7 +35,7 @@ from detection.features import (
     pooled_window_features,
     select_scales,
 )
-from detection.features.pooling import project_boxes, window_features
+from detection.features.pooling import pool_windows, project_boxes
 from detection.features.scales import choose_scale
 
 SCALES = (96,)       # small shorter side: the tests are about the cache, not about accuracy
@@ -43,6 +43,13 @@ MAX_SIZE = 192       # caps the longer side of the synthetic 320x240 images
 NUM_RECORDS = 3      # each conv pass costs ~0.3 s on a busy 2-core machine: keep few images
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
+
+
+def _project_and_pool(fmap, boxes_scaled_px, stride, levels=(6, 3, 2, 1), rule="paper", first_cell_center=0.5):
+    """Windows of one scaled image pooled straight from its map: the two public ops, no cache."""
+    cells = project_boxes(torch.as_tensor(boxes_scaled_px), stride, tuple(fmap.shape[-2:]), rule=rule,
+                          first_cell_center=first_cell_center)
+    return pool_windows(fmap, cells, levels)
 
 def _subset(dataset: VOCDataset, n: int) -> VOCDataset:
     """The first n records of a dataset (a real VOCDataset; the cache keys on the record list)."""
@@ -91,7 +98,7 @@ def _cached(cache, record, boxes, levels=DEFAULT_LEVELS, rule="paper", scale_rul
 
 def _in_memory(mem, boxes, levels=DEFAULT_LEVELS, **kw):
     """Features of windows pooled from conv maps computed in memory."""
-    return pooled_window_features(mem.maps, mem.factors, boxes, mem.stride, levels,
+    return pooled__project_and_pool(mem.maps, mem.factors, boxes, mem.stride, levels,
                                   first_cell_center=mem.first_cell_center, **kw)
 
 
@@ -171,7 +178,7 @@ def test_window_features_equal_pooling_the_in_memory_map(dataset, backbone, base
         assert feats.shape == (len(boxes), backbone.out_channels * 50) and feats.dtype == torch.float32
         mem = in_memory[record.key]
         scaled = torch.as_tensor(boxes, dtype=torch.float64) * mem.factors[0]
-        ref = window_features(mem.maps[0], scaled, backbone.stride, levels, "paper", first_cell_center=c0)
+        ref = _project_and_pool(mem.maps[0], scaled, backbone.stride, levels, "paper", first_cell_center=c0)
         torch.testing.assert_close(feats, ref.float(), rtol=0, atol=1e-5)
         torch.testing.assert_close(_in_memory(mem, boxes, levels), feats, rtol=0, atol=1e-5)
         # Independent slow check of a 1x1 pyramid: the max over the projected cells.
@@ -186,7 +193,7 @@ def test_window_features_equal_pooling_the_in_memory_map(dataset, backbone, base
         torch.testing.assert_close(_cached(base, record, boxes[perm]), feats[perm])
         # The "code" projection rule is passed through.
         code = _cached(base, record, boxes, levels=levels, rule="code")
-        ref = window_features(mem.maps[0], scaled, backbone.stride, levels, "code", first_cell_center=c0)
+        ref = _project_and_pool(mem.maps[0], scaled, backbone.stride, levels, "code", first_cell_center=c0)
         torch.testing.assert_close(code, ref.float(), rtol=0, atol=1e-5)
     empty = _cached(base, dataset.records[0], np.zeros((0, 4), np.float32))
     assert empty.shape == (0, backbone.out_channels * 50)
@@ -210,14 +217,14 @@ def test_scale_choice_with_two_scales(dataset, backbone, tmp_path):
     np.testing.assert_array_equal(got.numpy(), expected)
     big = select_scales(torch.as_tensor(boxes), factors, "area")  # paper's 224: the larger scale
     assert big.tolist() == [1] * len(boxes)
-    feats = pooled_window_features(cache.maps(record), factors, boxes, cache.stride, scale_rule="area",
+    feats = pooled__project_and_pool(cache.maps(record), factors, boxes, cache.stride, scale_rule="area",
                                    scale_target=target, first_cell_center=cache.first_cell_center)
     per_scale = [_cached(cache, record, boxes, scale_rule=k) for k in range(2)]
     for i, k in enumerate(expected):
         torch.testing.assert_close(feats[i], per_scale[k][i])
     assert not torch.equal(per_scale[0], per_scale[1])
     for k, fmap in enumerate(cache.maps(record)):  # each scale: its own map and factor
-        ref = window_features(torch.from_numpy(np.array(fmap)), torch.as_tensor(boxes, dtype=torch.float64)
+        ref = _project_and_pool(torch.from_numpy(np.array(fmap)), torch.as_tensor(boxes, dtype=torch.float64)
                                   * factors[k], backbone.stride, first_cell_center=backbone.first_cell_center)
         torch.testing.assert_close(per_scale[k], ref, rtol=0, atol=0)
     # "random": reproducible with a seeded generator, each row from one of the scales, both used.
@@ -421,9 +428,9 @@ def test_image_too_small_for_the_trunk_is_a_named_error(backbone, tmp_path):
 def test_pooled_window_features_checks_its_inputs(backbone):
     maps = [torch.zeros(backbone.out_channels, 5, 6)]
     with pytest.raises(ValueError, match="scale factors"):
-        pooled_window_features(maps, [1.0, 2.0], np.zeros((1, 4)), 16)
+        pooled__project_and_pool(maps, [1.0, 2.0], np.zeros((1, 4)), 16)
     with pytest.raises(ValueError, match="scale_rule"):
-        pooled_window_features(maps, [1.0], np.array([[0, 0, 10, 10]]), 16, scale_rule="best")
+        pooled__project_and_pool(maps, [1.0], np.array([[0, 0, 10, 10]]), 16, scale_rule="best")
 
 
 def test_extract_features_tool(synthetic_voc, tmp_path, capsys):

@@ -214,10 +214,6 @@ class ConvMapCache:
         return float(self.settings["first_cell_center"])
 
     @property
-    def channels(self) -> int:
-        return int(self.settings["channels"])
-
-    @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.settings["dtype"])
 

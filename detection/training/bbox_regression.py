@@ -356,7 +356,7 @@ def fit_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_clas
             samples[c] = (np.zeros((0, dim), np.float32), y)     # free the features as we go
         logger.info("%s: fitting %d samples x %d features (%s form)", names[c], len(x), dim,
                     "primal D x D" if len(x) > dim else "dual N x N")
-        weight, bias, mean, unwhiten, mse = fit_class_regressor(x, y, cfg)
+        weight, bias, mean, unwhiten, mse = fit_class_regressor(x, y, cfg.lam, cfg.regularize_bias)
         del x                                                     # before the next class's samples
         fitted[c] = ClassRegressor(weight, bias, mean, unwhiten,
                                    {"num_samples": len(y), "train_mse": mse.tolist(),

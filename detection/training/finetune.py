@@ -233,9 +233,8 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
     trainable = [p for group in params for p in group["params"] if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start = 0
-    # Fix: checkpoints are keyed on what they depend on. Before, a checkpoint left by a run with
-    # another config (lr, seed, classes, proposals...) in the same folder was resumed silently:
-    # the "new" model was the old one, or load_state_dict failed with a raw RuntimeError.
+    # The checkpoint is keyed on what it depends on: one left in the same folder by a run with
+    # another config (lr, seed, classes, proposals...) must not be resumed as if it were this run's.
     key = _checkpoint_key(head, windows, cfg, checkpoint_key)
     if checkpoint is not None and Path(checkpoint).exists():
         try:
