@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import DistributedError
-from .io import process_alive
+from .io.files import process_alive
 
 __all__ = ["TIMEOUT_ENV", "DEFAULT_TIMEOUT_S", "launched", "init_distributed", "shutdown", "world_size", "rank",
            "local_world_size", "is_main", "shard", "shard_bounds", "barrier", "broadcast",

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from .errors import DetectionError, ModelError
-from .io import atomic_torch_save, check_class_name, describe_missing, parse_json
+from .io.files import atomic_torch_save
+from .io.jsonfile import parse_json
+from .io.paths import check_class_name, describe_missing
 
 __all__ = ["MODEL_FORMAT", "MODEL_VERSION", "MAX_CLASSES", "MAX_TENSORS", "MAX_META_BYTES", "save_model",
            "load_model", "check_class_names", "prefixed", "unprefixed", "torch_load_reason"]

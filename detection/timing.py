@@ -28,7 +28,7 @@ from .data.voc import VOCDataset, report_images
 from .detector import DetectorSettings, SPPDetector, check_settings
 from .features import pool5_dim
 from .heads import FCHead
-from .io import write_json
+from .io.jsonfile import write_json
 from .linear import BoxRegressors, LinearSVMs
 from .runtime import resolve_device
 from .timer import StageTimer

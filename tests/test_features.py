@@ -24,6 +24,7 @@ from detection.data.images import load_image
 from detection.data.voc import VOCDataset
 from detection.errors import CacheError, DetectionError
 from detection.features import (
+    CONVMAP_FORMAT_VERSION,
     DEFAULT_LEVELS,
     ConvMapCache,
     FeatureSettings,
@@ -44,12 +45,12 @@ NUM_RECORDS = 3      # each conv pass costs ~0.3 s on a busy 2-core machine: kee
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-
 def _project_and_pool(fmap, boxes_scaled_px, stride, levels=(6, 3, 2, 1), rule="paper", first_cell_center=0.5):
     """Windows of one scaled image pooled straight from its map: the two public ops, no cache."""
     cells = project_boxes(torch.as_tensor(boxes_scaled_px), stride, tuple(fmap.shape[-2:]), rule=rule,
                           first_cell_center=first_cell_center)
     return pool_windows(fmap, cells, levels)
+
 
 def _subset(dataset: VOCDataset, n: int) -> VOCDataset:
     """The first n records of a dataset (a real VOCDataset; the cache keys on the record list)."""
@@ -98,7 +99,7 @@ def _cached(cache, record, boxes, levels=DEFAULT_LEVELS, rule="paper", scale_rul
 
 def _in_memory(mem, boxes, levels=DEFAULT_LEVELS, **kw):
     """Features of windows pooled from conv maps computed in memory."""
-    return pooled__project_and_pool(mem.maps, mem.factors, boxes, mem.stride, levels,
+    return pooled_window_features(mem.maps, mem.factors, boxes, mem.stride, levels,
                                   first_cell_center=mem.first_cell_center, **kw)
 
 
@@ -132,7 +133,7 @@ def test_round_trip_equals_in_memory_conv_pass(dataset, backbone, base, in_memor
     cache = base
     assert cache.root.name.startswith("convmaps_")
     meta = json.loads((cache.root / "meta.json").read_text())
-    assert meta["version"] == 1 and meta["settings"]["scales"] == list(SCALES)
+    assert meta["version"] == CONVMAP_FORMAT_VERSION and meta["settings"]["scales"] == list(SCALES)
     assert meta["settings"]["dtype"] == "float32" and meta["settings"]["backbone"] == backbone.name
     assert meta["settings"]["num_records"] == NUM_RECORDS
     assert (cache.root / "index.json").is_file()
@@ -166,7 +167,7 @@ def test_dataloader_workers_give_the_same_files(dataset, backbone, base, tmp_pat
             assert (cache.record_dir(record.key) / name).read_bytes() == (base.record_dir(record.key) / name).read_bytes()
     # Keys that are not plain file names get a hashed folder.
     assert cache.record_dir("a b/../c").parent == cache.root / "maps"
-    assert cache.record_dir("a b/../c").name.startswith("id-")
+    assert cache.record_dir("a b/../c").name == "a b%2F..%2Fc"
 
 
 def test_window_features_equal_pooling_the_in_memory_map(dataset, backbone, base, in_memory):
@@ -217,7 +218,7 @@ def test_scale_choice_with_two_scales(dataset, backbone, tmp_path):
     np.testing.assert_array_equal(got.numpy(), expected)
     big = select_scales(torch.as_tensor(boxes), factors, "area")  # paper's 224: the larger scale
     assert big.tolist() == [1] * len(boxes)
-    feats = pooled__project_and_pool(cache.maps(record), factors, boxes, cache.stride, scale_rule="area",
+    feats = pooled_window_features(cache.maps(record), factors, boxes, cache.stride, scale_rule="area",
                                    scale_target=target, first_cell_center=cache.first_cell_center)
     per_scale = [_cached(cache, record, boxes, scale_rule=k) for k in range(2)]
     for i, k in enumerate(expected):
@@ -342,7 +343,7 @@ def test_other_settings_other_folder_and_tampered_meta(dataset, backbone, base, 
         ConvMapCache.open(root)
     # rebuild=True starts over.
     rebuilt = _extract(dataset, backbone, tmp_path, rebuild=True)
-    assert rebuilt.root == root and json.loads(meta_path.read_text())["version"] == 1
+    assert rebuilt.root == root and json.loads(meta_path.read_text())["version"] == CONVMAP_FORMAT_VERSION
     assert _files(rebuilt.root) == _files(base.root)
 
 
@@ -428,9 +429,9 @@ def test_image_too_small_for_the_trunk_is_a_named_error(backbone, tmp_path):
 def test_pooled_window_features_checks_its_inputs(backbone):
     maps = [torch.zeros(backbone.out_channels, 5, 6)]
     with pytest.raises(ValueError, match="scale factors"):
-        pooled__project_and_pool(maps, [1.0, 2.0], np.zeros((1, 4)), 16)
+        pooled_window_features(maps, [1.0, 2.0], np.zeros((1, 4)), 16)
     with pytest.raises(ValueError, match="scale_rule"):
-        pooled__project_and_pool(maps, [1.0], np.array([[0, 0, 10, 10]]), 16, scale_rule="best")
+        pooled_window_features(maps, [1.0], np.array([[0, 0, 10, 10]]), 16, scale_rule="best")
 
 
 def test_extract_features_tool(synthetic_voc, tmp_path, capsys):

@@ -23,11 +23,11 @@ STRIDE = 16
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 def _project_and_pool(fmap, boxes, stride, levels, first_cell_center=0.5):
     """Windows pooled from a map [1, C, H, W] or [C, H, W]: the two public ops."""
     cells = project_boxes(boxes, stride, tuple(fmap.shape[-2:]), first_cell_center=first_cell_center)
     return pool_windows(fmap, cells.to(fmap.device), levels)
+
 
 def _record(boxes, labels, difficult=None, image_id: str = "img") -> ImageRecord:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)

@@ -28,7 +28,7 @@ from detection.backbones import build_backbone
 from detection.data.voc import VOCDataset
 from detection.detector import DetectorSettings, SPPDetector
 from detection.features import CONVMAP_FORMAT_VERSION, ConvMapCache
-from detection.io import write_json
+from detection.io.jsonfile import write_json
 from detection.proposals import SelectiveSearchConfig
 from detection.timing import random_detector
 

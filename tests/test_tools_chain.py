@@ -52,7 +52,7 @@ def test_train_svm_takes_the_weights_extract_features_recorded(synthetic_voc, tm
 
     from detection.backbones import build_backbone
     from detection.detector import SPPDetector
-    from detection.io import file_sha256
+    from detection.io.files import file_sha256
 
     weights = tmp_path / "alexnet.pth"
     torch.save(torchvision_alexnet(seed=3).state_dict(), weights)

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in result.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     if args.out is not None:
-        from detection.io import write_json
+        from detection.io.jsonfile import write_json
 
         write_json(args.out, result)
     return 0

@@ -24,7 +24,7 @@ from detection.config import load_config
 from detection.data.voc import VOCDataset
 from detection.errors import DetectionError
 from detection.features import extract_conv_maps, make_featurizer
-from detection.io import write_json
+from detection.io.jsonfile import write_json
 from detection.pipeline import PipelineConfig, detector_settings
 from detection.proposals import compute_proposals
 from detection.training.detector_training import TrainConfig, train_detector

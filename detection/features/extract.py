@@ -22,7 +22,7 @@ from ..data.records import ImageRecord
 from ..data.images import load_image
 from ..data.voc import VOCDataset, report_images
 from ..errors import DetectionError
-from ..io import write_json
+from ..io.jsonfile import write_json
 from ..proposals import compute_proposals
 from ..runtime import resolve_device
 from ..workers import init_worker_process

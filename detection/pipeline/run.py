@@ -27,7 +27,8 @@ from ..errors import DetectionError
 from ..evaluation import default_metric, detections_by_class, evaluate_result_dir, write_result_files
 from ..evaluation.plots import plot_pr_curves
 from ..features.featurizer import training_featurizer
-from ..io import make_dirs, read_json, write_json
+from ..io.files import make_dirs
+from ..io.jsonfile import read_json, write_json
 from ..proposals import compute_proposals
 from ..report import write_report
 from ..runtime import resolve_device

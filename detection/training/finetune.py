@@ -31,7 +31,7 @@ from ..boxes import box_iou_numpy
 from ..data.records import ImageRecord
 from ..errors import DetectionError
 from ..heads import FCHead
-from ..io import atomic_torch_save
+from ..io.files import atomic_torch_save
 
 __all__ = ["FinetuneConfig", "WindowLabels", "label_windows", "sample_minibatch", "schedule_summary", "finetune",
            "PAPER_ITERATIONS", "CODE_ITERATIONS"]

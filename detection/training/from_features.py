@@ -17,7 +17,7 @@ from ..detector import DetectorSettings, SPPDetector
 from ..errors import CacheError
 from ..features import ConvMapCache, make_featurizer, pool5_dim
 from .finetune import FinetuneConfig
-from ..io import read_json
+from ..io.jsonfile import read_json
 from ..proposals import compute_proposals
 from .detector_training import TrainConfig, train_detector
 
