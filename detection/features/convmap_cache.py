@@ -3,7 +3,7 @@
 This is the SPP-net stage that replaces R-CNN's per-window conv passes: every image is resized
 to each scale (shorter side ``s``), the conv trunk runs once on the whole image, and the conv
 map is kept — on disk in a :class:`ConvMapCache` for training, in memory
-(:func:`detection.features.extract.conv_maps_for_image`) at test time. Features of a window are
+(:func:`detection.features.conv_pass.conv_maps_for_image`) at test time. Features of a window are
 then a spatial pyramid pooling of the window's projection onto the map of one scale
 (:mod:`detection.features.featurizer`), so training never materialises an R-CNN-sized per-window cache (~200 GB for VOC07): the conv
 maps are ~20x smaller and any window set (proposals, ground truth, jittered boxes) can be

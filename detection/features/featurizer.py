@@ -31,7 +31,8 @@ from ..data.images import load_image
 from ..errors import DetectionError
 from ..timer import NO_TIMER, Timer
 from .convmap_cache import ConvMapCache
-from .extract import check_image, conv_maps_for_image, extract_conv_maps
+from .conv_pass import check_image, conv_maps_for_image
+from .extract import extract_conv_maps
 from .pooling import DEFAULT_LEVELS
 from .rcnn import rcnn_window_features
 from .scales import DEFAULT_MAX_SIZE, DEFAULT_SCALES_1, as_boxes_tensor, pooled_window_features, scale_factors, \
