@@ -1,4 +1,5 @@
-"""Slow, obviously correct window features, for tests of the featurizer, the detector and timing.
+"""Slow, obviously correct window features (for tests of the featurizer, the detector and timing)
+and the AP of a model file computed without the pipeline's detect and evaluate stages.
 
 Each step is written from the paper's (or the official code's) rule by loops over boxes, bins and
 pixels, and shares no code with ``detection.features`` beyond the trunk itself (``preprocess`` +
@@ -13,6 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from detection.boxes import internal_to_voc
+from detection.data.images import load_image
+from detection.data.voc import VOCDataset
+from detection.detector import SPPDetector
+from test_eval_voc import ref_voc_eval
 from test_rcnn import ref_warp
 from test_spp import ref_project_code, ref_project_paper, ref_spp_window
 
@@ -94,3 +100,25 @@ def reference_rcnn_features(backbone, image: np.ndarray, boxes: np.ndarray, leve
     finally:
         backbone.train(was_training)
     return np.stack(out)
+
+
+def reference_voc_ap(model_path, root, metric: str) -> dict[str, float]:
+    """Per-class AP of the model file on the test split, computed independently of the pipeline's
+    detect and evaluate stages: SPPDetector.detect on each image (its own selective search), the
+    boxes written as the result files write them (1-based, 0.1 px; scores to 9 digits), and the
+    devkit loop ported in tests/test_eval_voc.py (``ref_voc_eval``). Classes without ground truth
+    are left out."""
+    detector = SPPDetector.from_file(model_path)
+    records = VOCDataset(root, "test").records
+    dets = [detector.detect(load_image(r)) for r in records]
+    ap = {}
+    for c, name in enumerate(detector.classes):
+        gt = {r.image_id: {"bbox": internal_to_voc(r.boxes[r.labels == c]), "difficult": r.difficult[r.labels == c]}
+              for r in records}
+        if not sum(int((~g["difficult"]).sum()) for g in gt.values()):
+            continue
+        ids = [r.image_id for r, d in zip(records, dets) for _ in range(int((d.labels == c).sum()))]
+        scores = np.array([float(f"{s:.9g}") for d in dets for s in d.scores[d.labels == c]])
+        boxes = np.round(np.concatenate([internal_to_voc(d.boxes[d.labels == c]) for d in dets]), 1)
+        ap[name] = ref_voc_eval(gt, ids, scores, boxes, use_07_metric=metric == "voc07")[2]
+    return ap
