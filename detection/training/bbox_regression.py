@@ -4,7 +4,7 @@ The deltas a regressor predicts and the model the detector applies are in :mod:`
 (:func:`~detection.linear.encode`, :class:`~detection.linear.BoxRegressors`); the ridge solver is
 :mod:`detection.training.ridge`.
 
-Training (SPP-net ``spp_train_bbox_regressor.m``; reference doc section 8):
+Training (SPP-net ``spp_train_bbox_regressor.m``; R-CNN, Girshick et al. 2014, appendix C):
 
 * samples: every candidate (GT boxes, then proposals) whose best IoU with a non-difficult GT box
   is above ``min_iou`` (0.5 in SPP-net, 0.6 in R-CNN); the target is that GT box, and the sample
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class BBoxRegressionConfig:
-    """Box-regression settings; defaults are SPP-net's (reference doc section 8)."""
+    """Box-regression settings; defaults are SPP-net's code (``spp_train_bbox_regressor.m``)."""
 
     #: Ridge penalty. SPP-net 4,000; R-CNN 1,000 (on pool5 features scaled to norm 20 in both).
     lam: float = 4000.0

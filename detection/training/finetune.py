@@ -1,6 +1,6 @@
 """Fine-tuning fc6/fc7/fc8 (and optionally the conv layers) on pooled window features.
 
-The paper's recipe (sppnet-reference.md, section 6): windows with IoU >= 0.5 with a ground truth
+The paper's recipe (He et al. 2014, Sec. 4.1, "Fine-tuning"; docs/pipeline.md): windows with IoU >= 0.5 with a ground truth
 are positives labelled with its class, windows with IoU in [0.1, 0.5) are background, mini-batches
 of exactly 128 windows hold 32 positives and 96 background windows (:func:`sample_minibatch`), SGD
 with momentum 0.9 and weight decay 5e-4, a random scale per window while training.
@@ -30,6 +30,7 @@ from .. import comm
 from ..boxes import box_iou_numpy
 from ..data.records import ImageRecord
 from ..errors import DetectionError
+from ..features.featurizer import PooledFn
 from ..heads import FCHead
 from ..io.files import atomic_torch_save
 
@@ -42,9 +43,6 @@ PAPER_ITERATIONS = 300_000
 CODE_ITERATIONS = 90_000
 
 log = logging.getLogger(__name__)
-
-#: pooled_fn(record_index, boxes Tensor[N,4] in original image pixels, generator) -> Tensor[N, D]
-PooledFn = Callable[[int, torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
