@@ -159,6 +159,7 @@ def test_round_trip_equals_in_memory_conv_pass(dataset, backbone, base, in_memor
     assert opened.record_info(dataset.records[1]) == cache.record_info(dataset.records[1])
 
 
+@pytest.mark.slow
 def test_dataloader_workers_give_the_same_files(dataset, backbone, base, tmp_path):
     two = _subset(dataset, 2)
     cache = _extract(two, backbone, tmp_path, num_workers=2)
@@ -267,6 +268,7 @@ def test_resume_after_interruption_gives_identical_files(dataset, backbone, base
     assert _files(resumed.root) == _files(base.root)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(dataset, tmp_path):
     """A real interrupted process: SIGKILL right after its first record, then resume here.
 

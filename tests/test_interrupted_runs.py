@@ -53,6 +53,9 @@ import numpy as np
 import pytest
 import torch
 
+# Tools killed and resumed in subprocesses: the slow tier (-m slow, or -m "" for every tier).
+pytestmark = pytest.mark.slow
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 SEED = int(os.environ.get("SPP_KILL_SEED", "0"))
 TIMEOUT = 300  # seconds any one tool run may take before the test fails

@@ -182,6 +182,7 @@ run_pipeline(from_dict(PipelineConfig, json.loads(sys.argv[1])), sys.argv[2], pr
 """
 
 
+@pytest.mark.slow
 def test_kill_in_box_regression_keeps_the_svms_and_the_rerun_continues(synthetic_voc, tmp_path, caplog):
     import logging
     import os

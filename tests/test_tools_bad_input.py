@@ -267,21 +267,25 @@ def outcome(runs, name: str) -> tuple[subprocess.CompletedProcess, str | None]:
 # every bad case against one tool; every tool against an unreadable and a truncated image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_CASES, ids=lambda c: c.__name__)
 def test_compute_proposals_names_the_bad_input(runs, case):
     assert_refused(*outcome(runs, f"compute_proposals/{case.__name__}"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", sorted(TOOL_RUNS))
 def test_every_tool_names_an_unreadable_image(runs, tool):
     assert_refused(*outcome(runs, f"{tool}/random_bytes"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", DECODING_TOOLS)
 def test_every_tool_names_a_truncated_image(runs, tool):
     assert_refused(*outcome(runs, f"{tool}/truncated_jpeg"))
 
 
+@pytest.mark.slow
 def test_demo_names_a_missing_image(runs):
     assert_refused(*outcome(runs, "demo/missing_file"))
 

@@ -13,6 +13,9 @@ from references import reference_voc_ap
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
+# Subprocess pipelines: the slow tier (-m slow, or -m "" for every tier).
+pytestmark = pytest.mark.slow
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
