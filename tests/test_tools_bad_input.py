@@ -32,6 +32,10 @@ from detection.io.jsonfile import write_json
 from detection.proposals import SelectiveSearchConfig
 from detection.timing import random_detector
 
+# Every test reads the outcome of tool runs in subprocesses (the module fixture runs): the slow
+# tier (-m slow, or -m "" for every tier).
+pytestmark = pytest.mark.slow
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
@@ -267,25 +271,21 @@ def outcome(runs, name: str) -> tuple[subprocess.CompletedProcess, str | None]:
 # every bad case against one tool; every tool against an unreadable and a truncated image
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_CASES, ids=lambda c: c.__name__)
 def test_compute_proposals_names_the_bad_input(runs, case):
     assert_refused(*outcome(runs, f"compute_proposals/{case.__name__}"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("tool", sorted(TOOL_RUNS))
 def test_every_tool_names_an_unreadable_image(runs, tool):
     assert_refused(*outcome(runs, f"{tool}/random_bytes"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("tool", DECODING_TOOLS)
 def test_every_tool_names_a_truncated_image(runs, tool):
     assert_refused(*outcome(runs, f"{tool}/truncated_jpeg"))
 
 
-@pytest.mark.slow
 def test_demo_names_a_missing_image(runs):
     assert_refused(*outcome(runs, "demo/missing_file"))
 

@@ -30,6 +30,10 @@ from detection.model import MODEL_FORMAT, MODEL_VERSION
 from detection.proposals import SelectiveSearchConfig
 from detection.timing import random_detector
 
+# Every test reads the outcome of tool runs in subprocesses (the module fixture runs): the slow
+# tier (-m slow, or -m "" for every tier).
+pytestmark = pytest.mark.slow
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 ESCAPING = ["../../escaped", "/tmp/absolute_evil_17", "..", "sub/../../x", "a\\b"]
@@ -164,7 +168,6 @@ def runs(base, escaping_model, tmp_path_factory):
     yield results, {name: jobs[name][1] for name in jobs}, before, after
 
 
-@pytest.mark.slow
 def test_model_class_names_never_write_outside_the_output_folder(runs, base, escaping_model):
     results, folders, before, after = runs
     proc = results["eval_voc_escaping_model"]
@@ -246,7 +249,6 @@ WITH_DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.sig
                        "os.execv(sys.argv[1], sys.argv[1:])"]
 
 
-@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_stops_cleanly_and_the_rerun_resumes(many_images, tmp_path):
     out = tmp_path / "props"
     cmd = WITH_DEFAULT_SIGINT + tool_cmd("compute_proposals.py", "--data", many_images, "--split", "trainval",
