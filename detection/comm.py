@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 
 from .errors import DistributedError
-from .io import process_alive
+from .io.files import process_alive
 
 __all__ = ["TIMEOUT_ENV", "DEFAULT_TIMEOUT_S", "launched", "init_distributed", "shutdown", "world_size", "rank",
-           "local_rank", "local_world_size", "is_main", "shard", "shard_bounds", "barrier", "broadcast",
+           "local_world_size", "is_main", "shard", "shard_bounds", "barrier", "broadcast",
            "all_gather", "gather", "all_reduce_sum", "main_first_value", "sum_gradients"]
 
 T = TypeVar("T")
@@ -112,11 +112,6 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
-
-
-def local_rank() -> int:
-    """This process's index on its machine (``LOCAL_RANK``; 0 without a launcher)."""
-    return _env_int("LOCAL_RANK", 0) if is_initialized() else 0
 
 
 def local_world_size() -> int:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import DetectionError
-from .io import atomic_write_text
+from .io.files import atomic_write_text
 
 __all__ = ["ConfigError", "merge", "load_config", "read_yaml_mapping", "parse_overrides", "to_dict", "save_config", "from_dict"]
 

@@ -40,9 +40,9 @@ class FCHead(nn.Module):
         super().__init__()
         self.in_dim = in_dim
         self.hidden = tuple(hidden)
-        # Fix (tests/test_heads.py): nn.Linear's default init draws from torch's global RNG; fork
-        # it so building a head really leaves the caller's random stream untouched (every weight
-        # is overwritten from ``generator`` below anyway).
+        # nn.Linear's default init draws from torch's global RNG; fork it so building a head
+        # leaves the caller's random stream untouched (every weight is overwritten from
+        # ``generator`` below anyway).
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             # hidden (0, 0) is the empty head of a pool5 detector (no fc layer used or stored).
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
@@ -73,7 +73,7 @@ class FCHead(nn.Module):
     def reset_fc8(self, num_classes: int, generator: torch.Generator | None = None) -> None:
         """A fresh (K+1)-way fc8 with the paper's Gaussian init (sigma = 0.01), zero bias."""
         weight = torch.randn((num_classes + 1, self.hidden[1]), generator=generator) * 0.01
-        # Fix: build fc8 beside fc7 (device, dtype) and without drawing from the global RNG.
+        # fc8 lives beside fc7 (device, dtype) and is built without drawing from the global RNG.
         ref = self.fc7.weight if isinstance(self.fc7, nn.Linear) else next(self.fc7.parameters())
         with torch.random.fork_rng(devices=[]):
             fc8 = nn.Linear(self.hidden[1], num_classes + 1, device=ref.device, dtype=ref.dtype)
@@ -161,8 +161,7 @@ class FCHead(nn.Module):
         """Replace Linear ``name`` by an (uninitialised) rank-``rank`` pair of layers and return
         them; :meth:`compress` fills them from the SVD, a model file's loader from its tensors."""
         layer = getattr(self, name)
-        # Fix: the new layers live where the old one did (a head on CUDA stayed on CUDA but
-        # got CPU float32 layers before) and keep its dtype.
+        # The new layers live where the old one did (device) and keep its dtype.
         like = {"device": layer.weight.device, "dtype": layer.weight.dtype}
         with torch.random.fork_rng(devices=[]):
             first = nn.Linear(layer.in_features, rank, bias=False, **like)

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from .errors import DetectionError, ModelError
-from .io import atomic_torch_save, check_class_name, describe_missing, parse_json
+from .io.files import atomic_torch_save
+from .io.jsonfile import parse_json
+from .io.paths import check_class_name, describe_missing
 
 __all__ = ["MODEL_FORMAT", "MODEL_VERSION", "MAX_CLASSES", "MAX_TENSORS", "MAX_META_BYTES", "save_model",
            "load_model", "check_class_names", "prefixed", "unprefixed", "torch_load_reason"]
@@ -83,10 +85,10 @@ def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
                                                                 else f" as a file: the path {what}"))
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    # Fix: catch every error. torch.load of arbitrary bytes also raises IndexError (empty file),
-    # KeyError (a text file read as a legacy pickle), OSError (unreadable file), ... and a user
-    # must get a ModelError naming the file, not a traceback. weights_only=True means nothing of
-    # the file ran, whatever failed.
+    # Every error, not a list of types: torch.load of arbitrary bytes also raises IndexError (an
+    # empty file), KeyError (a text file read as a legacy pickle), OSError (unreadable), ... and a
+    # user must get a ModelError naming the file, not a traceback. weights_only=True means nothing
+    # of the file ran, whatever failed.
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"model file {path} cannot be read safely: {torch_load_reason(e)}") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
@@ -102,7 +104,7 @@ def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise ModelError(f"model file {path} is damaged: {e}") from None
     if len(tensors) > MAX_TENSORS:
         raise ModelError(f"model file {path} is damaged: {len(tensors)} tensors, above the limit of {MAX_TENSORS}")
-    # Fix: validate the content, not only the container (weights_only also admits lists, ints...).
+    # The content is validated, not only the container: weights_only also admits lists, ints...
     if not isinstance(meta, dict):
         raise ModelError(f"model file {path} is damaged: its metadata is not a JSON object")
     bad = [str(k) for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import cv2
 
 from .evaluation.inference import iter_detections
-from .io import atomic_path, atomic_write_text
+from .io.files import atomic_path, atomic_write_text
 from .visualize import draw_detections, shown_detections
 
 __all__ = ["write_report", "timing_table", "ap_table", "calibration_table"]

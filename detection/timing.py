@@ -28,8 +28,9 @@ from .data.records import ImageRecord
 from .data.voc import VOCDataset, report_images
 from .detector import DetectorSettings, SPPDetector, check_settings
 from .errors import DetectionError
+from .features import pool5_dim
 from .heads import FCHead
-from .io import write_json
+from .io.jsonfile import write_json
 from .linear import BoxRegressors, LinearSVMs
 from .runtime import resolve_device
 from .timer import StageTimer
@@ -125,14 +126,14 @@ def random_detector(backbone, num_classes: int, settings, hidden: tuple[int, int
     what a trained one costs, so it times the pipeline when no trained model is at hand."""
 
     g = torch.Generator().manual_seed(seed)
-    pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)
-    head = FCHead(pool5_dim, hidden, num_classes=None, dropout=0.0, generator=g).eval()
-    dim = {"pool5": pool5_dim, "fc6": hidden[0], "fc7": hidden[1]}[settings.feature_layer]
+    dim5 = pool5_dim(backbone.out_channels, settings.levels)
+    head = FCHead(dim5, hidden, num_classes=None, dropout=0.0, generator=g).eval()
+    dim = {"pool5": dim5, "fc6": hidden[0], "fc7": hidden[1]}[settings.feature_layer]
     svms = LinearSVMs(weights=torch.randn((num_classes, dim), generator=g).numpy() * 0.01,
                       biases=np.zeros(num_classes, np.float32), feature_scale=1.0)
     regressors = None
     if bbox:
-        regressors = BoxRegressors(weights=torch.randn((num_classes, pool5_dim, 4), generator=g).numpy() * 1e-4,
+        regressors = BoxRegressors(weights=torch.randn((num_classes, dim5, 4), generator=g).numpy() * 1e-4,
                                    biases=np.zeros((num_classes, 4), np.float32),
                                    target_mean=np.zeros((num_classes, 4), np.float32),
                                    target_unwhiten=np.tile(np.eye(4, dtype=np.float32) * 0.1, (num_classes, 1, 1)),

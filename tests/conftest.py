@@ -44,3 +44,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every Hypothesis test carries the ``fuzz`` marker, so the default (fast) run leaves them
+    all out and ``-m fuzz`` runs them all: an unmarked one is a collection error."""
+    unmarked = [item.nodeid for item in items
+                if getattr(getattr(item, "obj", None), "is_hypothesis_test", False)
+                and item.get_closest_marker("fuzz") is None]
+    if unmarked:
+        raise pytest.UsageError(f"Hypothesis tests without @pytest.mark.fuzz: {', '.join(unmarked)}")

@@ -19,7 +19,8 @@ from detection.config import merge
 from detection.data.synthetic import make_synthetic_voc
 from detection.pipeline import PipelineConfig, run_pipeline
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Long training: the slow tier (-m slow, or -m "" for every tier).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 #: Measured mAP minus a margin for float-order effects of other thread counts and machines.
 FLOORS = {"spp": 0.67, "rcnn": 0.69}

@@ -104,7 +104,7 @@ def test_fit_matches_closed_form_ridge(regularize_bias, n, lam):
     x = rng.normal(size=(n, d)) + 0.5
     y = x[:, :4] @ rng.normal(size=(4, 4)) * 0.1 + rng.normal(scale=0.05, size=(n, 4)) + [0.1, -0.2, 0.3, 0.0]
     cfg = BBoxRegressionConfig(lam=lam, regularize_bias=regularize_bias)
-    w, b, mean, unwhiten, _ = fit_class_regressor(x.astype(np.float32), y, cfg)
+    w, b, mean, unwhiten, _ = fit_class_regressor(x.astype(np.float32), y, cfg.lam, cfg.regularize_bias)
     reg = BoxRegressors(weights=w[None], biases=b[None], target_mean=mean[None], target_unwhiten=unwhiten[None],
                         feature_scale=1.0)
     f = rng.normal(size=(7, d)) + 0.5
@@ -227,7 +227,7 @@ def test_fit_in_chunks_equals_the_closed_form(monkeypatch, regularize_bias, n):
     x = (rng.normal(size=(n, 12)) + 0.5).astype(np.float32)
     y = rng.normal(scale=0.1, size=(n, 4))
     cfg = BBoxRegressionConfig(lam=2.0, regularize_bias=regularize_bias)
-    w, b, mean, unwhiten, mse = fit_class_regressor(x, y, cfg)
+    w, b, mean, unwhiten, mse = fit_class_regressor(x, y, cfg.lam, cfg.regularize_bias)
     f = rng.normal(size=(6, 12)) + 0.5
     want = ridge_slow(x.astype(np.float64), y, 2.0, regularize_bias)(f)
     np.testing.assert_allclose((f @ w + b) @ unwhiten + mean, want, rtol=1e-6, atol=1e-8)

@@ -174,6 +174,7 @@ def _launch(args: list[str], world: int) -> list[subprocess.Popen]:
             for r in range(world)]
 
 
+@pytest.mark.slow
 def test_fine_tuning_on_two_processes_is_one_process_up_to_float_order(tmp_path):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     subprocess.run([sys.executable, "-c", FINETUNE_SCRIPT, str(one)], check=True, env=_env(), timeout=300)
@@ -228,6 +229,7 @@ def _results(folder: Path) -> dict[str, list[tuple[str, float, list[float]]]]:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_artifacts_of_one(synthetic_voc, tmp_path):
     config = tmp_path / "small.yaml"
     config.write_text(SMALL_CONFIG)
@@ -266,6 +268,7 @@ def test_two_processes_give_the_artifacts_of_one(synthetic_voc, tmp_path):
     assert metrics_two["AP"] == pytest.approx(metrics_one["AP"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_the_stage_tools_on_two_processes_give_the_model_and_metrics_of_one(synthetic_voc, tmp_path):
     def chain(out: Path, processes: int) -> tuple[dict, dict]:
         launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -296,6 +299,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_other_and_a_rerun_resumes(tmp_path):
     data = make_synthetic_voc(tmp_path / "voc", num_trainval=24, num_test=2, seed=3)
     ids = (data / "ImageSets" / "Main" / "trainval.txt").read_text().split()

@@ -104,6 +104,7 @@ def test_the_table_holds_the_published_archives():
     assert all(len(a.md5) == 32 and int(a.md5, 16) >= 0 for a in ARCHIVES.values())
 
 
+@pytest.mark.slow
 def test_fetch_voc_script_against_a_mirror_with_other_files(tmp_path):
     # The script with the real MD5 table, against a mirror whose files are not the published ones:
     # one line naming the file and the sums, exit 2, nothing kept.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from detection.data.records import ImageRecord
-from detection.evaluation.coco import COCO_STATS, coco_ground_truth, evaluate_coco, export_coco
+from detection.evaluation.coco import COCO_STATS, coco_detections, coco_ground_truth, evaluate_coco
 from detection.evaluation import ClassDetections
 
 pycocotools = pytest.importorskip("pycocotools")
@@ -44,10 +45,11 @@ def _gt_as_detections(recs, shift=0.0, rng=None) -> list[ClassDetections]:
 
 def test_ground_truth_round_trip_through_pycocotools(tmp_path):
     recs = _records(np.random.default_rng(0))
-    paths = export_coco(tmp_path, recs, CLASSES, _gt_as_detections(recs))
+    (tmp_path / "gt.json").write_text(json.dumps(coco_ground_truth(recs, CLASSES)))
+    (tmp_path / "dets.json").write_text(json.dumps(coco_detections(recs, CLASSES, _gt_as_detections(recs))))
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(paths["ground_truth"]))
-        dets = coco.loadRes(str(paths["detections"]))
+        coco = COCO(str(tmp_path / "gt.json"))
+        dets = coco.loadRes(str(tmp_path / "dets.json"))
     assert len(coco.getImgIds()) == len(recs)
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(CLASSES)
     assert len(coco.getAnnIds()) == sum(len(r.boxes) for r in recs) == len(dets.getAnnIds())

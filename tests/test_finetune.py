@@ -13,7 +13,7 @@ from detection.data.records import ImageRecord
 from detection.errors import DetectionError
 from detection.training.finetune import FinetuneConfig, WindowLabels, finetune, label_windows, sample_minibatch
 from detection.heads import FCHead
-from detection.features.pooling import window_features
+from detection.features.pooling import pool_windows, project_boxes
 
 LEVELS = (2, 1)          # 5 bins per channel keep the problem tiny
 CHANNELS = 4
@@ -21,6 +21,12 @@ STRIDE = 16
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _project_and_pool(fmap, boxes, stride, levels, first_cell_center=0.5):
+    """Windows pooled from a map [1, C, H, W] or [C, H, W]: the two public ops."""
+    cells = project_boxes(boxes, stride, tuple(fmap.shape[-2:]), first_cell_center=first_cell_center)
+    return pool_windows(fmap, cells.to(fmap.device), levels)
 
 
 def _record(boxes, labels, difficult=None, image_id: str = "img") -> ImageRecord:
@@ -186,7 +192,7 @@ def _toy_problem(num_images: int = 4, seed: int = 0):
 
 def _pooled_fn(maps):
     def fn(i: int, boxes: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return window_features(maps[i], boxes, stride=STRIDE, levels=LEVELS)
+        return _project_and_pool(maps[i], boxes, stride=STRIDE, levels=LEVELS)
     return fn
 
 
@@ -344,7 +350,7 @@ def _conv_problem():
         trunk = nn.Conv2d(3, CHANNELS, kernel_size=STRIDE, stride=STRIDE)    # 128 px -> 8 cells
 
     def fn(i: int, boxes: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return window_features(trunk(images[i]), boxes, stride=STRIDE, levels=LEVELS, first_cell_center=8.0)
+        return _project_and_pool(trunk(images[i]), boxes, stride=STRIDE, levels=LEVELS, first_cell_center=8.0)
     return records, proposals, trunk, fn
 
 

@@ -175,6 +175,7 @@ def voc_xml(draw) -> bytes:
     return draw(st.just(raw) | corrupted(raw))
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=150)
 @given(xml=voc_xml() | corrupted(VALID_XML.encode()))
 def test_annotation_fuzz(voc, xml):
@@ -190,6 +191,7 @@ def test_annotation_fuzz(voc, xml):
         assert ((r.labels >= 0) & (r.labels < len(ds.classes))).all()
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=60)
 @given(text=st.lists(st.text(max_size=300), max_size=4).map("\n".join).map(str.encode) | corrupted(b"x\nx 1\n"))
 def test_split_file_fuzz(voc, text):
@@ -240,6 +242,7 @@ def test_entity_expansion_and_external_entities_are_refused(voc, tmp_path):
 # images
 
 
+@pytest.mark.fuzz
 @pytest.mark.parametrize("fmt", sorted(VALID_IMAGES))
 @fuzz(max_examples=40)
 @given(data=st.data())
@@ -285,6 +288,7 @@ def _bmp_with_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=60)
 @given(header=st.one_of(
     st.tuples(st.just("png"), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
@@ -344,6 +348,7 @@ def _records() -> list[ImageRecord]:
                         np.zeros(1, np.int64), np.zeros(1, bool), np.zeros(1, bool)) for i in RESULT_IDS]
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=150)
 @given(raw=result_text())
 def test_result_file_fuzz(tmp_path, raw):
@@ -386,6 +391,7 @@ NPZ_ARRAYS = hnp.arrays(
     shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=80)
 @given(data=st.data())
 def test_proposal_cache_fuzz(tmp_path, data):
@@ -435,6 +441,7 @@ MAT_CELL_ITEM = st.one_of(
 )
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=60)
 @given(data=st.data())
 def test_rcnn_mat_fuzz(voc, tmp_path, data):
@@ -485,6 +492,7 @@ def _small_model(path: Path) -> bytes:
     return path.read_bytes()
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=80)
 @given(data=st.data())
 def test_model_file_bytes_fuzz(tmp_path, data):
@@ -524,6 +532,7 @@ def _paths(tree, prefix=()):
     return out
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=60, seconds=120)
 @given(data=st.data())
 def test_model_file_content_fuzz(tmp_path, detector_file, data):
@@ -600,6 +609,7 @@ def zf5_weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=25, seconds=120)
 @given(data=st.data())
 def test_weights_file_bytes_fuzz(tmp_path, zf5_weights, data):
@@ -626,6 +636,7 @@ TENSORS = st.one_of(
 )
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=40, seconds=120)
 @given(data=st.data())
 def test_weights_file_content_fuzz(tmp_path, data):
@@ -706,6 +717,7 @@ def config_yaml(draw) -> bytes:
     return draw(st.just(raw) | corrupted(raw) | st.text(max_size=200).map(str.encode))
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=150)
 @given(raw=config_yaml())
 def test_yaml_config_fuzz(tmp_path, raw):
@@ -716,6 +728,7 @@ def test_yaml_config_fuzz(tmp_path, raw):
         assert merge(PipelineConfig(), to_dict(cfg)) == cfg
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=80)
 @given(items=st.lists(st.text(max_size=20) | st.tuples(st.sampled_from([".".join(k) for k in CONFIG_KEYS]), FIELD)
                       .map("=".join), max_size=4))
@@ -761,6 +774,7 @@ def _convmap_cache(tmp_path: Path) -> ConvMapCache:
     return cache
 
 
+@pytest.mark.fuzz
 @fuzz(max_examples=60)
 @given(data=st.data())
 def test_convmap_cache_fuzz(tmp_path, data):

@@ -7,6 +7,7 @@ In-process tests of the library; the tool runs (subprocesses) are in
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -21,8 +22,8 @@ from detection.detector import DetectorSettings, SPPDetector
 from detection.errors import CacheError, DatasetError, DetectionError, ModelError, StorageError
 from detection.evaluation import ClassDetections, read_result_dir, result_file_name, write_result_files
 from detection.evaluation.plots import plot_pr_curves
-from detection.io import (MAX_JSON_DEPTH, describe_missing, parse_json, path_in_folder, read_json, safe_file_part,
-                          write_json)
+from detection.io.jsonfile import MAX_JSON_DEPTH, parse_json, read_json, write_json
+from detection.io.paths import MAX_FILE_PART_BYTES, describe_missing, path_in_folder, safe_file_part
 from detection.model import MAX_CLASSES, MODEL_FORMAT, MODEL_VERSION
 from detection.proposals import SelectiveSearchConfig
 from detection.timing import random_detector
@@ -102,8 +103,11 @@ def test_safe_file_part_is_one_to_one_and_keeps_plain_names():
     assert all("/" not in p and "\\" not in p and p not in (".", "..") for p in parts)
     assert safe_file_part("diningtable") == "diningtable"      # devkit names unchanged
     assert result_file_name("test", "../../x") == "comp4_det_test_..%2F..%2Fx.txt"
-    with pytest.raises(DetectionError, match="bytes once escaped"):
-        safe_file_part("/" * 100)                               # 300 bytes escaped
+    # Too long once escaped (300 bytes): the escaped start, "~" and 32 hex digits of its SHA-256.
+    long = [safe_file_part("/" * 100), safe_file_part("/" * 101), safe_file_part("x" * 300)]
+    assert len(set(long)) == 3 and all(len(p.encode()) <= MAX_FILE_PART_BYTES and "/" not in p for p in long)
+    assert long[2] == "x" * (MAX_FILE_PART_BYTES - 33) + "~" + hashlib.sha256(b"x" * 300).hexdigest()[:32]
+    assert safe_file_part("a~b") == "a%7Eb"                     # "~" marks only a hashed name
     with pytest.raises(StorageError, match="leave the folder"):
         path_in_folder(Path("out"), "../x.txt")
 
@@ -440,7 +444,7 @@ def test_weights_and_results_paths_that_are_not_what_they_should_be(tmp_path):
                                               ('{"format_version": 1, "sett', "truncated JSON"),
                                               ("[" * 40 + "]" * 40, "nested deeper")])
 def test_proposal_cache_metadata_is_parsed_with_limits(tmp_path, metadata, needle):
-    from detection.io import atomic_save_npz
+    from detection.io.files import atomic_save_npz
     from detection.proposals import ProposalSet
 
     path = tmp_path / "p.npz"

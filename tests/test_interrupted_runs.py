@@ -53,6 +53,9 @@ import numpy as np
 import pytest
 import torch
 
+# Tools killed and resumed in subprocesses: the slow tier (-m slow, or -m "" for every tier).
+pytestmark = pytest.mark.slow
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 SEED = int(os.environ.get("SPP_KILL_SEED", "0"))
 TIMEOUT = 300  # seconds any one tool run may take before the test fails
@@ -70,7 +73,7 @@ def tool(name: str, *args: object) -> list[str]:
 
 
 def is_temp(path: Path) -> bool:
-    """A temporary file of detection.io.atomic_path: never read by anything."""
+    """A temporary file of detection.io.files.atomic_path: never read by anything."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
@@ -476,7 +479,7 @@ def test_model_file_of_another_version(ref, tmp_path):
 def test_proposal_cache_of_another_version_is_rebuilt_not_trusted(ref, tmp_path):
     """The proposal cache is rebuilt from its shards (a warning, not an error): its key already
     covers the format version, so only a damaged or edited file can sit at the key's path."""
-    from detection.io import atomic_save_npz, load_npz
+    from detection.io.files import atomic_save_npz, load_npz
 
     prop = tmp_path / "proposals"
     shutil.copytree(ref["root"] / "proposals", prop)

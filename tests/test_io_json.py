@@ -2,7 +2,7 @@
 import json
 import math
 
-from detection.io import read_json, write_json
+from detection.io.jsonfile import read_json, write_json
 from detection.report import ap_table
 
 

@@ -245,6 +245,7 @@ def _tool_cmd(data: Path, out: Path, workers: int) -> list[str]:
             "--no-progress"]
 
 
+@pytest.mark.slow
 def test_compute_proposals_matches_per_image_reference_reuses_and_rebuilds(synthetic_voc, tmp_path, caplog):
     from detection.data.images import load_image
     from detection.data.voc import VOCDataset
@@ -281,6 +282,7 @@ def test_compute_proposals_matches_per_image_reference_reuses_and_rebuilds(synth
     np.testing.assert_array_equal(other.boxes_for(originals[0].image_id), ps.boxes_for(originals[0].image_id)[:5])
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_arrays(synthetic_voc, tmp_path):
     from detection.data.voc import VOCDataset
 
@@ -319,6 +321,7 @@ def test_resume_after_sigkill_gives_identical_arrays(synthetic_voc, tmp_path):
         assert key in summary
 
 
+@pytest.mark.slow
 def test_bad_image_error_names_the_file(synthetic_voc, tmp_path):
     from detection.data.voc import VOCDataset
 

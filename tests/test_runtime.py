@@ -60,6 +60,7 @@ def test_the_package_makes_openmp_threads_sleep_unless_the_user_chose():
     assert out.stdout.strip() == "ACTIVE"
 
 
+@pytest.mark.slow
 def test_every_tool_takes_threads(tmp_path):
     # make_synthetic_voc.py is the quickest tool; --threads is a common argument of run_tool.
     proc = subprocess.run([sys.executable, str(TOOLS / "make_synthetic_voc.py"), "--out", str(tmp_path / "voc"),

@@ -15,7 +15,6 @@ from detection.features.pooling import (
     pool_windows,
     project_boxes,
     spatial_pyramid_pool,
-    window_features,
 )
 from detection.features.scales import choose_scale, scale_factors
 
@@ -297,15 +296,6 @@ def test_pool_windows_rejects_bad_cells():
     with pytest.raises(ValueError):
         pool_windows(fmap, torch.tensor([[0, 0, 1, 1]]), method="slow")
     assert pool_windows(fmap, torch.zeros(0, 4, dtype=torch.long)).shape == (0, 100)
-
-
-def test_window_features_is_project_then_pool():
-    gen = torch.Generator().manual_seed(9)
-    fmap = torch.randn(3, 10, 12, generator=gen)
-    boxes = torch.tensor([[0.0, 0.0, 190.0, 160.0], [33.0, 20.0, 90.0, 41.0], [5.0, 5.0, 5.0, 5.0]])
-    for rule in ("paper", "code"):
-        cells = project_boxes(boxes, 16, (10, 12), rule=rule)
-        torch.testing.assert_close(window_features(fmap, boxes, 16, rule=rule), pool_windows(fmap, cells))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -18,7 +18,7 @@ from detection.data.synthetic import DIFFICULT_MAX_SIDE, SYNTHETIC_CLASSES, make
 from detection.data.images import load_image
 from detection.data.voc import VOCDataset
 from detection.errors import DatasetError
-from detection.io import read_json
+from detection.io.jsonfile import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,7 @@ import torch
 from detection.backbones import build_backbone
 from detection.detector import DetectorSettings
 from detection.timing import STAGES, StageTimer, compare_methods, random_detector, time_detector
+from references import reference_rcnn_features, reference_spp_features
 
 LEVELS = (4, 2, 1)
 HIDDEN = (24, 16)
@@ -131,9 +132,13 @@ def test_timed_run_is_the_detectors_own_path(detectors, method):
     np.testing.assert_array_equal(timed.boxes, plain.boxes)
     np.testing.assert_array_equal(timed.scores, plain.scores)
     features_timer = StageTimer(torch.device("cpu"))
-    torch.testing.assert_close(det.pool5_features(image, props, features_timer), det.pool5_features(image, props),
-                               rtol=0, atol=0)
+    timed_features = det.pool5_features(image, props, features_timer)
     assert set(features_timer.seconds) == {"conv", "pool"}
+    s = det.settings
+    ref = (reference_spp_features(det.backbone, image, props, s.scales, s.max_size, s.levels, s.projection_rule,
+                                  s.scale_rule) if method == "spp" else
+           reference_rcnn_features(det.backbone, image, props, s.levels))
+    torch.testing.assert_close(timed_features, torch.from_numpy(ref).float(), rtol=1e-4, atol=1e-4)
 
 
 def test_compare_rcnn_times_the_features_rcnn_training_uses(detectors):
@@ -147,8 +152,9 @@ def test_compare_rcnn_times_the_features_rcnn_training_uses(detectors):
     twin = rcnn_twin(spp)
     assert twin.settings.method == "rcnn" and twin.head is spp.head and twin.svms is spp.svms
     record_features = make_featurizer("rcnn", spp.settings, backbone=spp.backbone)
-    torch.testing.assert_close(twin.pool5_features(image, props),
-                               _features_of(record_features, image, props), rtol=0, atol=0)
+    ref = torch.from_numpy(reference_rcnn_features(spp.backbone, image, props, spp.settings.levels)).float()
+    torch.testing.assert_close(twin.pool5_features(image, props), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_features_of(record_features, image, props), ref, rtol=1e-4, atol=1e-4)
 
 
 def _features_of(pool5_fn, image, props):

@@ -28,9 +28,13 @@ from detection.backbones import build_backbone
 from detection.data.voc import VOCDataset
 from detection.detector import DetectorSettings, SPPDetector
 from detection.features import CONVMAP_FORMAT_VERSION, ConvMapCache
-from detection.io import write_json
+from detection.io.jsonfile import write_json
 from detection.proposals import SelectiveSearchConfig
 from detection.timing import random_detector
+
+# Every test reads the outcome of tool runs in subprocesses (the module fixture runs): the slow
+# tier (-m slow, or -m "" for every tier).
+pytestmark = pytest.mark.slow
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 

@@ -30,6 +30,10 @@ from detection.model import MODEL_FORMAT, MODEL_VERSION
 from detection.proposals import SelectiveSearchConfig
 from detection.timing import random_detector
 
+# Every test reads the outcome of tool runs in subprocesses (the module fixture runs): the slow
+# tier (-m slow, or -m "" for every tier).
+pytestmark = pytest.mark.slow
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 ESCAPING = ["../../escaped", "/tmp/absolute_evil_17", "..", "sub/../../x", "a\\b"]

@@ -98,7 +98,7 @@ def main() -> int:
     import torch  # imported by detection.boxes anyway; pin its threads so runs are comparable
     torch.set_num_threads(1)
     from detection.evaluation import evaluate_detections, evaluate_result_dir, read_result_dir, write_result_files
-    from detection.io import write_json
+    from detection.io.jsonfile import write_json
 
     rng = np.random.default_rng(args.seed)
     classes = tuple(f"class{c:02d}" for c in range(args.classes))

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         text = json.dumps(result, indent=2)
         if args.out is not None:
-            from detection.io import atomic_write_text
+            from detection.io.files import atomic_write_text
 
             atomic_write_text(args.out, text + "\n")
         print(text)

@@ -14,7 +14,7 @@ from detection.cli import add_skip_bad_arg, run_tool
 from detection.data.images import read_image
 from detection.detector import SPPDetector
 from detection.errors import DatasetError, DetectionError
-from detection.io import make_dirs
+from detection.io.files import make_dirs
 from detection.runtime import resolve_device
 from detection.visualize import draw_detections, shown_detections
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from detection.cli import add_skip_bad_arg, run_tool
-from detection.features.extract import extract_split
+from detection.extraction import extract_split
 from detection.features.scales import named_scales
 
 

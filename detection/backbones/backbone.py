@@ -39,7 +39,7 @@ class Backbone(nn.Module):
         weights_id: "random:<seed>", "torchvision:<enum>" or "sha256:<hex of the file>".
         receptive_field: receptive field of one conv cell, in pixels.
         first_cell_center: continuous image coordinate of cell 0's receptive-field centre (0.5 for
-            ZF-5: pixel 0's centre); pass it to ``spp.project_boxes(first_cell_center=...)``.
+            ZF-5: pixel 0's centre); pass it to ``detection.features.pooling.project_boxes(first_cell_center=...)``.
         min_input_size: smallest image side that gives a non-empty conv map.
         input_multiple: ``preprocess`` pads the image at the bottom/right (with the mean colour)
             to a multiple of this (16 for TF "SAME"-padded trunks, 1 otherwise); the map keeps

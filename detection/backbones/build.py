@@ -13,7 +13,8 @@ import torchvision
 from torch import nn
 
 from ..errors import ModelError
-from ..io import describe_missing, file_sha256
+from ..io.files import file_sha256
+from ..io.paths import describe_missing
 from ..model import torch_load_reason
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from .layers import freeze_batchnorm, tf_same_padding

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DatasetError
-from ..io import describe_missing
+from ..io.paths import describe_missing
 from .names import is_file, show_path
 from .records import ImageRecord
 

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..errors import CacheError, DatasetError
-from ..io import read_json, write_json
+from ..io.jsonfile import read_json, write_json
 
 __all__ = ["SYNTHETIC_CLASSES", "SYNTHETIC_VERSION", "CROWDED_LAYOUT", "make_synthetic_voc"]
 

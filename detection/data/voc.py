@@ -33,7 +33,7 @@ from defusedxml import DefusedXmlException
 
 from ..boxes import flip_boxes, voc_to_internal
 from ..errors import DatasetError, DetectionError
-from ..io import check_class_name, describe_missing
+from ..io.paths import check_class_name, describe_missing
 from .images import inspect_image, read_image
 from .names import check_name, is_file, show_id, show_path
 from .records import ImageRecord

@@ -1,6 +1,6 @@
 """COCO-style metrics (AP@[.5:.95], AP50, AP75, ...) through pycocotools' ``COCOeval``.
 
-Ground truth and detections are exported to COCO JSON structures:
+Ground truth and detections become COCO JSON structures:
 
 * images: ``id`` = record index + 1 (COCO ids start at 1: pycocotools uses 0 for "unmatched"),
   ``file_name`` = the image id, ``width``, ``height``;
@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..data.records import ImageRecord
 from ..errors import DetectionError
-from ..io import atomic_write_text
 from .detections import ClassDetections, IdIndex, class_list, eval_records
 
-__all__ = ["COCO_STATS", "coco_ground_truth", "coco_detections", "export_coco", "evaluate_coco"]
+__all__ = ["COCO_STATS", "coco_ground_truth", "coco_detections", "evaluate_coco"]
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +68,6 @@ def coco_detections(records: Sequence[ImageRecord], classes: Sequence[str],
         out.extend({"image_id": i, "category_id": c + 1, "bbox": box, "score": s}
                    for i, box, s in zip(img.tolist(), xywh.tolist(), d.scores.tolist()))
     return out
-
-
-def export_coco(out_dir: str | Path, records: Sequence[ImageRecord], classes: Sequence[str],
-                detections: Sequence[ClassDetections] | Mapping[str, ClassDetections] | None = None) -> dict[str, Path]:
-    """Write ``ground_truth.json`` (and ``detections.json``) in COCO format, atomically.
-
-    Returns:
-        {"ground_truth": path, "detections": path (when detections are given)}.
-    """
-    out_dir = Path(out_dir)
-    paths = {"ground_truth": out_dir / "ground_truth.json"}
-    atomic_write_text(paths["ground_truth"], json.dumps(coco_ground_truth(records, classes)))
-    if detections is not None:
-        paths["detections"] = out_dir / "detections.json"
-        atomic_write_text(paths["detections"], json.dumps(coco_detections(records, classes, detections)))
-    return paths
 
 
 def evaluate_coco(records: Sequence[ImageRecord], classes: Sequence[str],

@@ -1,7 +1,7 @@
 """PASCAL VOC detection evaluation: the devkit's matching and AP, vectorised.
 
 The protocol is the widely used Python port of the devkit (py-faster-rcnn
-``lib/datasets/voc_eval.py``), see docs/sppnet-reference.md, "PASCAL VOC evaluation":
+``lib/datasets/voc_eval.py``; docs/voc2007.md):
 
 * per class, ``npos`` = the non-difficult ground truths of the class;
 * detections are sorted by descending score. Ties keep their input order (a *stable* sort;

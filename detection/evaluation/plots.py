@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..io import atomic_path, make_dirs, path_in_folder, safe_file_part
+from ..io.files import atomic_path, make_dirs
+from ..io.paths import path_in_folder, safe_file_part
 
 __all__ = ["plot_pr_curve", "plot_pr_curves"]
 

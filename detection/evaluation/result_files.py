@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from ..boxes import internal_to_voc, voc_to_internal
 from ..errors import DatasetError, DetectionError
-from ..io import atomic_write_text, make_dirs, path_in_folder, safe_file_part
+from ..io.files import atomic_write_text, make_dirs
+from ..io.paths import path_in_folder, safe_file_part
 from .detections import ClassDetections, class_list
 
 __all__ = ["DEFAULT_PREFIX", "default_metric", "read_result_dir", "read_result_file", "result_file_name",
@@ -38,7 +39,7 @@ def result_file_name(split: str, class_name: str, prefix: str = DEFAULT_PREFIX) 
 
     Class names come from data (XML files, a model file): a name with a path separator or
     another character unsafe in a file name is escaped one-to-one (``a/b`` -> ``a%2Fb``, see
-    :func:`detection.io.safe_file_part`), so the file never lands outside the results folder.
+    :func:`detection.io.paths.safe_file_part`), so the file never lands outside the results folder.
     """
     return f"{prefix}{safe_file_part(split, 'split')}_{safe_file_part(class_name, 'class name')}.txt"
 

@@ -17,7 +17,7 @@ from .. import comm
 from ..data.voc import VOCDataset, report_images
 from ..detector import SPPDetector
 from ..errors import DetectionError
-from ..io import write_json
+from ..io.jsonfile import write_json
 from ..runtime import resolve_device
 from . import evaluate_result_dir
 from .detections import detections_by_class

@@ -3,7 +3,7 @@
 This is the SPP-net stage that replaces R-CNN's per-window conv passes: every image is resized
 to each scale (shorter side ``s``), the conv trunk runs once on the whole image, and the conv
 map is kept — on disk in a :class:`ConvMapCache` for training, in memory
-(:func:`detection.features.extract.conv_maps_for_image`) at test time. Features of a window are
+(:func:`detection.features.conv_pass.conv_maps_for_image`) at test time. Features of a window are
 then a spatial pyramid pooling of the window's projection onto the map of one scale
 (:mod:`detection.features.featurizer`), so training never materialises an R-CNN-sized per-window cache (~200 GB for VOC07): the conv
 maps are ~20x smaller and any window set (proposals, ground truth, jittered boxes) can be
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import logging
-import re
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,21 +31,18 @@ import numpy as np
 from ..boxes import flip_boxes
 from ..data.records import ImageRecord
 from ..errors import CacheError
-from ..io import atomic_path, make_dirs, read_json, settings_key, write_json
+from ..io.files import atomic_path, make_dirs
+from ..io.jsonfile import read_json, settings_key, write_json
+from ..io.paths import safe_file_part
 
 __all__ = ["CONVMAP_FORMAT_VERSION", "FP16_MAX", "ConvMapCache", "cache_records", "convmap_settings"]
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the on-disk layout or the meaning of a stored value changes; part of the key.
-CONVMAP_FORMAT_VERSION = 1
+CONVMAP_FORMAT_VERSION = 2
 #: Largest finite float16 (65,504): a float16 cache refuses maps beyond it instead of storing inf.
 FP16_MAX = float(np.finfo(np.float16).max)
-
-
-# Record keys become folder names when they are plain, portable names (all VOC ids are);
-# other keys are hashed.
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,100}$")
 
 
 def cache_records(dataset: Any, include_flipped: bool | None = None) -> list[ImageRecord]:
@@ -214,10 +209,6 @@ class ConvMapCache:
         return float(self.settings["first_cell_center"])
 
     @property
-    def channels(self) -> int:
-        return int(self.settings["channels"])
-
-    @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.settings["dtype"])
 
@@ -229,11 +220,9 @@ class ConvMapCache:
     # ---- per-record files ---------------------------------------------------------------------
 
     def record_dir(self, key: str) -> Path:
-        """``maps/<key>``; a key that is not a plain file name (spaces, slashes, ...) becomes
-        ``maps/id-<sha256 of the key>``."""
-        if _SAFE_KEY.match(key):
-            return self.root / "maps" / key
-        return self.root / "maps" / ("id-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:32])
+        """``maps/<key>``, the key made a file name by :func:`detection.io.paths.safe_file_part`
+        (plain keys such as every VOC id unchanged, others escaped)."""
+        return self.root / "maps" / safe_file_part(key, "record key")
 
     def map_path(self, key: str, k: int) -> Path:
         """File of the map of scale index ``k`` of record ``key``."""
@@ -379,7 +368,7 @@ class _LazyMaps(Sequence):
 
 
 def _is_temp(path: Path) -> bool:
-    """A temporary file of ``detection.io.atomic_path`` (``.<name>.<pid>.<random>.tmp``)."""
+    """A temporary file of ``detection.io.files.atomic_path`` (``.<name>.<pid>.<random>.tmp``)."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 

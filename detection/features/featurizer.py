@@ -31,7 +31,8 @@ from ..data.images import load_image
 from ..errors import DetectionError
 from ..timer import NO_TIMER, Timer
 from .convmap_cache import ConvMapCache
-from .extract import check_image, conv_maps_for_image, extract_conv_maps
+from .conv_pass import check_image, conv_maps_for_image
+from .extract import extract_conv_maps
 from .pooling import DEFAULT_LEVELS
 from .rcnn import rcnn_window_features
 from .scales import DEFAULT_MAX_SIZE, DEFAULT_SCALES_1, as_boxes_tensor, pooled_window_features, scale_factors, \
@@ -45,7 +46,8 @@ METHODS = ("spp", "rcnn")
 
 #: An image, or the record it is read from (a record or its key for a cache).
 Item = ImageRecord | np.ndarray | str
-#: (index of an image, boxes, generator) -> pooled features: what fine-tuning draws windows from.
+#: pooled_fn(index of an image, boxes Tensor[N, 4] in original image pixels, generator) -> Tensor[N, D]:
+#: what fine-tuning (:func:`detection.training.finetune.finetune`) draws windows from.
 PooledFn = Callable[[int, torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -108,7 +110,7 @@ class WindowFeaturizer(abc.ABC):
         return self.pool5(record, boxes).cpu()
 
     def finetune_fn(self, items: Sequence[Item]) -> PooledFn:
-        """Features for fine-tuning (``detection.finetune.PooledFn``) of ``items[i]``, each window
+        """Features for fine-tuning (:data:`PooledFn`) of ``items[i]``, each window
         at a random scale drawn by :attr:`finetune_scale_rule` (the SPP code's multi-scale
         fine-tuning), differentiable where the trunk runs, on the CPU."""
         def pooled(i: int, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

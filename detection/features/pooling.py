@@ -30,6 +30,7 @@ from torch import nn
 
 __all__ = [
     "DEFAULT_LEVELS",
+    "pool5_dim",
     "CODE_OFFSET",
     "BIN_RULES",
     "PROJECTION_RULES",
@@ -37,7 +38,6 @@ __all__ = [
     "SpatialPyramidPooling",
     "project_boxes",
     "pool_windows",
-    "window_features",
 ]
 
 #: The paper's pyramid {6x6, 3x3, 2x2, 1x1}: 50 bins per channel.
@@ -59,6 +59,12 @@ _WINDOW_CHUNK = 32
 # --------------------------------------------------------------------------------------------
 # Whole-map SPP
 # --------------------------------------------------------------------------------------------
+
+def pool5_dim(channels: int, levels: Sequence[int] = DEFAULT_LEVELS) -> int:
+    """Length of one pooled window or image (the "pool5" vector): ``channels * sum(n*n)``, e.g.
+    256 * 50 = 12,800 for the paper's (6, 3, 2, 1) pyramid on ZF-5."""
+    return int(channels) * sum(n * n for n in _check_levels(levels))
+
 
 def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
     levels = tuple(int(n) for n in levels)
@@ -122,7 +128,7 @@ class SpatialPyramidPooling(nn.Module):
 
     def output_size(self, channels: int) -> int:
         """Length of the pooled vector for a map of ``channels`` channels."""
-        return channels * sum(n * n for n in self.levels)
+        return pool5_dim(channels, self.levels)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(levels={self.levels}, bins={self.bins!r})"
@@ -374,7 +380,7 @@ def pool_windows(fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[int] 
     channels, height, width = fmap.shape
     cells = torch.as_tensor(cells, device=fmap.device).to(torch.long).reshape(-1, 4)
     if cells.shape[0] == 0:
-        return fmap.new_zeros((0, channels * sum(n * n for n in levels)))
+        return fmap.new_zeros((0, pool5_dim(channels, levels)))
     if bool(((cells[:, 0] < 0) | (cells[:, 1] < 0) | (cells[:, 2] >= width) | (cells[:, 3] >= height)
              | (cells[:, 2] < cells[:, 0]) | (cells[:, 3] < cells[:, 1])).any()):
         raise ValueError(f"cells must be non-empty inclusive ranges inside the {height}x{width} map")
@@ -384,19 +390,3 @@ def pool_windows(fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[int] 
         return _pool_roi_pool(fmap, cells, levels)
     raise ValueError(f"unknown pooling method {method!r}: use 'table' or 'roi_pool'")
 
-
-def window_features(fmap: torch.Tensor, boxes_scaled_px: torch.Tensor, stride: int = 16,
-                    levels: Sequence[int] = DEFAULT_LEVELS, rule: str = "paper",
-                    first_cell_center: float = 0.5) -> torch.Tensor:
-    """Project windows onto a conv map and pool them: :func:`project_boxes` + :func:`pool_windows`.
-
-    Args:
-        fmap: Tensor[C, H, W] (or [1, C, H, W]) conv map of the scaled image.
-        boxes_scaled_px: Tensor[N, 4] (x1, y1, x2, y2) in pixels of that scaled image.
-    Returns:
-        Tensor[N, C * sum(n*n)].
-    """
-    h, w = int(fmap.shape[-2]), int(fmap.shape[-1])
-    cells = project_boxes(torch.as_tensor(boxes_scaled_px), stride, (h, w), rule=rule,
-                          first_cell_center=first_cell_center)
-    return pool_windows(fmap, cells.to(fmap.device), levels)

@@ -26,7 +26,7 @@ def context_padded_boxes(boxes: torch.Tensor, size: int, padding: int = CONTEXT_
     """Grow each box about its centre so that, once warped to ``size``, the original box fills
     the central ``size - 2 * padding`` pixels (R-CNN's ``context_padding``)."""
     if size <= 2 * padding:
-        # Fix: a negative or infinite scale silently turned boxes inside out.
+        # A negative or infinite scale below would turn boxes inside out silently.
         raise ValueError(f"warp size {size} leaves no room inside a context padding of {padding} px")
     scale = size / float(size - 2 * padding)
     cx = (boxes[:, 0] + boxes[:, 2]) * 0.5

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import DetectionError
-from .pooling import DEFAULT_LEVELS, pool_windows, project_boxes
+from .pooling import DEFAULT_LEVELS, pool5_dim, pool_windows, project_boxes
 
 __all__ = ["DEFAULT_SCALES_1", "DEFAULT_SCALES_5", "CODE_SCALES_5", "DEFAULT_MAX_SIZE", "PAPER_TARGET",
            "CODE_TARGET", "SCALE_RULES", "named_scales", "scale_factors", "choose_scale", "select_scales",
@@ -193,8 +193,7 @@ def pooled_window_features(maps: Sequence[torch.Tensor | np.ndarray], factors: S
     first = maps[used[0] if used else 0]
     if device is None:
         device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
-    bins = sum(int(n) * int(n) for n in levels)
-    out = torch.zeros((len(boxes_t), int(first.shape[0]) * bins), dtype=torch.float32, device=device)
+    out = torch.zeros((len(boxes_t), pool5_dim(int(first.shape[0]), levels)), dtype=torch.float32, device=device)
     for k in used:
         sel = torch.nonzero(scale_index == k).flatten()
         fmap = _as_float_tensor(maps[k], device)

@@ -15,7 +15,7 @@ from .. import comm
 from ..features.featurizer import make_featurizer
 from ..training.finetune import finetune, label_windows
 from ..heads import FCHead
-from ..io import atomic_torch_save, make_dirs
+from ..io.files import atomic_torch_save, make_dirs
 from .config import PipelineConfig
 from .stages import StageBook
 

@@ -22,7 +22,8 @@ from ..evaluation.inference import detect_records
 from ..evaluation.reliability import calibration_report
 from ..evaluation.split import score_split
 from ..features.featurizer import training_featurizer
-from ..io import make_dirs, read_json, write_json
+from ..io.files import make_dirs
+from ..io.jsonfile import read_json, write_json
 from ..proposals import compute_proposals
 from ..report import write_report
 from ..runtime import resolve_device

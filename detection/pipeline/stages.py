@@ -9,7 +9,7 @@ from typing import Any
 from .. import comm
 from ..config import to_dict
 from ..errors import CacheError
-from ..io import read_json, settings_key, write_json
+from ..io.jsonfile import read_json, settings_key, write_json
 from .config import PipelineConfig
 
 __all__ = ["StageBook", "stage_key", "stage_keys"]

@@ -10,11 +10,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import multiprocessing
 import os
-import re
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -26,7 +24,9 @@ from tqdm.auto import tqdm
 from .. import comm
 from ..data.images import load_image
 from ..errors import CacheError, DatasetError, DetectionError
-from ..io import atomic_path, make_dirs, settings_key
+from ..io.files import atomic_path, make_dirs
+from ..io.jsonfile import settings_key
+from ..io.paths import safe_file_part
 from ..workers import init_worker_process
 from .proposal_set import FORMAT_VERSION, ProposalSet
 from .search import SelectiveSearchConfig, selective_search
@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["compute_proposals", "proposal_cache_key"]
 
 logger = logging.getLogger(__name__)
-
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
-
 
 def proposal_cache_key(dataset: "VOCDataset", config: SelectiveSearchConfig) -> str:
     """Key of everything that changes the cached boxes: dataset content (fingerprint: root,
@@ -57,10 +54,8 @@ def proposal_cache_key(dataset: "VOCDataset", config: SelectiveSearchConfig) -> 
 
 
 def _shard_name(image_id: str) -> str:
-    """A file name for an image id: the id itself when it is a plain name, else its hash."""
-    if _SAFE_ID.match(image_id):
-        return f"{image_id}.npy"
-    return "id-" + hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:32] + ".npy"
+    """The shard file of an image id (:func:`detection.io.paths.safe_file_part`: a plain id as is)."""
+    return safe_file_part(image_id, "image id") + ".npy"
 
 
 def _read_shard(path: Path) -> np.ndarray | None:

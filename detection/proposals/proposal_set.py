@@ -14,7 +14,8 @@ import numpy as np
 
 from ..boxes import flip_boxes
 from ..errors import CacheError
-from ..io import atomic_save_npz, load_npz, parse_json
+from ..io.files import atomic_save_npz, load_npz
+from ..io.jsonfile import parse_json
 
 if TYPE_CHECKING:
     from ..data.records import ImageRecord

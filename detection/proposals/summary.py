@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import comm
 from ..data.voc import VOCDataset, report_images
-from ..io import write_json
+from ..io.jsonfile import write_json
 from .cache import compute_proposals
 from .recall import proposal_recall
 from .search import SelectiveSearchConfig

@@ -4,7 +4,7 @@ The deltas a regressor predicts and the model the detector applies are in :mod:`
 (:func:`~detection.linear.encode`, :class:`~detection.linear.BoxRegressors`); the ridge solver is
 :mod:`detection.training.ridge`.
 
-Training (SPP-net ``spp_train_bbox_regressor.m``; reference doc section 8):
+Training (SPP-net ``spp_train_bbox_regressor.m``; R-CNN, Girshick et al. 2014, appendix C):
 
 * samples: every candidate (GT boxes, then proposals) whose best IoU with a non-difficult GT box
   is above ``min_iou`` (0.5 in SPP-net, 0.6 in R-CNN); the target is that GT box, and the sample
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class BBoxRegressionConfig:
-    """Box-regression settings; defaults are SPP-net's (reference doc section 8)."""
+    """Box-regression settings; defaults are SPP-net's code (``spp_train_bbox_regressor.m``)."""
 
     #: Train per-class box regressors (the detector moves each window by its class's regressor).
     enabled: bool = True
@@ -358,7 +358,7 @@ def fit_box_regressors(source: FeatureSource | Sequence[FeatureSource], num_clas
             samples[c] = (np.zeros((0, dim), np.float32), y)     # free the features as we go
         logger.info("%s: fitting %d samples x %d features (%s form)", names[c], len(x), dim,
                     "primal D x D" if len(x) > dim else "dual N x N")
-        weight, bias, mean, unwhiten, mse = fit_class_regressor(x, y, cfg)
+        weight, bias, mean, unwhiten, mse = fit_class_regressor(x, y, cfg.lam, cfg.regularize_bias)
         del x                                                     # before the next class's samples
         fitted[c] = ClassRegressor(weight, bias, mean, unwhiten,
                                    {"num_samples": len(y), "train_mse": mse.tolist(),

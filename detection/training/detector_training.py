@@ -27,7 +27,7 @@ from ..detector import DetectorSettings, SPPDetector, class_boxes
 from ..errors import DetectionError, ModelError
 from .finetune import FinetuneConfig, finetune, label_windows
 from ..heads import FCHead
-from ..io import atomic_torch_save
+from ..io.files import atomic_torch_save
 from ..calibration import ScoreCalibration
 from ..linear import LinearSVMs
 from .window_source import Pool5Fn, WindowFeatureSource

@@ -1,6 +1,6 @@
 """Fine-tuning fc6/fc7/fc8 (and optionally the conv layers) on pooled window features.
 
-The paper's recipe (sppnet-reference.md, section 6): windows with IoU >= 0.5 with a ground truth
+The paper's recipe (He et al. 2014, Sec. 4.1, "Fine-tuning"; docs/pipeline.md): windows with IoU >= 0.5 with a ground truth
 are positives labelled with its class, windows with IoU in [0.1, 0.5) are background, mini-batches
 of exactly 128 windows hold 32 positives and 96 background windows (:func:`sample_minibatch`), SGD
 with momentum 0.9 and weight decay 5e-4, a random scale per window while training.
@@ -30,8 +30,9 @@ from .. import comm
 from ..boxes import box_iou_numpy
 from ..data.records import ImageRecord
 from ..errors import DetectionError
+from ..features.featurizer import PooledFn
 from ..heads import FCHead
-from ..io import atomic_torch_save
+from ..io.files import atomic_torch_save
 
 __all__ = ["FinetuneConfig", "WindowLabels", "label_windows", "sample_minibatch", "schedule_summary", "finetune",
            "PAPER_ITERATIONS", "CODE_ITERATIONS"]
@@ -42,9 +43,6 @@ PAPER_ITERATIONS = 300_000
 CODE_ITERATIONS = 90_000
 
 log = logging.getLogger(__name__)
-
-#: pooled_fn(record_index, boxes Tensor[N,4] in original image pixels, generator) -> Tensor[N, D]
-PooledFn = Callable[[int, torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,9 +229,8 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
     trainable = [p for group in params for p in group["params"] if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start = 0
-    # Fix: checkpoints are keyed on what they depend on. Before, a checkpoint left by a run with
-    # another config (lr, seed, classes, proposals...) in the same folder was resumed silently:
-    # the "new" model was the old one, or load_state_dict failed with a raw RuntimeError.
+    # The checkpoint is keyed on what it depends on: one left in the same folder by a run with
+    # another config (lr, seed, classes, proposals...) must not be resumed as if it were this run's.
     key = _checkpoint_key(head, windows, cfg, f"{checkpoint_key}:trunk={trunk is not None}:{trunk_lr_mult!r}")
     if checkpoint is not None and Path(checkpoint).exists():
         try:

@@ -15,9 +15,9 @@ from ..config import merge, parse_overrides
 from ..data.voc import VOCDataset, report_images
 from ..detector import DetectorSettings, SPPDetector
 from ..errors import CacheError
-from ..features import ConvMapCache, make_featurizer
+from ..features import ConvMapCache, make_featurizer, pool5_dim
 from .finetune import FinetuneConfig
-from ..io import read_json
+from ..io.jsonfile import read_json
 from ..proposals import compute_proposals
 from .bbox_regression import BBoxRegressionConfig
 from .detector_training import TrainConfig, train_detector
@@ -114,10 +114,10 @@ def train_from_features(data: str | Path, split: str, features: str | Path, out:
     settings = settings_from_cache(cache, layer, scale_rule)
     cfg = TrainConfig(finetune=fc_finetune_schedule(finetune_iterations), bbox=BBoxRegressionConfig(enabled=bbox_regression))
     cfg = merge(cfg, parse_overrides(list(overrides)))
-    pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)
     featurizer = make_featurizer(settings.method, settings, cache=cache)
     detector = train_detector(dataset.records, dataset.classes, proposals.proposals_for_record, backbone,
-                              featurizer, pool5_dim, settings, cfg, out_dir=Path(out).parent, progress=progress,
+                              featurizer, pool5_dim(backbone.out_channels, settings.levels), settings, cfg,
+                              out_dir=Path(out).parent, progress=progress,
                               finetune_pool5_fn=featurizer.finetune_fn(dataset.records))
     if comm.is_main():
         detector.save(out, {"dataset": {"root": str(data), "split": split}, "train_config": dataclasses.asdict(cfg)})

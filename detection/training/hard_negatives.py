@@ -5,7 +5,7 @@ image at a time. Memory is bounded by the settings: at most ``max_positives`` po
 ``max_negatives`` cached hard negatives per class (:func:`~detection.training.svm.svm_memory_bytes`);
 the features of one image are dropped as soon as it has been mined.
 
-The recipe (R-CNN ``rcnn_train.m``, SPP-net ``spp_train.m``; reference doc section 7):
+The recipe (R-CNN ``rcnn_train.m``, SPP-net ``spp_train.m``; He et al. 2014, Sec. 4.1):
 
 1. Feature scale: a single scalar ``s`` so that the mean L2 norm of a random sample of training
    features (200 boxes from each of up to 200 images) becomes 20. Every feature the SVMs see,

@@ -4,15 +4,10 @@ fitted by ridge regression (:func:`fit_class_regressor`) in bounded memory
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import scipy.linalg
 
 from ..errors import DetectionError
-
-if TYPE_CHECKING:
-    from .bbox_regression import BBoxRegressionConfig
 
 __all__ = ["ridge", "fit_class_regressor", "regression_memory_bytes", "SOLVE_CHUNK"]
 
@@ -103,8 +98,10 @@ def ridge(x: np.ndarray, y: np.ndarray, lam: float, regularize_bias: bool) -> tu
     return weight, b
 
 
-def fit_class_regressor(x: np.ndarray, y: np.ndarray, cfg: BBoxRegressionConfig) -> tuple[np.ndarray, ...]:
-    """Ridge fit of one class. x: [N, D] scaled features; y: [N, 4] raw targets.
+def fit_class_regressor(x: np.ndarray, y: np.ndarray, lam: float,
+                        regularize_bias: bool = True) -> tuple[np.ndarray, ...]:
+    """Ridge fit of one class. x: [N, D] scaled features; y: [N, 4] raw targets; ``lam`` and
+    ``regularize_bias`` as in :func:`ridge` (``BBoxRegressionConfig.lam`` / ``.regularize_bias``).
 
     Returns ``(weight [D, 4], bias [4], mean [4], unwhiten [4, 4], train_mse [4])``.
     """
@@ -116,7 +113,7 @@ def fit_class_regressor(x: np.ndarray, y: np.ndarray, cfg: BBoxRegressionConfig)
     whiten = evecs @ np.diag(1.0 / np.sqrt(evals)) @ evecs.T
     unwhiten = evecs @ np.diag(np.sqrt(evals)) @ evecs.T
     yn = yc @ whiten
-    weight, bias = ridge(x, yn, cfg.lam, cfg.regularize_bias)
+    weight, bias = ridge(x, yn, lam, regularize_bias)
     pred = (x.astype(np.float64) @ weight + bias) @ unwhiten + mean if len(x) <= SOLVE_CHUNK else \
         np.concatenate([(x[i:i + SOLVE_CHUNK].astype(np.float64) @ weight + bias) @ unwhiten + mean
                         for i in range(0, len(x), SOLVE_CHUNK)])

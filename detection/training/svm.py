@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class SVMConfig:
-    """SVM training settings; defaults are the R-CNN / SPP-net values (reference doc section 7)."""
+    """SVM training settings; defaults are the R-CNN / SPP-net values (R-CNN ``rcnn_train.m``, SPP-net ``spp_train.m``)."""
 
     #: liblinear -c: weight of the hinge loss against 0.5 ||w||^2. Small because the features are
     #: large (norm 20) and there are tens of thousands of negatives.
