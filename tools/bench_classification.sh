@@ -39,10 +39,8 @@ train crops_any_pad "$OUT/crops" --regime any -- train.batching=pad
 train crops_any_bs1 "$OUT/crops" --regime any -- train.batch_size=1 train.lr=0.00003125
 train crops_svm "$OUT/crops" --regime any --head svm
 for run in crops_single crops_multi crops_any crops_any_pad crops_any_bs1 crops_svm; do ev $run "$OUT/crops" full; done
-for run in crops_single crops_multi crops_any; do
-  ev $run "$OUT/crops" ten
-  ev $run "$OUT/crops" multi --scales 224 256 300 360
-done
+ev crops_single "$OUT/crops" ten
+for run in crops_single crops_any; do ev $run "$OUT/crops" multi --scales 224 256 300; done
 EVTAG=center_scales ev crops_nospp "$OUT/crops" center --rescale 0.5 0.71 1 1.41 2
 for run in crops_single crops_multi crops_any; do EVTAG=full_scales ev $run "$OUT/crops" full --rescale 0.5 0.71 1 1.41 2; done
 
@@ -50,10 +48,7 @@ for run in crops_single crops_multi crops_any; do EVTAG=full_scales ev $run "$OU
 train scales_nospp "$OUT/scales" --no-spp
 for r in single multi any; do train scales_$r "$OUT/scales" --regime $r; done
 EVTAG=center_scales ev scales_nospp "$OUT/scales" center --rescale 0.5 0.71 1 1.41 2
-for r in single multi any; do
-  ev scales_$r "$OUT/scales" full
-  EVTAG=full_scales ev scales_$r "$OUT/scales" full --rescale 0.5 0.71 1 1.41 2
-done
+for r in single multi any; do EVTAG=full_scales ev scales_$r "$OUT/scales" full --rescale 0.5 0.71 1 1.41 2; done
 
 # (b) the fruit set's image-level labels (VOC layout): per-class AP and mAP
 train fruit_nospp "$FRUIT" --no-spp
