@@ -14,12 +14,12 @@ from detection.classification import (ClassifierConfig, build_classifier, load_c
                                       read_split, save_classifier, train_classifier)
 from detection.classification.api import resolve_config
 from detection.classification.buckets import bucket_shape, pad_to_batch
-from detection.classification.config import as_dict
 from detection.classification.data import read_voc_labels
 from detection.classification.metrics import image_ap, topk_accuracy
-from detection.classification.regimes import CROP_POSITIONS, Item, crop_at, make_input, plan_epoch
+from detection.classification.regimes import CROP_POSITIONS, Item, make_input, plan_epoch
 from detection.classification.views import evaluate, score_image, view_windows
 from detection.config import ConfigError
+from detection.data.voc import VOCDataset
 from detection.errors import DetectionError, ModelError
 from detection.model import load_model, save_model
 
@@ -195,7 +195,6 @@ def test_topk_and_image_ap_against_hand_computed_values():
 
 def test_voc_image_labels(synthetic_voc):
     data = read_voc_labels(synthetic_voc, "trainval")
-    from detection.data.voc import VOCDataset
     records = VOCDataset(synthetic_voc, "trainval").records
     for sample, rec in zip(data.samples, records):
         for k in range(len(data.classes)):
