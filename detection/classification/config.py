@@ -75,7 +75,8 @@ class TrainConfig:
             crop at side 224 would be 900 px wide).
         epochs, batch_size, lr, momentum, weight_decay: SGD on the summed cross-entropy (or
             sigmoid BCE for multi-label data) divided by the batch size.
-        lr_steps: epochs after which lr is divided by 10 (the paper divides twice).
+        lr_steps: epochs from which lr is divided by 10 (once per step passed; the paper
+            divides twice).
         flip: random horizontal flips.
         svm_c: C of each linear SVM (head "svm").
         seed: seed of the crops, flips, batch order and dropout.
@@ -91,7 +92,9 @@ class TrainConfig:
     max_aspect: float = 3.0
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 0.01
+    # The paper's 0.01 trains a whole network from scratch; fc layers on the 25,600-d SPP vector
+    # of a pretrained trunk diverged at 0.001 (docs/benchmarks.md, "Classification").
+    lr: float = 0.0003
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_steps: tuple[int, ...] = ()
