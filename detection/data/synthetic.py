@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..errors import CacheError, DatasetError
 from ..io.jsonfile import read_json, write_json
 
-__all__ = ["SYNTHETIC_CLASSES", "SYNTHETIC_VERSION", "CROWDED_LAYOUT", "make_synthetic_voc"]
+__all__ = ["SYNTHETIC_CLASSES", "SYNTHETIC_VERSION", "CROWDED_LAYOUT", "make_synthetic_voc", "render_object_image"]
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,24 @@ def _render_image(rng: np.random.Generator, width: int, height: int,
         long_side = max(box[2] - box[0] + 1, box[3] - box[1] + 1)
         objects.append(_Object(name, box, truncated[k], long_side < DIFFICULT_MAX_SIDE))
     return img, objects
+
+
+def render_object_image(rng: np.random.Generator, width: int, height: int, name: str,
+                        long_side: float) -> Image.Image:
+    """One image holding one whole object of class ``name`` whose longer side is ``long_side`` px
+    (at a random aspect in ASPECT_RANGE, placed at random inside the image) on the cluttered
+    background: the classification set whose object size is chosen by the caller."""
+    if name not in SYNTHETIC_CLASSES:
+        raise ValueError(f"unknown synthetic class {name!r}")
+    canvas = np.asarray(_background(rng, width, height), dtype=np.float64).copy()
+    aspect = math.exp(rng.uniform(math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1])))
+    w, h = (long_side, long_side / aspect) if aspect >= 1 else (long_side * aspect, long_side)
+    w, h = min(max(int(round(w)), 6), width), min(max(int(round(h)), 6), height)
+    x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+    mask = _shape_mask(name, w, h, rng)
+    region = canvas[y0:y0 + h, x0:x0 + w]
+    region[mask] = _texture(name, w, h, rng)[mask]
+    return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
 
 
 def _annotation_xml(image_id: str, width: int, height: int, objects: list[_Object]) -> str:
