@@ -10,7 +10,7 @@ import sys
 from detection.classification.robustness import plot_scale_curves
 from detection.cli import run_tool
 from detection.errors import DetectionError
-from detection.io import read_json
+from detection.io.jsonfile import read_json
 
 
 def main(args: argparse.Namespace) -> int:

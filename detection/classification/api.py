@@ -17,7 +17,8 @@ import torch
 from .. import comm
 from ..config import merge, parse_overrides, read_yaml_mapping
 from ..errors import DatasetError
-from ..io import make_dirs, write_json
+from ..io.files import make_dirs
+from ..io.jsonfile import write_json
 from ..runtime import resolve_device
 from .config import ClassifierConfig, as_dict
 from .data import ClassificationSet, read_split, train_split_name

@@ -23,7 +23,7 @@ import numpy as np
 from ..data.images import inspect_image, read_image
 from ..data.voc import VOCDataset
 from ..errors import DatasetError
-from ..io import check_class_name
+from ..io.paths import check_class_name
 
 __all__ = ["ClassSample", "ClassificationSet", "IMAGE_SUFFIXES", "detect_layout", "train_split_name",
            "read_image_folder", "read_voc_labels", "read_split", "load_pixels", "resize_shorter"]

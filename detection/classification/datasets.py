@@ -29,7 +29,7 @@ from ..data.images import load_image
 from ..data.synthetic import SYNTHETIC_CLASSES, render_object_image
 from ..data.voc import VOCDataset
 from ..errors import DatasetError
-from ..io import read_json, write_json
+from ..io.jsonfile import read_json, write_json
 
 __all__ = ["make_crop_folder", "make_scale_folder", "DATASET_VERSION"]
 

@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")   # files only: no display on servers or under torchrun
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
 
-from ..io import atomic_path  # noqa: E402
+from ..io.files import atomic_path  # noqa: E402
 from .config import TestConfig  # noqa: E402
 from .data import ClassificationSet  # noqa: E402
 from .model import SPPClassifier  # noqa: E402
