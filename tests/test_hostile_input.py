@@ -19,7 +19,7 @@ import torch
 
 from detection.backbones import build_backbone
 from detection.detector import DetectorSettings, SPPDetector
-from detection.errors import CacheError, DatasetError, DetectionError, ModelError, StorageError
+from detection.errors import CacheError, DatasetError, ModelError, StorageError
 from detection.evaluation import ClassDetections, read_result_dir, result_file_name, write_result_files
 from detection.evaluation.plots import plot_pr_curves
 from detection.io.jsonfile import MAX_JSON_DEPTH, parse_json, read_json, write_json

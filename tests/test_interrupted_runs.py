@@ -53,6 +53,8 @@ import numpy as np
 import pytest
 import torch
 
+from detection.features import CONVMAP_FORMAT_VERSION, ConvMapCache
+
 # Tools killed and resumed in subprocesses: the slow tier (-m slow, or -m "" for every tier).
 pytestmark = pytest.mark.slow
 
@@ -455,13 +457,13 @@ def test_conv_map_cache_of_another_version_or_settings(ref, tmp_path, change):
     shutil.copytree(ref["root"] / "features", feat, ignore=shutil.ignore_patterns("proposals"))
     meta = next(feat.glob("convmaps_*/meta.json"))
     if change == "version":    # as a later release of this code would have written it
-        _edit_json(meta, lambda m: m.update(version=2))
+        _edit_json(meta, lambda m: m.update(version=CONVMAP_FORMAT_VERSION + 1))
     else:                      # the folder's key, but other settings inside (a stale/edited cache)
         _edit_json(meta, lambda m: m["settings"].update(max_size=1000))
     before = digest(feat)
     r = run(tool("extract_features.py", "--data", ref["data"], "--split", "trainval", "--out", feat,
                  "--backbone", "alexnet", "--scales", 224, "--workers", 0, "--no-proposals"), feat)
-    assert_one_error(r, str(meta), "version 2" if change == "version" else "max_size")
+    assert_one_error(r, str(meta), f"version {CONVMAP_FORMAT_VERSION + 1}" if change == "version" else "max_size")
     assert digest(feat) == before
 
 
@@ -500,9 +502,7 @@ def test_proposal_cache_of_another_version_is_rebuilt_not_trusted(ref, tmp_path)
 def test_killed_meta_write_does_not_block_the_cache(tmp_path):
     """A run killed while writing a conv-map cache's meta.json leaves only the temporary file in
     the new folder; the rerun must take the folder, not refuse it as "not a conv-map cache"."""
-    from detection.features import ConvMapCache
-
-    settings = {"format_version": 1, "scales": [96], "dtype": "float32"}
+    settings = {"format_version": CONVMAP_FORMAT_VERSION, "scales": [96], "dtype": "float32"}
     root = ConvMapCache.folder_for(tmp_path, settings)
     root.mkdir(parents=True)
     (root / ".meta.json.99999999.abc.tmp").write_text('{"format": "convmap-ca')  # cut mid-write
