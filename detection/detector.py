@@ -5,7 +5,7 @@
     dets = detector.detect(image)            # uint8 RGB [H, W, 3]; proposals computed if not given
     dets.boxes, dets.labels, dets.scores     # internal boxes, 0-based class indices, SVM scores
 
-Steps (sppnet-reference.md, section 9): conv maps at the model's scales (SPP-net) or warped crops
+Steps (the paper, section 4.1; docs/spp.md): conv maps at the model's scales (SPP-net) or warped crops
 (R-CNN), pooled window features, fc6/fc7, SVM scores of every class, per-class box regression,
 per-class NMS at IoU 0.3 (``torchvision.ops.batched_nms``), at most 100 detections per class
 (:func:`class_boxes` and :func:`postprocess`, which the score calibration is fitted through too).

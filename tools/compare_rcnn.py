@@ -9,7 +9,7 @@ regression, nms) after an untimed pass that counts FLOPs and warms up, FLOPs per
 and excluded from `total`, as in the paper. Without --model, the fc layers, SVMs and regressors
 are random (they cost the same as trained ones).
 
-    python tools/compare_rcnn.py --data ../shared/data/raccoon --split test --num-images 3 --out timing.json
+    python tools/compare_rcnn.py --data $DATA/raccoon --split test --num-images 3 --out timing.json
 """
 import argparse
 import sys

@@ -5,7 +5,7 @@ Proposals are computed first (into OUT/proposals, resumed if partial) unless --n
 then the conv maps go to OUT/convmaps_<key>/ and a summary to OUT/features_summary.json.
 
 Example:
-    python tools/extract_features.py --data /work/shared/data/raccoon --split trainval \\
+    python tools/extract_features.py --data $DATA/raccoon --split trainval \\
         --out runs/raccoon --backbone zf5 --scales 1 --fp16
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Image files -> uint8 RGB pixels, whatever the file holds, with the checks real datasets need.
 
-Real datasets are messy (see ``/work/shared/data/README.md``): files named ``.jpg`` may be PNGs
+Real datasets are messy (photo sets gathered from the web, such as the fruit set in docs/benchmarks.md): files named ``.jpg`` may be PNGs
 with alpha or palettes, 16-bit greyscale, CMYK, cut short, or decompression bombs. The header
 (read lazily, no decode) gives the size; :func:`read_image` decodes anything Pillow reads from a
 short list of raster formats into RGB; a truncated JPEG missing only a few rows loads with a

@@ -7,7 +7,7 @@ per line; a second column, as in VOC's per-class lists, is ignored).
 The XML boxes are 1-based inclusive pixel indices; they are converted ONCE here with
 :func:`detection.boxes.voc_to_internal` and every later stage works in the internal convention.
 
-Real datasets are messy (see ``/work/shared/data/README.md``): the XML ``<size>`` may be 0x0 or
+Real datasets are messy (photo sets gathered from the web, such as the fruit set in docs/benchmarks.md): the XML ``<size>`` may be 0x0 or
 wrong, files named ``.jpg`` may be PNGs with alpha or palettes, boxes may poke out of the image.
 Policy: the image header (read lazily, no decode) is the truth for the size; boxes hanging over
 the border are clipped with a warning; anything that cannot be fixed without guessing (a
