@@ -21,7 +21,7 @@ from .errors import DetectionError
 from .runtime import set_threads
 from .workers import LOG_DATE_FORMAT, LOG_FORMAT
 
-__all__ = ["run_tool", "add_common_args", "add_skip_bad_arg", "os_error_message", "EXIT_ERROR", "EXIT_INTERRUPTED"]
+__all__ = ["run_tool", "add_common_args", "add_skip_bad_arg", "add_set_arg", "os_error_message", "EXIT_ERROR", "EXIT_INTERRUPTED"]
 
 #: Exit status of a tool stopped by bad input or a failing environment (argparse's, too).
 EXIT_ERROR = 2
@@ -40,6 +40,13 @@ def add_skip_bad_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true",
                         help="decode every image first and leave out those that cannot be decoded (a warning "
                              "each, a summary at the end); default: such an image stops the run, naming it")
+
+
+def add_set_arg(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set KEY=VALUE ...``: config overrides; every ``--set`` adds to the list (``extend``), so
+    ``--set a=1 --set b=2`` keeps both instead of the last replacing the first."""
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help=f"config overrides, e.g. {example}")
 
 
 def os_error_message(e: OSError) -> str:

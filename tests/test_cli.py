@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from detection.cli import EXIT_ERROR, EXIT_INTERRUPTED, run_tool
+from detection.cli import EXIT_ERROR, EXIT_INTERRUPTED, add_set_arg, run_tool
 from detection.errors import CacheError
 
 
@@ -41,3 +41,12 @@ def test_unprintable_file_name_does_not_break_the_message(capfd):
     assert run_tool(_raiser(CacheError(f"{bad}: truncated JSON")), argparse.ArgumentParser(), []) == EXIT_ERROR
     err = capfd.readouterr().err
     assert "error: W/caf\\udce9.jpg: truncated JSON" in err and "Traceback" not in err
+
+
+def test_every_set_option_is_kept():
+    """--set a=1 --set b=2 keeps both (argparse's nargs='*' alone keeps only the last)."""
+    parser = argparse.ArgumentParser()
+    add_set_arg(parser, "a=1")
+    args = parser.parse_args(["--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.set == ["a=1", "b=2", "c=3"]
+    assert parser.parse_args([]).set == []

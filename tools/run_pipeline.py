@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from detection.backbones import available_backbones
-from detection.cli import add_skip_bad_arg, run_tool
+from detection.cli import add_set_arg, add_skip_bad_arg, run_tool
 from detection.features import METHODS
 from detection.pipeline import pipeline_config, run_pipeline
 
@@ -41,6 +41,6 @@ if __name__ == "__main__":
     p.add_argument("--method", choices=METHODS, default=None)
     p.add_argument("--device", default=None, help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--config", help="YAML config file")
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="config overrides, e.g. svm.C=0.001")
+    add_set_arg(p, "train.svm.C=0.001 test.nms_iou=0.3")
     add_skip_bad_arg(p)
     sys.exit(run_tool(main, p))

@@ -14,7 +14,7 @@ import sys
 
 from detection.classification import resolve_config, run_training
 from detection.classification.config import HEADS, REGIMES
-from detection.cli import run_tool
+from detection.cli import add_set_arg, run_tool
 
 
 def main(args: argparse.Namespace) -> int:
@@ -39,6 +39,6 @@ if __name__ == "__main__":
     p.add_argument("--head", choices=HEADS, default=None, help="fc layers or linear SVMs (default fc)")
     p.add_argument("--no-spp", action="store_true", help="the baseline: fixed 224 input and a fixed pool5")
     p.add_argument("--config", default=None, help="YAML file of settings (model/train/test)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. train.epochs=5")
+    add_set_arg(p, "train.epochs=5")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     sys.exit(run_tool(main, p))

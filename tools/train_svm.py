@@ -9,7 +9,7 @@ hard-negative mining -> per-class box regressors; writes the one model file.
 import argparse
 import sys
 
-from detection.cli import add_skip_bad_arg, run_tool
+from detection.cli import add_set_arg, add_skip_bad_arg, run_tool
 from detection.training.from_features import train_from_features
 
 
@@ -40,7 +40,6 @@ if __name__ == "__main__":
                    help="multi-scale: each window's scale by area nearest 224^2 (paper) or side nearest 208 "
                         "(official code); stored in the model (docs/spp.md)")
     p.add_argument("--workers", type=int, default=None, help="selective-search processes if proposals are missing")
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                   help="training config overrides, e.g. svm.C=0.001 finetune.lr=0.0001")
+    add_set_arg(p, "svm.C=0.001 finetune.lr=0.0001")
     add_skip_bad_arg(p)
     sys.exit(run_tool(main, p))
