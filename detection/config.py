@@ -169,8 +169,8 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file (an empty file is an empty mapping)."""
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    # Fix (tests/test_fuzz.py): a file that is not UTF-8 (UnicodeDecodeError) or nests
-    # thousands of levels deep (RecursionError in PyYAML's composer) leaked a traceback.
+    # A file that is not UTF-8 (UnicodeDecodeError) or nests thousands of levels deep
+    # (RecursionError in PyYAML's composer) is a config error, not a traceback (tests/test_fuzz.py).
     # ValueError: PyYAML's scanner calls chr() on an escape such as "\U00110000" (past Unicode).
     except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as e:
         reason = " ".join(str(e).split())   # PyYAML's messages span lines

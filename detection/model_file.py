@@ -17,6 +17,7 @@ from .config import from_dict
 from .errors import DetectionError, ModelError
 from .heads import FCHead
 from .linear import BoxRegressors, LinearSVMs
+from .features.pooling import pool5_dim
 from .model import check_class_names, load_model, prefixed, save_model, unprefixed
 from .settings import DetectorSettings, check_settings, upgraded_settings
 
@@ -109,7 +110,7 @@ def _check_consistent(backbone: Backbone, head: FCHead, svms: LinearSVMs, regres
                       s: DetectorSettings) -> None:
     """Raise ValueError unless the parts of a loaded model fit each other and its settings."""
     check_settings(s)
-    pool5 = backbone.out_channels * sum(n * n for n in s.levels)
+    pool5 = pool5_dim(backbone.out_channels, s.levels)
     dims = {"pool5": pool5, "fc6": head.hidden[0], "fc7": head.hidden[1]}
     if head.in_dim != pool5 or svms.dim != dims[s.feature_layer] or (regressors is not None and regressors.dim != pool5):
         raise ValueError(f"dimensions do not fit: pool5 {pool5} (trunk x levels), fc input {head.in_dim}, "

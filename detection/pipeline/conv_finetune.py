@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .. import comm
 from ..features.featurizer import make_featurizer
+from ..features.pooling import pool5_dim
 from ..training.finetune import finetune, label_windows
 from ..heads import FCHead
 from ..io.files import atomic_torch_save, make_dirs
@@ -51,7 +52,7 @@ def finetune_conv(cfg: PipelineConfig, key: str, backbone: Any, train_ds: Any, t
     # random scale. On the CPU, where the trunk is until the features are extracted.
     featurizer = make_featurizer("spp", cfg.features.feature_settings(), backbone=backbone, device="cpu")
     gen = torch.Generator().manual_seed(c.seed)
-    head = FCHead(backbone.out_channels * sum(n * n for n in cfg.features.levels), c.hidden,
+    head = FCHead(pool5_dim(backbone.out_channels, cfg.features.levels), c.hidden,
                   num_classes=len(train_ds.classes), dropout=c.dropout, generator=gen)
     make_dirs(work)
     bar = tqdm(total=c.iterations, desc="fine-tune conv", disable=not progress)

@@ -22,6 +22,7 @@ from ..evaluation.inference import detect_records
 from ..evaluation.reliability import calibration_report
 from ..evaluation.split import score_split
 from ..features.featurizer import training_featurizer
+from ..features.pooling import pool5_dim
 from ..io.files import make_dirs
 from ..io.jsonfile import read_json, write_json
 from ..proposals import compute_proposals
@@ -80,11 +81,11 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     tcfg = cfg.train
     settings = detector_settings(cfg)
     keys = stage_keys(cfg)
-    pool5_dim = backbone.out_channels * sum(n * n for n in settings.levels)
-    layer_dim = pool5_dim if cfg.feature_layer == "pool5" else tcfg.finetune.hidden[1 if cfg.feature_layer == "fc7" else 0]
+    pool5 = pool5_dim(backbone.out_channels, settings.levels)
+    layer_dim = pool5 if cfg.feature_layer == "pool5" else tcfg.finetune.hidden[1 if cfg.feature_layer == "fc7" else 0]
     windows = cfg.proposals.max_boxes if tcfg.max_train_windows is None else min(cfg.proposals.max_boxes,
                                                                                    tcfg.max_train_windows)
-    need = check_train_memory(tcfg, len(classes), pool5_dim, layer_dim,
+    need = check_train_memory(tcfg, len(classes), pool5, layer_dim,
                               windows + max((len(r.boxes) for r in train_ds.records), default=0), prefix="train.")
     log.info("train stage memory, worst case: %s GB (train.memory_gb=%s)",
              {k: None if v is None else round(v, 2) for k, v in need.items()}, tcfg.memory_gb)
@@ -121,7 +122,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
         # The SVMs and each box regressor are checkpointed as they finish: a crash or kill in box
         # regression keeps the SVMs, and the rerun continues (train_parts: all they depend on).
         detector = train_detector(train_ds.records, classes, train_props.proposals_for_record, backbone, featurizer,
-                                  pool5_dim, settings, tcfg, out_dir=out, progress=progress,
+                                  pool5, settings, tcfg, out_dir=out, progress=progress,
                                   finetune_pool5_fn=featurizer.finetune_fn(train_ds.records),
                                   checkpoint_key=keys["train_parts"])
         if comm.is_main():

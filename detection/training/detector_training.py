@@ -1,7 +1,7 @@
 """The train stage: (fc fine-tuning) -> SVMs -> box regressors, from pooled window features.
 
 The features of a window are always computed from the conv-map cache (SPP-net) or from warped
-crops (R-CNN) when they are needed, one image at a time (:class:`detection.train.WindowFeatureSource`),
+crops (R-CNN) when they are needed, one image at a time (:class:`detection.training.window_source.WindowFeatureSource`),
 so memory is bounded by one image's windows plus the SVMs' hard-negative cache, never by the
 size of the dataset. The stage's worst-case memory is checked before anything runs
 (:func:`check_train_memory`), and its progress is checkpointed per step (:class:`TrainCheckpoint`).
@@ -182,8 +182,8 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                 return pool5_fn(records[i], boxes)
         ckpt = Path(out_dir) / "finetune_checkpoint.pt" if out_dir is not None else None
         bar = _progress_bar(cfg.finetune.iterations, "fine-tune fc", progress)
-        # Fix: key the resumable checkpoint on what the pooled features depend on too (it lives
-        # in out_dir, shared by runs with other backbones / scales / pyramids).
+        # The resumable checkpoint is keyed on what the pooled features depend on too: it lives
+        # in out_dir, which runs with other backbones / scales / pyramids may share.
         feature_key = json.dumps({"backbone": [backbone.name, backbone.weights_id],
                                   "settings": dataclasses.asdict(settings)}, sort_keys=True, default=str)
         losses = finetune(head, windows, fn, cfg.finetune, checkpoint=ckpt,
