@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
 import zlib
@@ -25,7 +26,7 @@ from ..errors import CacheError, StorageError
 
 __all__ = ["atomic_path", "atomic_write_text", "atomic_save_npz", "atomic_torch_save", "make_dirs", "load_npz",
            "file_sha256", "process_alive", "content_checksum", "verify_checksum", "checksum_sidecar",
-           "write_checksum_sidecar", "read_verified_bytes"]
+           "write_checksum_sidecar", "read_verified_bytes", "load_verified_torch"]
 
 # The process umask, read once (os.umask can only be read by setting it). mkstemp creates files
 # with mode 0600; artifacts get the mode a plain open() would have given them (0644 usually).
@@ -257,3 +258,11 @@ def read_verified_bytes(path: str | os.PathLike, what: str) -> bytes:
     data = path.read_bytes()
     verify_checksum(path, data, expected, what)
     return data
+
+
+def load_verified_torch(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load(weights_only=True)`` of a file saved by ``atomic_torch_save(checksum=True)``,
+    its bytes checked first (:func:`read_verified_bytes`; CacheError naming the file)."""
+    import torch
+
+    return torch.load(io.BytesIO(read_verified_bytes(path, what)), map_location="cpu", weights_only=True)
