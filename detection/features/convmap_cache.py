@@ -286,7 +286,6 @@ class ConvMapCache:
             return False
         if not check_files:
             return True
-        self._index[key] = info
         for k, shape in enumerate(info["map_shapes"]):
             try:
                 self._load_map(key, k, tuple(shape), info["checksums"][k])
