@@ -1,9 +1,11 @@
 """Conv-map cache and pooled window features (detection/features/)."""
 from __future__ import annotations
 
+
 import copy
 import importlib.util
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -266,6 +268,36 @@ def test_resume_after_interruption_gives_identical_files(dataset, backbone, base
     resumed = _extract(dataset, backbone, tmp_path)
     assert resumed.root == part.root
     assert _files(resumed.root) == _files(base.root)
+
+
+def test_flipped_byte_or_truncated_map_is_named_and_recomputed(dataset, backbone, base, tmp_path, caplog):
+    """A map whose bytes changed after it was written (one flipped byte inside the array data,
+    which numpy reads without complaint) or a map cut short (another node's half-written file)
+    is refused by name when read, and the next extraction recomputes exactly that record."""
+    shutil.copytree(base.root, tmp_path / base.root.name)
+    part = ConvMapCache.open(tmp_path / base.root.name)
+    records = dataset.records
+    flipped, cut = part.map_path(records[0].key, 0), part.map_path(records[1].key, 0)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) - 7] ^= 0x01  # inside the array: the header and shape stay valid
+    flipped.write_bytes(bytes(data))
+    data = cut.read_bytes()
+    cut.write_bytes(data[:len(data) - 100])
+    reopened = ConvMapCache.open(part.root)
+    with pytest.raises(CacheError, match=f"{flipped}: conv map is corrupt or torn"):
+        reopened.maps(records[0])
+    with pytest.raises(CacheError, match=f"{flipped}: conv map is corrupt or torn"):
+        reopened.lazy_maps(records[0])[0]
+    with pytest.raises(CacheError, match=str(cut)):
+        reopened.maps(records[1])
+    with caplog.at_level(logging.WARNING):
+        resumed = _extract(dataset, backbone, tmp_path)
+    assert str(flipped) in caplog.text and str(cut) in caplog.text
+    assert _files(resumed.root) == _files(base.root)
+    fresh = ConvMapCache.open(resumed.root)
+    for r in records[:2]:
+        for got, want in zip(fresh.maps(r), base.maps(r)):
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.slow

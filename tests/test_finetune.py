@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -293,13 +294,32 @@ def test_finetune_checkpoint_key_guards_the_features(tmp_path):
     assert len(other) == 5                                     # other features: starts over
 
 
-def test_finetune_damaged_checkpoint_is_a_detection_error(tmp_path):
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_finetune_damaged_checkpoint_is_named_and_redone(tmp_path, caplog, damage):
+    """A checkpoint whose bytes do not match the checksum written with it (a flipped byte, a file
+    cut short, another file in its place) is named in a warning and fine-tuning starts over: the
+    result equals a run that never had a checkpoint."""
     records, maps, proposals = _toy_problem()
-    cfg = _cfg(iterations=2)
+    cfg = _cfg(iterations=3)
     ckpt = tmp_path / "ft.pt"
-    ckpt.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(DetectionError, match="ft.pt"):
-        finetune(_fresh_head(cfg), _labelled(records, proposals, cfg), _pooled_fn(maps), cfg, checkpoint=ckpt)
+    finetune(_fresh_head(cfg), _labelled(records, proposals, cfg), _pooled_fn(maps), cfg, checkpoint=ckpt)
+    assert (tmp_path / "ft.pt.crc32").is_file()
+    data = bytearray(ckpt.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    elif damage == "truncate":
+        del data[len(data) - 100:]
+    else:
+        data = bytearray(b"PK\x03\x04 not really a zip")
+    ckpt.write_bytes(bytes(data))
+    more = dataclasses.replace(cfg, iterations=5)
+    head_a, head_b = _fresh_head(more), _fresh_head(more)
+    losses_a = finetune(head_a, _labelled(records, proposals, more), _pooled_fn(maps), more)
+    with caplog.at_level(logging.WARNING):
+        losses_b = finetune(head_b, _labelled(records, proposals, more), _pooled_fn(maps), more, checkpoint=ckpt)
+    assert f"{ckpt}: fine-tuning checkpoint is corrupt or torn" in caplog.text
+    assert losses_b == losses_a and len(losses_b) == 5          # started over, not resumed
+    assert all(torch.equal(a, b) for a, b in zip(head_a.state_dict().values(), head_b.state_dict().values()))
 
 
 def test_finetune_leaves_global_rng_alone_and_repeats():

@@ -282,6 +282,34 @@ def test_compute_proposals_matches_per_image_reference_reuses_and_rebuilds(synth
     np.testing.assert_array_equal(other.boxes_for(originals[0].image_id), ps.boxes_for(originals[0].image_id)[:5])
 
 
+def test_flipped_byte_or_truncated_shard_is_named_and_recomputed(synthetic_voc, tmp_path, caplog):
+    """A shard whose bytes no longer match the checksum written with it (one flipped byte inside
+    the boxes, which numpy reads without complaint) or a shard cut short is named in a warning and
+    computed again; a flipped byte in the assembled cache fails its zip CRC-32 and it is rebuilt."""
+    from detection.data.voc import VOCDataset
+
+    ds = VOCDataset(synthetic_voc, "trainval")
+    ps = compute_proposals(ds, tmp_path, resize_to=SMALL, num_workers=0, progress=False)
+    shards = sorted(tmp_path.glob("proposals_*.shards/*.npy"))
+    assert all(p.with_name(p.name + ".crc32").is_file() for p in shards)
+    flipped, cut = shards[0], shards[1]
+    data = bytearray(flipped.read_bytes())
+    data[-3] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    cut.write_bytes(cut.read_bytes()[:-8])
+    cache = next(tmp_path.glob("proposals_*.npz"))
+    data = bytearray(cache.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    cache.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="detection.proposals"):
+        again = compute_proposals(ds, tmp_path, resize_to=SMALL, num_workers=0, progress=False)
+    assert f"{flipped}: unreadable proposal shard" in caplog.text and "corrupt or torn" in caplog.text
+    assert f"{cut}: unreadable proposal shard" in caplog.text
+    assert f"{cache}" in caplog.text and "rebuilding" in caplog.text
+    np.testing.assert_array_equal(again.boxes, ps.boxes)
+    np.testing.assert_array_equal(again.offsets, ps.offsets)
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_arrays(synthetic_voc, tmp_path):
     from detection.data.voc import VOCDataset

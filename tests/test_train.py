@@ -3,6 +3,7 @@ a ground truth, one class at a time, and get exactly the model that reading ever
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,8 @@ from detection.detector import DetectorSettings
 from detection.errors import DetectionError
 from detection.linear import UNTRAINED_BIAS
 from detection.training.window_source import WindowFeatureSource
-from detection.training.bbox_regression import BBoxRegressionConfig, train_box_regressors
-from detection.training.detector_training import TrainConfig, regression_sources, train_detector
+from detection.training.bbox_regression import BBoxRegressionConfig, ClassRegressor, train_box_regressors
+from detection.training.detector_training import TrainCheckpoint, TrainConfig, regression_sources, train_detector
 from detection.training.from_features import fc_finetune_schedule
 from detection.training.samples import compute_feature_scale
 from detection.training.svm import SVMConfig
@@ -118,3 +119,28 @@ def test_fc_finetune_schedule_of_train_svm():
     assert (on.enabled, on.iterations, on.lr_steps) == (True, 24, (12, 18))
     off = fc_finetune_schedule(0)
     assert (off.enabled, off.iterations) == (False, 1)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_train_checkpoint_with_a_damaged_byte_is_named_and_redone(tmp_path, caplog, damage):
+    """A box-regressor checkpoint whose bytes no longer match its checksum (one flipped byte, or
+    cut short) is named in a warning and counted as not done, never loaded; the other class's
+    checkpoint still loads, equal to what was saved."""
+    ckpt = TrainCheckpoint(tmp_path, "key")
+    rng = np.random.default_rng(0)
+    saved = [ClassRegressor(rng.normal(size=(6, 4)), rng.normal(size=4), rng.normal(size=4), np.eye(4),
+                            stats={"num_samples": 3}) for _ in range(2)]
+    for c, r in enumerate(saved):
+        ckpt.save_regressor(c, r, scale=2.0)
+    path = tmp_path / "bbox_1.pt"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[len(data) - 50:]
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        done = TrainCheckpoint(tmp_path, "key").regressors(2, scale=2.0)
+    assert f"{path}: checkpoint is corrupt or torn" in caplog.text
+    assert list(done) == [0]
+    np.testing.assert_array_equal(done[0].weight, saved[0].weight)

@@ -13,8 +13,13 @@ Cache layout (see docs/formats.md, "Conv-map cache")::
 
     <out>/convmaps_<key>/meta.json              settings, format version, creation time
     <out>/convmaps_<key>/maps/<record.key>/s<k>.npy   conv map of scale index k, [C, H, W]
-    <out>/convmaps_<key>/maps/<record.key>/done.json  written last: factors and shapes
+    <out>/convmaps_<key>/maps/<record.key>/done.json  written last: factors, shapes, checksums
     <out>/convmaps_<key>/index.json              all done.json contents, written at the end
+
+Every map's content checksum (CRC-32 of its array bytes) is in the record's done marker: a map
+is verified the first time a cache object reads it, and at resume by :meth:`ConvMapCache.is_complete`,
+so a flipped byte, a truncated file or another node's half-written file is named and recomputed,
+never pooled into features.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import numpy as np
 from ..boxes import flip_boxes
 from ..data.records import ImageRecord
 from ..errors import CacheError
-from ..io.files import atomic_path, make_dirs
+from ..io.files import atomic_path, content_checksum, make_dirs, verify_checksum
 from ..io.jsonfile import read_json, settings_key, write_json
 from ..io.paths import safe_file_part
 
@@ -40,7 +45,7 @@ __all__ = ["CONVMAP_FORMAT_VERSION", "FP16_MAX", "ConvMapCache", "cache_records"
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the on-disk layout or the meaning of a stored value changes; part of the key.
-CONVMAP_FORMAT_VERSION = 2
+CONVMAP_FORMAT_VERSION = 3  # 3: done.json holds every map's checksum
 #: Largest finite float16 (65,504): a float16 cache refuses maps beyond it instead of storing inf.
 FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -109,6 +114,10 @@ class ConvMapCache:
         self.root = Path(root)
         self.settings = dict(settings)
         self._index: dict[str, dict[str, Any]] = {}
+        # (key, scale index) of the maps whose checksum this object has verified: each file is
+        # read in full once per process, later reads stay memory-mapped and touch only what
+        # pooling needs.
+        self._verified: set[tuple[str, int]] = set()
         index_path = self.root / self.INDEX
         if index_path.is_file():
             try:
@@ -230,14 +239,15 @@ class ConvMapCache:
 
     def record_info(self, record_or_key: ImageRecord | str) -> dict[str, Any]:
         """The done marker of a record: ``factors`` [S], ``map_shapes`` [S][3] (C, H, W),
-        ``input_shapes`` [S][2] (H', W' of the resized image), ``image_size`` [2] (H, W).
+        ``input_shapes`` [S][2] (H', W' of the resized image), ``image_size`` [2] (H, W),
+        ``checksums`` [S] (:func:`detection.io.files.content_checksum` of each map's array).
 
         Raises:
             CacheError: the record is not (completely) in the cache.
         """
         key = _key(record_or_key)
         info = self._index.get(key)
-        if info is None:
+        if info is None or not self._valid_info(info):
             info = self._read_done(key)
             if info is None:
                 raise CacheError(f"{self.record_dir(key)}: record {key!r} is not in the conv-map cache "
@@ -253,17 +263,24 @@ class ConvMapCache:
             info = read_json(path)
         except CacheError:
             return None
+        return info if self._valid_info(info) else None
+
+    def _valid_info(self, info: Any) -> bool:
+        """Whether a done marker (or its copy in index.json) has every field, well formed."""
         try:  # a damaged marker means "not done" (tests/test_fuzz.py: null or 5 leaked a TypeError)
             ok = (isinstance(info, dict) and len(info["factors"]) == len(info["map_shapes"]) == len(self.scales)
                   and all(float(f) > 0 for f in info["factors"])
-                  and all(len(s) == 3 and all(type(d) is int for d in s) for s in info["map_shapes"]))
+                  and all(len(s) == 3 and all(type(d) is int for d in s) for s in info["map_shapes"])
+                  and isinstance(info["checksums"], list) and len(info["checksums"]) == len(self.scales)
+                  and all(isinstance(c, str) for c in info["checksums"]))
         except (KeyError, TypeError, ValueError):
             ok = False
-        return info if ok else None
+        return ok
 
     def is_complete(self, key: str, check_files: bool = True) -> bool:
-        """Whether the record's done marker exists and (``check_files``) every map file's header
-        has the recorded shape and the cache's dtype and the file is not truncated."""
+        """Whether the record's done marker exists and (``check_files``) every map file has the
+        recorded shape, the cache's dtype and the recorded checksum (a damaged one is named in a
+        warning and the record counts as not done, so extraction recomputes it)."""
         info = self._read_done(key)
         if info is None:
             return False
@@ -271,13 +288,15 @@ class ConvMapCache:
             return True
         for k, shape in enumerate(info["map_shapes"]):
             try:
-                self._load_map(key, k, tuple(shape))
+                self._load_map(key, k, tuple(shape), info["checksums"][k])
             except CacheError as e:
                 log.warning("%s; recomputing record %s", e, key)
                 return False
         return True
 
-    def _load_map(self, key: str, k: int, shape: tuple[int, ...] | None) -> np.ndarray:
+    def _load_map(self, key: str, k: int, shape: tuple[int, ...] | None, checksum: str | None) -> np.ndarray:
+        """The memory-mapped map, its header checked against ``shape`` and the cache's dtype and,
+        the first time this object reads it, its bytes against ``checksum``."""
         path = self.map_path(key, k)
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -290,13 +309,21 @@ class ConvMapCache:
         if arr.dtype != self.dtype or arr.ndim != 3 or (shape is not None and tuple(arr.shape) != shape):
             raise CacheError(f"{path}: conv map has dtype {arr.dtype} shape {tuple(arr.shape)}, expected "
                              f"{self.dtype} {shape}")
+        if checksum is not None and (key, k) not in self._verified:
+            verify_checksum(path, arr, checksum, "conv map")
+            self._verified.add((key, k))
         return arr
 
     def maps(self, record_or_key: ImageRecord | str) -> list[np.ndarray]:
-        """Memory-mapped conv maps of a record, one read-only array [C, H_k, W_k] per scale."""
+        """Memory-mapped conv maps of a record, one read-only array [C, H_k, W_k] per scale.
+
+        Raises:
+            CacheError naming the file: a map is missing, truncated or does not match its
+            checksum (rerunning the extraction recomputes it).
+        """
         key = _key(record_or_key)
         info = self.record_info(key)
-        return [self._load_map(key, k, tuple(s)) for k, s in enumerate(info["map_shapes"])]
+        return [self._load_map(key, k, tuple(s), info["checksums"][k]) for k, s in enumerate(info["map_shapes"])]
 
     def factors(self, record_or_key: ImageRecord | str) -> list[float]:
         """Resize factor of every scale for a record."""
@@ -325,12 +352,15 @@ class ConvMapCache:
                 stray.unlink(missing_ok=True)
             (rdir / self.DONE).unlink(missing_ok=True)
         self._index.pop(key, None)
+        checksums = []
         for k, m in enumerate(maps):
             arr = np.ascontiguousarray(m, dtype=self.dtype)
+            checksums.append(content_checksum(arr))
             with atomic_path(self.map_path(key, k), suffix=".npy") as tmp:
                 with open(tmp, "wb") as f:  # a file object: np.save(path) would append ".npy"
                     np.save(f, arr, allow_pickle=False)
-        write_json(rdir / self.DONE, info)
+            self._verified.add((key, k))
+        write_json(rdir / self.DONE, {**info, "checksums": checksums})
 
     def write_index(self, keys: Iterable[str]) -> None:
         """Write ``index.json``: every record's done marker in one file (read at open)."""
@@ -346,14 +376,15 @@ class ConvMapCache:
         """The maps of a record, each loaded (memory-mapped) on first access: pooling reads only
         the scales some window uses."""
         key = _key(record_or_key)
-        return _LazyMaps(self, key, [tuple(s) for s in self.record_info(key)["map_shapes"]])
+        info = self.record_info(key)
+        return _LazyMaps(self, key, [tuple(s) for s in info["map_shapes"]], list(info["checksums"]))
 
 
 class _LazyMaps(Sequence):
     """The maps of one cached record, each loaded (memory-mapped) on first access."""
 
-    def __init__(self, cache: ConvMapCache, key: str, shapes: list[tuple[int, ...]]) -> None:
-        self.cache, self.key, self.shapes = cache, key, shapes
+    def __init__(self, cache: ConvMapCache, key: str, shapes: list[tuple[int, ...]], checksums: list[str]) -> None:
+        self.cache, self.key, self.shapes, self.checksums = cache, key, shapes, checksums
         self._loaded: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -363,7 +394,7 @@ class _LazyMaps(Sequence):
         if not 0 <= k < len(self.shapes):
             raise IndexError(k)
         if k not in self._loaded:
-            self._loaded[k] = self.cache._load_map(self.key, k, self.shapes[k])
+            self._loaded[k] = self.cache._load_map(self.key, k, self.shapes[k], self.checksums[k])
         return self._loaded[k]
 
 

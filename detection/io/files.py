@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import StorageError
+from ..errors import CacheError, StorageError
 
 __all__ = ["atomic_path", "atomic_write_text", "atomic_save_npz", "atomic_torch_save", "make_dirs", "load_npz",
-           "file_sha256", "process_alive"]
+           "file_sha256", "process_alive", "content_checksum", "verify_checksum", "checksum_sidecar",
+           "write_checksum_sidecar", "read_verified_bytes", "load_verified_torch"]
 
 # The process umask, read once (os.umask can only be read by setting it). mkstemp creates files
 # with mode 0600; artifacts get the mode a plain open() would have given them (0644 usually).
@@ -136,14 +139,20 @@ def atomic_save_npz(dest: str | os.PathLike, **arrays: np.ndarray) -> None:
             np.savez(f, **arrays)
 
 
-def atomic_torch_save(dest: str | os.PathLike, obj: Any) -> None:
+def atomic_torch_save(dest: str | os.PathLike, obj: Any, checksum: bool = False) -> None:
     """``torch.save(obj)`` to ``dest`` atomically, byte-reproducibly.
 
     Saved through a file object: given a path, torch names the zip archive inside after the
     file, so the random temporary name made two saves of the same object differ in bytes.
+    ``checksum``: then also write ``<dest>.crc32`` (after ``dest``), which
+    :func:`read_verified_bytes` checks; for caches and checkpoints read back by this package.
     """
     import torch
 
+    if checksum:
+        # The stale sidecar goes first: a crash between the two writes leaves a file without
+        # a checksum (recomputed), never an old checksum beside new bytes that happen to match.
+        checksum_sidecar(dest).unlink(missing_ok=True)
     with atomic_path(dest) as tmp:
         with open(tmp, "wb") as f:
             writer = _WriteErrorKeeper(f)
@@ -155,6 +164,8 @@ def atomic_torch_save(dest: str | os.PathLike, obj: Any) -> None:
                 if writer.error is not None:
                     raise writer.error from None
                 raise
+    if checksum:
+        write_checksum_sidecar(dest, Path(dest).read_bytes())
 
 
 class _WriteErrorKeeper:
@@ -187,3 +198,71 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+#: Prefix of every content checksum this package writes: the algorithm, so a later change of
+#: algorithm is read as a mismatch (recomputed), never as a match.
+_CHECKSUM_PREFIX = "crc32:"
+
+
+def content_checksum(data: Any) -> str:
+    """``"crc32:<8 hex digits>"`` of the bytes of ``data`` (bytes or a C-contiguous array,
+    memory-mapped ones included: read through the map, nothing copied).
+
+    CRC-32 (zlib, ~4 GB/s) rather than a cryptographic hash: it guards against flipped bits,
+    torn and truncated writes, not against an attacker (docs/reliability.md); any single flipped
+    byte and any burst of up to 32 bits changes it.
+    """
+    if isinstance(data, np.ndarray):
+        if not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)
+        data = memoryview(data.reshape(-1).view(np.uint8)) if data.size else b""
+    return f"{_CHECKSUM_PREFIX}{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def verify_checksum(path: str | os.PathLike, data: Any, expected: Any, what: str) -> None:
+    """Raise CacheError naming ``path`` when ``data``'s checksum is not ``expected``."""
+    actual = content_checksum(data)
+    if actual != expected:
+        raise CacheError(f"{path}: {what} is corrupt or torn (checksum {actual}, recorded {expected!r})")
+
+
+def checksum_sidecar(path: str | os.PathLike) -> Path:
+    """The file holding the checksum of ``path``'s bytes: ``<path>.crc32``."""
+    path = Path(path)
+    return path.with_name(path.name + ".crc32")
+
+
+def write_checksum_sidecar(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``<path>.crc32`` (atomically) with the checksum of ``data``, the bytes of ``path``."""
+    atomic_write_text(checksum_sidecar(path), content_checksum(data) + "\n")
+
+
+def read_verified_bytes(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of ``path`` after checking them against ``<path>.crc32``.
+
+    Raises:
+        CacheError naming the file: the sidecar is missing (a write interrupted between the two
+        files, or a file of an older version), or the bytes do not match it (a flipped byte, a
+        truncated file, another node's half-written file seen through a shared file system).
+    """
+    path = Path(path)
+    sidecar = checksum_sidecar(path)
+    try:
+        expected = sidecar.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise CacheError(f"{path}: {what} has no checksum file {sidecar.name} (interrupted write or an "
+                         "older version)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CacheError(f"{sidecar}: unreadable checksum file ({e})") from None
+    data = path.read_bytes()
+    verify_checksum(path, data, expected, what)
+    return data
+
+
+def load_verified_torch(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load(weights_only=True)`` of a file saved by ``atomic_torch_save(checksum=True)``,
+    its bytes checked first (:func:`read_verified_bytes`; CacheError naming the file)."""
+    import torch
+
+    return torch.load(io.BytesIO(read_verified_bytes(path, what)), map_location="cpu", weights_only=True)

@@ -16,7 +16,7 @@ from ..features.featurizer import make_featurizer
 from ..features.pooling import pool5_dim
 from ..training.finetune import finetune, label_windows
 from ..heads import FCHead
-from ..io.files import atomic_torch_save, make_dirs
+from ..io.files import atomic_torch_save, load_verified_torch, make_dirs
 from .config import PipelineConfig
 from .stages import StageBook
 
@@ -36,7 +36,7 @@ def finetune_conv(cfg: PipelineConfig, key: str, backbone: Any, train_ds: Any, t
     trunk_path = work / "trunk.pt"
     if stages.done("conv_finetune", key, trunk_path):
         try:
-            state = torch.load(trunk_path, map_location="cpu", weights_only=True)
+            state = load_verified_torch(trunk_path, "fine-tuned conv layers")
             copy.deepcopy(backbone.trunk).load_state_dict(state)   # check it fits before touching the trunk
         except Exception as e:  # noqa: BLE001 - any unreadable file: redo the stage, do not crash
             log.warning("%s cannot be read (%s): training the conv layers again", trunk_path,
@@ -62,7 +62,7 @@ def finetune_conv(cfg: PipelineConfig, key: str, backbone: Any, train_ds: Any, t
                       write_checkpoints=comm.is_main(), trunk_lr_mult=c.conv_lr_mult)
     bar.close()
     if comm.is_main():
-        atomic_torch_save(trunk_path, backbone.trunk.state_dict())
+        atomic_torch_save(trunk_path, backbone.trunk.state_dict(), checksum=True)
     backbone.weights_id = f"finetuned:{key}"
     stages.mark("conv_finetune", key, time.perf_counter() - t0,
                 first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import io
 import logging
 import multiprocessing
 import os
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from .. import comm
 from ..data.images import load_image
 from ..errors import CacheError, DatasetError, DetectionError
-from ..io.files import atomic_path, make_dirs
+from ..io.files import atomic_path, make_dirs, read_verified_bytes, write_checksum_sidecar
 from ..io.jsonfile import settings_key
 from ..io.paths import safe_file_part
 from ..workers import init_worker_process
@@ -59,11 +60,12 @@ def _shard_name(image_id: str) -> str:
 
 
 def _read_shard(path: Path) -> np.ndarray | None:
-    """The boxes in a shard, or None (with a warning) when it is missing or damaged."""
+    """The boxes in a shard, or None (with a warning naming the file) when it is missing,
+    damaged, or its bytes do not match the checksum written with it (``<shard>.crc32``)."""
     if not path.exists():
         return None
     try:
-        boxes = np.load(path, allow_pickle=False)
+        boxes = np.load(io.BytesIO(read_verified_bytes(path, "proposal shard")), allow_pickle=False)
     except Exception as e:  # a damaged file is recomputed, never trusted
         logger.warning("%s: unreadable proposal shard (%s); recomputing it", path, e)
         return None
@@ -93,9 +95,13 @@ def _proposals_worker(record: "ImageRecord", config: SelectiveSearchConfig, shar
         raise
     except Exception as e:  # cv2.error, MemoryError, ... -> a readable message naming the file
         raise DatasetError(f"{record.path}: selective search failed ({type(e).__name__}: {e})") from None
+    buf = io.BytesIO()
+    np.save(buf, boxes, allow_pickle=False)
+    # The checksum goes first: a shard that exists always has one beside it (a crash in between
+    # leaves only the checksum, and the shard is computed again).
+    write_checksum_sidecar(shard, buf.getvalue())
     with atomic_path(shard, suffix=".npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, boxes, allow_pickle=False)
+        tmp.write_bytes(buf.getvalue())
     return record.image_id, len(boxes)
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["ProposalSet", "FORMAT_VERSION"]
 
 #: Version of the ``proposals_<key>.npz`` layout; bump when it changes (old caches then miss).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every shard has its checksum beside it (<shard>.crc32)
 
 
 class ProposalSet:

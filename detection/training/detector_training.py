@@ -27,7 +27,7 @@ from ..detector import DetectorSettings, SPPDetector, class_boxes
 from ..errors import DetectionError, ModelError
 from .finetune import FinetuneConfig, finetune, label_windows
 from ..heads import FCHead
-from ..io.files import atomic_torch_save
+from ..io.files import atomic_torch_save, load_verified_torch
 from ..calibration import ScoreCalibration
 from ..linear import LinearSVMs
 from .window_source import Pool5Fn, WindowFeatureSource
@@ -273,7 +273,8 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
 class TrainCheckpoint:
     """The train stage's progress on disk: ``svms.pt``, then ``bbox_<k>.pt`` per class, then
     ``calibration.pt``, each written atomically and holding the key of the settings it was made with (a file with another
-    key, or unreadable, is ignored and redone). Tensors and JSON strings only (no pickles)."""
+    key, or unreadable, is ignored and redone), with its checksum beside it (``<file>.crc32``: a
+    flipped byte or a torn file is named in a warning and redone). Tensors and JSON strings only (no pickles)."""
 
     def __init__(self, root: Path, key: str) -> None:
         self.root, self.key = Path(root), key
@@ -283,8 +284,8 @@ class TrainCheckpoint:
         if not path.is_file():
             return None
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is redone, never trusted
+            state = load_verified_torch(path, "checkpoint")
+        except Exception as e:  # noqa: BLE001 - an unreadable or corrupt checkpoint is redone, never trusted
             log.warning("ignoring the unreadable checkpoint %s (%s)", path, " ".join(str(e).split())[:200])
             return None
         if not isinstance(state, dict) or state.get("key") != self.key + extra:
@@ -301,7 +302,7 @@ class TrainCheckpoint:
     def save_svms(self, svms: LinearSVMs) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(self.root / "svms.pt", {"key": self.key, "tensors": svms.tensors(),
-                                                  "meta": json.dumps(svms.to_meta())})
+                                                  "meta": json.dumps(svms.to_meta())}, checksum=True)
 
     def calibration(self, num_classes: int, extra: str) -> tuple[bool, ScoreCalibration | None]:
         """(found, calibration): the fit saved by :meth:`save_calibration` with the same ``extra``
@@ -318,8 +319,8 @@ class TrainCheckpoint:
 
     def save_calibration(self, calibration: ScoreCalibration | None, extra: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(self.root / "calibration.pt", {
-            "key": self.key + extra, "meta": json.dumps(None if calibration is None else calibration.to_meta())})
+        meta = json.dumps(None if calibration is None else calibration.to_meta())
+        atomic_torch_save(self.root / "calibration.pt", {"key": self.key + extra, "meta": meta}, checksum=True)
 
     def regressors(self, num_classes: int, scale: float) -> dict[int, ClassRegressor]:
         done = {}
@@ -336,7 +337,7 @@ class TrainCheckpoint:
         atomic_torch_save(self.root / f"bbox_{c}.pt", {
             "key": self.key, "feature_scale": scale, "stats": json.dumps(r.stats),
             **{n: torch.from_numpy(np.ascontiguousarray(getattr(r, n), dtype=np.float64))
-               for n in ("weight", "bias", "target_mean", "target_unwhiten")}})
+               for n in ("weight", "bias", "target_mean", "target_unwhiten")}}, checksum=True)
         log.info("box regressor %d checkpointed in %s", c, self.root)
 
 

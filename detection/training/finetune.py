@@ -29,10 +29,10 @@ from torch import nn
 from .. import comm
 from ..boxes import box_iou_numpy
 from ..data.records import ImageRecord
-from ..errors import DetectionError
+from ..errors import CacheError, DetectionError
 from ..features.featurizer import PooledFn
 from ..heads import FCHead
-from ..io.files import atomic_torch_save
+from ..io.files import atomic_torch_save, load_verified_torch
 
 __all__ = ["FinetuneConfig", "WindowLabels", "label_windows", "sample_minibatch", "schedule_summary", "finetune",
            "PAPER_ITERATIONS", "CODE_ITERATIONS"]
@@ -234,11 +234,16 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
     key = _checkpoint_key(head, windows, cfg, f"{checkpoint_key}:trunk={trunk is not None}:{trunk_lr_mult!r}")
     if checkpoint is not None and Path(checkpoint).exists():
         try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            state = load_verified_torch(checkpoint, "fine-tuning checkpoint")
+        except CacheError as e:  # a flipped byte, a torn or truncated file: redo, never trust it
+            log.warning("%s; starting fine-tuning over", e)
+            state = None
         except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
             raise DetectionError(f"fine-tuning checkpoint {checkpoint} cannot be read ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over") from None
-        if not isinstance(state, dict) or state.get("key") != key:
+        if state is None:
+            pass
+        elif not isinstance(state, dict) or state.get("key") != key:
             log.warning("fine-tuning checkpoint %s was made with other settings or data: starting over", checkpoint)
         else:
             head.load_state_dict(state["head"])
@@ -294,7 +299,7 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
             state = {"head": head.state_dict(), "optimizer": opt.state_dict(), "iteration": done, "key": key}
             if trunk is not None:
                 state["trunk"] = trunk.state_dict()
-            atomic_torch_save(checkpoint, state)
+            atomic_torch_save(checkpoint, state, checksum=True)
     head.eval()
     if trunk is not None:
         trunk.eval()
