@@ -21,7 +21,7 @@ from .errors import DetectionError
 from .runtime import set_threads
 from .workers import LOG_DATE_FORMAT, LOG_FORMAT
 
-__all__ = ["run_tool", "add_common_args", "add_skip_bad_arg", "add_set_arg", "os_error_message", "EXIT_ERROR", "EXIT_INTERRUPTED"]
+__all__ = ["run_tool", "add_common_args", "add_skip_bad_arg", "add_set_arg", "add_draw_args", "os_error_message", "EXIT_ERROR", "EXIT_INTERRUPTED"]
 
 #: Exit status of a tool stopped by bad input or a failing environment (argparse's, too).
 EXIT_ERROR = 2
@@ -47,6 +47,15 @@ def add_set_arg(parser: argparse.ArgumentParser, example: str) -> None:
     ``--set a=1 --set b=2`` keeps both instead of the last replacing the first."""
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help=f"config overrides, e.g. {example}")
+
+
+def add_draw_args(parser: argparse.ArgumentParser) -> None:
+    """``--threshold`` / ``--score-threshold``: which detections a tool draws, and ``--device``."""
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="draw detections with a calibrated probability at or above this (default 0.5)")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="draw by raw SVM score instead (the default for a model without calibration: 0)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
 
 
 def os_error_message(e: OSError) -> str:

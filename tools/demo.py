@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from detection.apply import detect_images
-from detection.cli import add_skip_bad_arg, run_tool
+from detection.cli import add_draw_args, add_skip_bad_arg, run_tool
 
 
 def main(args: argparse.Namespace) -> int:
@@ -28,10 +28,6 @@ if __name__ == "__main__":
     p.add_argument("--model", required=True)
     p.add_argument("--images", nargs="+", required=True, type=Path)
     p.add_argument("--out", default="demo")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="draw detections with a calibrated probability at or above this (default 0.5)")
-    p.add_argument("--score-threshold", type=float, default=None,
-                   help="draw by raw SVM score instead (the default for a model without calibration: 0)")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    add_draw_args(p)
     add_skip_bad_arg(p)
     sys.exit(run_tool(main, p))

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from detection.apply import collect_images, detect_images
-from detection.cli import add_skip_bad_arg, run_tool
+from detection.cli import add_draw_args, add_skip_bad_arg, run_tool
 
 
 def main(args: argparse.Namespace) -> int:
@@ -40,10 +40,6 @@ if __name__ == "__main__":
     p.add_argument("--images", nargs="+", required=True, help="image files, folders and glob patterns")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--draw", action="store_true", help="also write OUT/drawn/<stem>_det.png per image")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="with --draw: draw detections with a calibrated probability at or above this (default 0.5)")
-    p.add_argument("--score-threshold", type=float, default=None,
-                   help="with --draw: draw by raw SVM score instead (the default for a model without calibration: 0)")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    add_draw_args(p)
     add_skip_bad_arg(p)
     sys.exit(run_tool(main, p))
