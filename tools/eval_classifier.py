@@ -12,7 +12,7 @@ Views: center (224 crop), ten (5 crops + flips), full (whole image, shorter side
 import argparse
 import sys
 
-from detection.classification import run_evaluation
+from detection.classification import run_evaluation, score_text
 from detection.classification.config import VIEWS
 from detection.cli import run_tool
 
@@ -21,8 +21,7 @@ def main(args: argparse.Namespace) -> int:
     result = run_evaluation(args.model, args.data, args.split, args.view, args.out, scales=args.scales,
                             rescale=args.rescale, device=args.device)
     if result is not None:
-        score = f"mAP {result['map']:.4f}" if "map" in result else f"top-1 {result['top1']:.4f}"
-        print(f"{args.view} view on {args.split}: {score} ({result['images_per_second']:.1f} images/s); "
+        print(f"{args.view} view on {args.split}: {score_text(result)} ({result['images_per_second']:.1f} images/s); "
               f"written to {args.out}")
     return 0
 

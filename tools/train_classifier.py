@@ -12,7 +12,7 @@ OUT/classifier.pt and OUT/metrics.json (the test split, centre view). docs/class
 import argparse
 import sys
 
-from detection.classification import resolve_config, run_training
+from detection.classification import resolve_config, run_training, score_text
 from detection.classification.config import HEADS, REGIMES
 from detection.cli import add_set_arg, run_tool
 
@@ -23,8 +23,7 @@ def main(args: argparse.Namespace) -> int:
     result = run_training(args.data, args.out, cfg, device=args.device)
     if result is not None:
         test = result["test"]
-        score = f"mAP {test['map']:.4f}" if "map" in test else f"top-1 {test['top1']:.4f}"
-        print(f"{args.out}/classifier.pt written; test ({test['view']} view): {score}; "
+        print(f"{args.out}/classifier.pt written; test ({test['view']} view): {score_text(test)}; "
               f"training {result['training']['images_per_second']:.1f} images/s")
     return 0
 

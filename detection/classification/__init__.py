@@ -7,7 +7,7 @@ Modules: :mod:`.config` (settings), :mod:`.data` (layouts), :mod:`.datasets` (be
 epoch feeds), :mod:`.training`, :mod:`.views` and :mod:`.metrics` (testing),
 :mod:`.robustness`, :mod:`.api` (what the tools call). See docs/classification.md.
 """
-from .api import resolve_config, run_evaluation, run_training
+from .api import resolve_config, run_evaluation, run_training, score_text
 from .config import ClassifierConfig, ModelConfig, TestConfig, TrainConfig
 from .data import ClassificationSet, ClassSample, read_split
 from .datasets import make_crop_folder, make_scale_folder
@@ -15,7 +15,7 @@ from .model import SPPClassifier, build_classifier, load_classifier, save_classi
 from .training import train_classifier
 from .views import evaluate, score_image
 
-__all__ = ["ClassifierConfig", "ModelConfig", "TrainConfig", "TestConfig", "ClassificationSet", "ClassSample",
+__all__ = ["score_text", "ClassifierConfig", "ModelConfig", "TrainConfig", "TestConfig", "ClassificationSet", "ClassSample",
            "read_split", "make_crop_folder", "make_scale_folder", "SPPClassifier", "build_classifier",
            "load_classifier", "save_classifier", "train_classifier", "evaluate", "score_image",
            "resolve_config", "run_training", "run_evaluation"]

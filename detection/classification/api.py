@@ -27,7 +27,7 @@ from .robustness import plot_scale_curves, scale_curve
 from .training import train_classifier
 from .views import check_view, evaluate
 
-__all__ = ["resolve_config", "run_training", "run_evaluation"]
+__all__ = ["resolve_config", "run_training", "run_evaluation", "score_text"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ def resolve_config(config_file: str | os.PathLike | None = None, overrides: Sequ
         flags["train"]["regime"] = regime
     cfg = merge(cfg, flags)
     return merge(cfg, parse_overrides(list(overrides)))
+
+
+def score_text(metrics: dict[str, Any]) -> str:
+    """The headline of a metrics dict: ``mAP 0.9750`` (VOC layout) or ``top-1 0.9438`` (ImageFolder)."""
+    return f"mAP {metrics['map']:.4f}" if "map" in metrics else f"top-1 {metrics['top1']:.4f}"
 
 
 def _check_pair(train: ClassificationSet, test: ClassificationSet) -> None:
