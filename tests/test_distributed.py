@@ -138,11 +138,12 @@ def test_box_regressors_fitted_in_parts_equal_one_fit():
 # ---- fine-tuning, data parallel ----------------------------------------------------------------
 
 FINETUNE_SCRIPT = """
-import sys
+import json, sys
 import numpy as np, torch
 from detection import comm
 from detection.heads import FCHead
 from detection.training.finetune import FinetuneConfig, WindowLabels, finetune
+out, share, images_per_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 comm.init_distributed("cpu")
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)
@@ -152,15 +153,26 @@ for i in range(6):
     labels = rng.integers(0, 3, 40).astype(np.int64)
     windows.append(WindowLabels(np.concatenate([xy, xy + wh], 1).astype(np.float32), labels,
                                 np.flatnonzero(labels > 0), np.flatnonzero(labels == 0)))
-proj = torch.from_numpy(np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32)) / 50
-def pooled(i, boxes, generator):   # features that use the image's generator, as random scales do
-    return torch.tanh(boxes @ proj + i) + 0.1 * torch.randn(len(boxes), 16, generator=generator)
+torch.manual_seed(1)
+trunk = torch.nn.Linear(4, 16)          # stands for the conv layers: trained in the "images" runs
+seen = {"windows": 0, "calls": 0}
+def noise(n, generator):                # random draws, as random scales are: the image's or each window's
+    if isinstance(generator, torch.Generator):
+        return torch.randn(n, 16, generator=generator)
+    assert len(generator) == n
+    return torch.cat([torch.randn(1, 16, generator=g) for g in generator]) if n else torch.zeros(0, 16)
+def pooled(i, boxes, generator):
+    seen["windows"] += len(boxes)
+    seen["calls"] += 1
+    return torch.tanh(trunk(boxes / 50) + i) + 0.1 * noise(len(boxes), generator)
 head = FCHead(16, (8, 8), num_classes=2, dropout=0.5, generator=torch.Generator().manual_seed(0))
-cfg = FinetuneConfig(enabled=True, iterations=6, lr=0.05, lr_steps=(4,), batch_size=16, images_per_batch=3,
-                     hidden=(8, 8))
-losses = finetune(head, windows, pooled, cfg)
+cfg = FinetuneConfig(enabled=True, iterations=6, lr=0.05, lr_steps=(4,), batch_size=16,
+                     images_per_batch=images_per_batch, hidden=(8, 8))
+losses = finetune(head, windows, pooled, cfg, trunk=trunk if share == "images" else None, share=share)
+with open(f"{out}.rank{comm.rank()}.json", "w") as f:
+    json.dump(seen, f)
 if comm.is_main():
-    torch.save({"state": head.state_dict(), "losses": torch.tensor(losses)}, sys.argv[1])
+    torch.save({"state": head.state_dict(), "trunk": trunk.state_dict(), "losses": torch.tensor(losses)}, out)
 comm.shutdown()
 """
 
@@ -174,19 +186,47 @@ def _launch(args: list[str], world: int) -> list[subprocess.Popen]:
             for r in range(world)]
 
 
-@pytest.mark.slow
-def test_fine_tuning_on_two_processes_is_one_process_up_to_float_order(tmp_path):
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    subprocess.run([sys.executable, "-c", FINETUNE_SCRIPT, str(one)], check=True, env=_env(), timeout=300)
-    ranks = _launch([sys.executable, "-c", FINETUNE_SCRIPT, str(two)], 2)   # 3 images a batch: 1 + 2
-    for p in ranks:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+def _finetune(out: Path, world: int, share: str, images_per_batch: int) -> tuple[dict, list[dict]]:
+    """The fine-tuning script on ``world`` processes: rank 0's result and what each rank computed."""
+    args = [sys.executable, "-c", FINETUNE_SCRIPT, str(out), share, str(images_per_batch)]
+    if world == 1:
+        subprocess.run(args, check=True, env=_env(), timeout=300)
+    else:
+        for p in _launch(args, world):
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+    seen = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
+    return torch.load(out, weights_only=True), seen
+
+
+def _assert_same_training(a: dict, b: dict) -> None:
     torch.testing.assert_close(b["losses"], a["losses"], rtol=1e-5, atol=1e-6)
     assert not torch.equal(a["losses"][0], a["losses"][-1])           # it trained
-    for name, value in a["state"].items():
-        torch.testing.assert_close(b["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for part in ("state", "trunk"):
+        for name, value in a[part].items():
+            torch.testing.assert_close(b[part][name], value, rtol=1e-5, atol=1e-6, msg=f"{part}.{name}")
+
+
+@pytest.mark.slow
+def test_fine_tuning_shares_windows_over_any_number_of_processes(tmp_path):
+    # 6 iterations of 16 windows drawn from 2 images: 1, 2 and 3 processes train the same weights,
+    # and with 3 every rank pools and trains on its third of each batch's windows.
+    one, _ = _finetune(tmp_path / "one.pt", 1, "windows", 2)
+    for world in (2, 3):
+        many, seen = _finetune(tmp_path / f"{world}.pt", world, "windows", 2)
+        _assert_same_training(one, many)
+        assert [s["windows"] for s in seen] == [6 * (16 * (r + 1) // world - 16 * r // world) for r in range(world)]
+
+
+@pytest.mark.slow
+def test_conv_fine_tuning_shares_images_and_idle_ranks_do_not_stall(tmp_path):
+    # Training the trunk: one forward pass per image, so 2 images a batch on 3 ranks leave the
+    # first without work; it adds zero gradients and the run is the one-process run.
+    one, _ = _finetune(tmp_path / "one.pt", 1, "images", 2)
+    three, seen = _finetune(tmp_path / "three.pt", 3, "images", 2)
+    _assert_same_training(one, three)
+    assert [s["calls"] for s in seen] == [0, 6, 6]       # an image per step on ranks 1 and 2
+    assert sum(s["windows"] for s in seen) == 6 * 16
 
 
 # ---- whole runs on 2 processes ----------------------------------------------------------------

@@ -246,6 +246,25 @@ def test_scale_choice_with_two_scales(dataset, backbone, tmp_path):
         _cached(cache, record, boxes, scale_rule=2)
 
 
+def test_random_scales_from_one_generator_per_window_do_not_depend_on_the_other_windows():
+    # Fine-tuning shares an image's windows out over processes: each window's scale comes from its
+    # own generator, so any subset of the windows draws what the whole set draws for them.
+    boxes = torch.tensor([[0, 0, 10, 10]] * 12, dtype=torch.float32)
+    factors = [0.5, 1.0, 1.5, 2.0]
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+    whole = select_scales(boxes, factors, "random", gens(range(12)))
+    expected = [int(torch.randint(4, (1,), generator=torch.Generator().manual_seed(s))) for s in range(12)]
+    assert whole.tolist() == expected and len(set(expected)) > 1
+    assert select_scales(boxes[5:9], factors, "random", gens(range(5, 9))).tolist() == expected[5:9]
+    assert select_scales(boxes[:0], factors, "random", []).tolist() == []
+    with pytest.raises(ValueError, match="one per window"):
+        select_scales(boxes, factors, "random", gens(range(3)))
+    with pytest.raises(ValueError, match="one scale per image"):
+        select_scales(boxes, factors, "random-image", gens(range(12)))
+
+
 def test_resume_after_interruption_gives_identical_files(dataset, backbone, base, tmp_path):
     shutil.copytree(base.root, tmp_path / base.root.name)
     part = ConvMapCache.open(tmp_path / base.root.name)

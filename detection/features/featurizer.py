@@ -47,8 +47,10 @@ METHODS = ("spp", "rcnn")
 #: An image, or the record it is read from (a record or its key for a cache).
 Item = ImageRecord | np.ndarray | str
 #: pooled_fn(index of an image, boxes Tensor[N, 4] in original image pixels, generator) -> Tensor[N, D]:
-#: what fine-tuning (:func:`detection.training.finetune.finetune`) draws windows from.
-PooledFn = Callable[[int, torch.Tensor, torch.Generator], torch.Tensor]
+#: what fine-tuning (:func:`detection.training.finetune.finetune`) draws windows from. The
+#: generator is one for the image, or a sequence of one per window when fine-tuning shares an
+#: image's windows out over processes (each window's random draws then come from its own).
+PooledFn = Callable[[int, torch.Tensor, torch.Generator | Sequence[torch.Generator]], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,14 +91,15 @@ class WindowFeaturizer(abc.ABC):
 
     @abc.abstractmethod
     def pool5(self, item: Item, boxes: torch.Tensor | np.ndarray, *, timer: Timer = NO_TIMER,
-              scale_rule: str | int | None = None, generator: torch.Generator | None = None,
+              scale_rule: str | int | None = None,
+              generator: torch.Generator | Sequence[torch.Generator] | None = None,
               differentiable: bool = False) -> torch.Tensor:
         """Pooled features float32 Tensor[N, D] of ``boxes`` [N, 4], rows in box order, on ``device``.
 
         Args:
             item: the image (uint8 RGB [H, W, 3]) or its record.
             scale_rule: the scale of each window (``select_scales``); None: ``settings.scale_rule``.
-            generator: draws of the random scale rules.
+            generator: draws of the random scale rules (one, or one per window: ``select_scales``).
             differentiable: gradients flow into the trunk where it runs (fine-tuning conv layers).
         """
 
@@ -113,7 +116,8 @@ class WindowFeaturizer(abc.ABC):
         """Features for fine-tuning (:data:`PooledFn`) of ``items[i]``, each window
         at a random scale drawn by :attr:`finetune_scale_rule` (the SPP code's multi-scale
         fine-tuning), differentiable where the trunk runs, on the CPU."""
-        def pooled(i: int, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        def pooled(i: int, boxes: torch.Tensor,
+                   generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
             return self.pool5(items[i], boxes, scale_rule=self.finetune_scale_rule, generator=generator,
                               differentiable=True).cpu()
         return pooled
@@ -132,7 +136,8 @@ class CachedSPPFeaturizer(WindowFeaturizer):
         self.cache = cache
 
     def pool5(self, item: Item, boxes: torch.Tensor | np.ndarray, *, timer: Timer = NO_TIMER,
-              scale_rule: str | int | None = None, generator: torch.Generator | None = None,
+              scale_rule: str | int | None = None,
+              generator: torch.Generator | Sequence[torch.Generator] | None = None,
               differentiable: bool = False) -> torch.Tensor:
         if isinstance(item, np.ndarray):
             raise DetectionError("a cached featurizer reads conv maps of a record, not of an image array")
@@ -159,7 +164,8 @@ class InMemorySPPFeaturizer(WindowFeaturizer):
         self.backbone = backbone
 
     def pool5(self, item: Item, boxes: torch.Tensor | np.ndarray, *, timer: Timer = NO_TIMER,
-              scale_rule: str | int | None = None, generator: torch.Generator | None = None,
+              scale_rule: str | int | None = None,
+              generator: torch.Generator | Sequence[torch.Generator] | None = None,
               differentiable: bool = False) -> torch.Tensor:
         s = self.settings
         image = _image(item)
@@ -188,7 +194,8 @@ class CropWarpFeaturizer(WindowFeaturizer):
         self.backbone = backbone
 
     def pool5(self, item: Item, boxes: torch.Tensor | np.ndarray, *, timer: Timer = NO_TIMER,
-              scale_rule: str | int | None = None, generator: torch.Generator | None = None,
+              scale_rule: str | int | None = None,
+              generator: torch.Generator | Sequence[torch.Generator] | None = None,
               differentiable: bool = False) -> torch.Tensor:
         image = _image(item)
         with torch.inference_mode():

@@ -111,7 +111,8 @@ def choose_scale(boxes_orig_px: torch.Tensor, factors: Sequence[float], target: 
 
 
 def select_scales(boxes: torch.Tensor, factors: Sequence[float], scale_rule: str | int = "area",
-                  generator: torch.Generator | None = None, target: int | None = None) -> torch.Tensor:
+                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                  target: int | None = None) -> torch.Tensor:
     """Scale index for every window.
 
     Args:
@@ -123,7 +124,10 @@ def select_scales(boxes: torch.Tensor, factors: Sequence[float], scale_rule: str
             uniformly random scale per window (the SPP code's multi-scale fine-tuning);
             "random-image" — one random scale for all the windows (fine-tuning the conv layers:
             one differentiable conv pass per image); an int — that scale index for every window.
-        generator: torch.Generator for the random rules (pass one: results are then reproducible).
+        generator: torch.Generator for the random rules (pass one: results are then reproducible),
+            or for "random" one per window: each window's scale is then drawn from its own, the
+            same whichever windows are pooled with it (fine-tuning shares an image's windows out
+            over processes).
         target: window side the "area"/"code" rules aim at (default: :func:`choose_scale`'s,
             224 for "area", 208 for "code").
     Returns:
@@ -141,8 +145,17 @@ def select_scales(boxes: torch.Tensor, factors: Sequence[float], scale_rule: str
             return torch.zeros(n, dtype=torch.long)
         return torch.as_tensor(choose_scale(boxes, list(factors), target=target, rule=scale_rule),
                                dtype=torch.long).reshape(n)
+    per_window = generator is not None and not isinstance(generator, torch.Generator)
+    if per_window and len(generator) != n:
+        raise ValueError(f"{len(generator)} generators for {n} windows: give one per window")
     if scale_rule == "random":
+        if per_window:
+            return torch.cat([torch.randint(num_scales, (1,), generator=g, dtype=torch.long) for g in generator]
+                             ) if n else torch.zeros(0, dtype=torch.long)
         return torch.randint(num_scales, (n,), generator=generator, dtype=torch.long)
+    if per_window and scale_rule == "random-image":
+        raise ValueError("scale rule 'random-image' draws one scale per image: give one generator, not one per "
+                         "window")
     if scale_rule == "random-image":
         return torch.full((n,), int(torch.randint(num_scales, (1,), generator=generator)), dtype=torch.long)
     raise ValueError(f"unknown scale_rule {scale_rule!r}: use 'area', 'code', 'random', 'random-image' or a "

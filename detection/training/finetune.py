@@ -9,8 +9,9 @@ The schedule is the code's shape (lr 1e-3, x0.1 twice) scaled down: the paper ru
 mini-batches (the code 3 x 30k); :func:`schedule_summary` states a run's length as a fraction of
 both, and :func:`finetune` logs it. Each iteration draws its samples from a generator seeded with
 ``(seed, iteration)``, so a run resumed from a checkpoint is identical to an uninterrupted one.
-Under ``torchrun`` the images of each mini-batch are shared out over the ranks and their
-gradients summed (data parallel, the same mini-batch as one process).
+Under ``torchrun`` each mini-batch's windows (fc layers only) or images (conv layers too: one
+forward pass per image) are shared out over the ranks and their gradients summed (data
+parallel, the same mini-batch and random draws as one process, for any number of ranks).
 """
 from __future__ import annotations
 
@@ -193,7 +194,7 @@ def _lr_at(cfg: FinetuneConfig, iteration: int) -> float:
 def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn, cfg: FinetuneConfig,
              checkpoint: str | Path | None = None, trunk: nn.Module | None = None,
              progress: Callable[[int, float], None] | None = None, checkpoint_key: str = "",
-             write_checkpoints: bool = True, trunk_lr_mult: float = 1.0) -> list[float]:
+             write_checkpoints: bool = True, trunk_lr_mult: float = 1.0, share: str | None = None) -> list[float]:
     """Train ``head`` (which must have fc8) and, when given, ``trunk``.
 
     Args:
@@ -210,6 +211,12 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
         write_checkpoints: write ``checkpoint`` (False: only resume from it; under ``torchrun``
             every rank holds the same weights and rank 0 alone writes).
         trunk_lr_mult: the trunk's learning rate as a multiple of the head's.
+        share: what the ranks of a ``torchrun`` run share out of each mini-batch: "windows"
+            (default without ``trunk``: each rank pools and trains on a contiguous share of the
+            batch's windows, so every rank works whatever the world size; ``pooled_fn`` then
+            gets one generator per window) or "images" (default with ``trunk``: one forward
+            pass per image; ranks beyond the batch's image count add zero gradients). The
+            mini-batch and its random draws do not depend on the world size either way.
     Returns:
         The loss of every iteration run in this call.
     """
@@ -223,6 +230,13 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
     if not any(len(w.fg) for w in windows):
         raise DetectionError("no training window overlaps a ground-truth box by IoU >= "
                              f"{cfg.fg_iou}: nothing to fine-tune on (check the proposals and annotations)")
+    share = share or ("images" if trunk is not None else "windows")
+    if share not in ("images", "windows"):
+        raise ValueError(f"share={share!r}: use 'images' or 'windows'")
+    if share == "images" and cfg.images_per_batch is not None and cfg.images_per_batch < comm.world_size():
+        log.warning("fine-tuning shares a mini-batch's %d images over %d ranks: %d rank(s) wait each step (raise "
+                    "images_per_batch to the world size to keep them busy)", cfg.images_per_batch,
+                    comm.world_size(), comm.world_size() - cfg.images_per_batch)
     params = [{"params": list(head.parameters()), "lr_mult": 1.0}]
     if trunk is not None:
         params.append({"params": [p for p in trunk.parameters() if p.requires_grad], "lr_mult": trunk_lr_mult})
@@ -231,7 +245,7 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
     start = 0
     # The checkpoint is keyed on what it depends on: one left in the same folder by a run with
     # another config (lr, seed, classes, proposals...) must not be resumed as if it were this run's.
-    key = _checkpoint_key(head, windows, cfg, f"{checkpoint_key}:trunk={trunk is not None}:{trunk_lr_mult!r}")
+    key = _checkpoint_key(head, windows, cfg, f"{checkpoint_key}:trunk={trunk is not None}:{trunk_lr_mult!r}:{share}")
     if checkpoint is not None and Path(checkpoint).exists():
         try:
             state = load_verified_torch(checkpoint, "fine-tuning checkpoint")
@@ -255,6 +269,7 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
 
     log.info("fine-tuning%s: %s", " (conv layers too)" if trunk is not None else "", schedule_summary(cfg))
     losses: list[float] = []
+    windows_here = 0     # windows this rank computed (the ranks' share of the work, logged)
     head.train()
     if trunk is not None:
         trunk.train()
@@ -264,23 +279,26 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
         batch = sample_minibatch(windows, cfg, gen)
-        # A seed per image of the mini-batch, drawn in order: an image's random scales and dropout
-        # masks come from its own generator, so they do not depend on which process computes it.
-        seeds = torch.randint(0, 2**62, (len(batch),), generator=gen).tolist()
         total = sum(len(idx) for _, idx in batch)
-        # Under torchrun each rank takes a contiguous share of the batch's images; the loss is
-        # each window's cross-entropy over the whole batch's count, so the summed gradients are
-        # those of one process (up to float order).
-        lo, hi = comm.shard_bounds(len(batch))
+        units = _work_units(batch, share, gen)
+        # Under torchrun each rank takes a contiguous share of the units; the loss is each
+        # window's cross-entropy over the whole batch's count, so the summed gradients are those
+        # of one process (up to float order). A rank without a unit adds zeros.
+        lo, hi = comm.shard_bounds(len(units))
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         if hi > lo:
             feats, labels, rows = [], [], []
-            for (i, idx), seed in zip(batch[lo:hi], seeds[lo:hi]):
-                g = torch.Generator().manual_seed(seed)
-                feats.append(pooled_fn(i, torch.from_numpy(windows[i].boxes[idx]), g))
+            for i, idx, gens in _by_image(units[lo:hi]):
+                boxes = torch.from_numpy(windows[i].boxes[idx])
+                if share == "images":    # one generator for the image's scales and dropout masks
+                    feats.append(pooled_fn(i, boxes, gens[0]))
+                    rows.append((len(idx), gens[0]))
+                else:                    # one per window: the same draws on whichever rank
+                    feats.append(pooled_fn(i, boxes, gens))
+                    rows.extend((1, g) for g in gens)
                 labels.append(torch.from_numpy(windows[i].labels[idx]))
-                rows.append((len(idx), g))
+                windows_here += len(idx)
             loss = nn.functional.cross_entropy(head(torch.cat(feats).float(), rows), torch.cat(labels),
                                                reduction="sum") / total
             loss.backward()
@@ -303,4 +321,34 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
     head.eval()
     if trunk is not None:
         trunk.eval()
+    if comm.world_size() > 1:
+        log.info("fine-tuning: rank %d of %d computed %d windows over %d iterations (units: %s)", comm.rank(),
+                 comm.world_size(), windows_here, len(losses), share)
     return losses
+
+
+def _work_units(batch: list[tuple[int, np.ndarray]], share: str,
+                generator: torch.Generator) -> list[tuple[int, np.ndarray, int]]:
+    """A mini-batch's units of work, which the ranks share out: (image, window indices, seed of
+    the unit's random draws: scales and dropout masks). ``share`` "images": one unit per image
+    (training the conv layers needs one forward pass per image); "windows": one per window, so
+    that any number of ranks has work. The seeds are drawn in order from the step's generator:
+    the draws of a unit do not depend on which rank computes it."""
+    if share == "images":
+        seeds = torch.randint(0, 2**62, (len(batch),), generator=generator).tolist()
+        return [(i, idx, seed) for (i, idx), seed in zip(batch, seeds)]
+    seeds = iter(torch.randint(0, 2**62, (sum(len(idx) for _, idx in batch),), generator=generator).tolist())
+    return [(i, idx[k:k + 1], next(seeds)) for i, idx in batch for k in range(len(idx))]
+
+
+def _by_image(units: Sequence[tuple[int, np.ndarray, int]]) -> list[tuple[int, np.ndarray, list[torch.Generator]]]:
+    """Consecutive units of one image joined (one feature call per image): (image, window
+    indices, a generator per unit)."""
+    out: list[tuple[int, np.ndarray, list[torch.Generator]]] = []
+    for i, idx, seed in units:
+        g = torch.Generator().manual_seed(seed)
+        if out and out[-1][0] == i:
+            out[-1] = (i, np.concatenate([out[-1][1], idx]), out[-1][2] + [g])
+        else:
+            out.append((i, idx, [g]))
+    return out
