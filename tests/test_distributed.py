@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -227,6 +228,48 @@ def test_conv_fine_tuning_shares_images_and_idle_ranks_do_not_stall(tmp_path):
     _assert_same_training(one, three)
     assert [s["calls"] for s in seen] == [0, 6, 6]       # an image per step on ranks 1 and 2
     assert sum(s["windows"] for s in seen) == 6 * 16
+
+
+SKIP_BAD_SCRIPT = """
+import json, sys
+from detection import comm
+from detection.data import voc
+comm.init_distributed("cpu")
+decoded = []
+read = voc.read_image
+def counted(path):                      # the decoding --skip-bad does, counted per rank
+    decoded.append(path.name)
+    return read(path)
+voc.read_image = counted
+ds = voc.VOCDataset(sys.argv[1], "trainval", skip_bad=True)
+with open(f"{sys.argv[2]}.rank{comm.rank()}.json", "w") as f:
+    json.dump({"records": [r.image_id for r in ds.records], "skipped": ds.skipped, "decoded": decoded}, f)
+comm.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_skip_bad_decodes_each_image_on_one_rank_and_every_rank_gets_the_same_list(synthetic_voc, tmp_path):
+    root = tmp_path / "voc"
+    shutil.copytree(synthetic_voc, root)
+    ids = (root / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    for bad in (ids[1], ids[6]):       # undecodable: half of each file is missing
+        path = root / "JPEGImages" / f"{bad}.jpg"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    args = [sys.executable, "-c", SKIP_BAD_SCRIPT, str(root)]
+    subprocess.run([*args, str(tmp_path / "one")], check=True, env=_env(), timeout=300)
+    for p in _launch([*args, str(tmp_path / "two")], 2):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    one = json.loads((tmp_path / "one.rank0.json").read_text())
+    two = [json.loads((tmp_path / f"two.rank{r}.json").read_text()) for r in range(2)]
+    assert list(one["skipped"]) == [ids[1], ids[6]] and one["records"] == [i for i in ids if i not in (ids[1], ids[6])]
+    for rank in two:
+        assert rank["skipped"] == one["skipped"] and rank["records"] == one["records"]
+    assert sorted(one["decoded"]) == sorted(f"{i}.jpg" for i in ids)
+    half = len(ids) // 2
+    assert [sorted(r["decoded"]) for r in two] == [sorted(f"{i}.jpg" for i in ids[:half]),
+                                                   sorted(f"{i}.jpg" for i in ids[half:])]
 
 
 # ---- whole runs on 2 processes ----------------------------------------------------------------

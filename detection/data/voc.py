@@ -31,6 +31,7 @@ import defusedxml.ElementTree as DET
 import numpy as np
 from defusedxml import DefusedXmlException
 
+from .. import comm
 from ..boxes import flip_boxes, voc_to_internal
 from ..errors import DatasetError, DetectionError
 from ..io.paths import check_class_name, describe_missing
@@ -176,6 +177,28 @@ def _find_image(image_dir: Path, image_id: str) -> Path:
 # the dataset
 
 
+def _undecodable(image_dir: Path, ids: Sequence[str]) -> dict[str, str]:
+    """{id: error} of the images of ``ids`` that cannot be decoded (a warning each). Under
+    ``torchrun`` each rank decodes a contiguous share and the lists are gathered: every rank
+    gets the same list for 1/N of the decoding. Every rank of the process group must call this
+    (it is a collective). Ids without an image file are left to the caller, which names them."""
+    mine: dict[str, str] = {}
+    for image_id in comm.shard(ids):
+        try:
+            path = _find_image(image_dir, image_id)
+        except DatasetError:
+            continue
+        try:
+            read_image(path)
+        except DatasetError as e:
+            mine[image_id] = str(e)
+            log.warning("skipping %s (--skip-bad): %s", show_id(image_id), e)
+    bad: dict[str, str] = {}
+    for part in comm.all_gather(mine, "data: gathering the images no rank could decode (--skip-bad)"):
+        bad.update(part)
+    return bad
+
+
 class VOCDataset:
     """The records of one split of a VOC-layout dataset.
 
@@ -191,6 +214,8 @@ class VOCDataset:
         skip_bad: decode every image once now and leave out those that cannot be decoded (a
             warning each; listed in ``skipped``); False: such an image stops the stage that
             decodes it, naming the file. Decided here, once, so every stage sees the same records.
+            Under ``torchrun`` each rank decodes a share and the lists are gathered (every rank
+            must then build the dataset: it is a collective).
 
     Attributes:
         root, split, classes, records (list[ImageRecord]); ``size_from_image`` and
@@ -221,16 +246,16 @@ class VOCDataset:
         skipped: Counter[str] = Counter()
         size_from_image, size_mismatch, clipped = [], [], 0
         imperfect: dict[str, str] = {}
-        bad: dict[str, str] = {}
+        bad: dict[str, str] = _undecodable(image_dir, ids) if self.skip_bad else {}
         for image_id in ids:
             ann = annotations[image_id]
             xml_path = ann_dir / f"{image_id}.xml"
             path = _find_image(image_dir, image_id)
+            if image_id in bad:
+                continue
             try:
                 # Header (and last bytes) only: cheap, and the header is always the truth for the size.
                 (width, height), problems = inspect_image(path)
-                if self.skip_bad:
-                    read_image(path)
             except DatasetError as e:
                 if not self.skip_bad:
                     raise
@@ -292,7 +317,7 @@ class VOCDataset:
             raise DatasetError(f"{split_file}: none of its {len(ids)} images can be decoded "
                                f"(e.g. {next(iter(bad.values()))})")
         self.imperfect: dict[str, str] = imperfect
-        self.skipped: dict[str, str] = bad
+        self.skipped: dict[str, str] = {i: bad[i] for i in ids if i in bad}     # in split order
         self.size_from_image: tuple[str, ...] = tuple(size_from_image)
         self.size_mismatch: tuple[str, ...] = tuple(size_mismatch)
         if self.use_flipped:
