@@ -36,7 +36,7 @@ from .bbox_regression import (BBoxRegressionConfig, ClassRegressor, assemble_box
 from .calibration import CalibrationConfig, fit_calibration
 from .hard_negatives import merge_class_svms, train_svms
 from .ridge import regression_memory_bytes
-from .samples import ImageSample, compute_feature_scale
+from .samples import FeatureSource, ImageSample, compute_feature_scale
 from .svm import SVMConfig, svm_memory_bytes
 
 __all__ = ["TrainConfig", "check_train_memory", "refuse_unused_finetune", "train_detector", "TrainCheckpoint",
@@ -201,9 +201,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
     if svms is None:
         # Each class's SVM is trained on its own: under torchrun every rank takes a share of the
         # classes, and all stop after the same pass (the pass counts are summed).
-        part = train_svms(source, k, cfg.svm, class_names=classes, progress=progress, classes=comm.shard(range(k)),
-                          count_sum=lambda n: int(comm.all_reduce_sum(n, "svm: counting new hard negatives")))
-        svms = merge_class_svms(comm.all_gather(part, "svm: gathering every rank's classes"))
+        svms = _svms_over_ranks(source, k, cfg.svm, classes, progress)
         if train_ckpt is not None and comm.is_main():
             train_ckpt.save_svms(svms)
     else:
@@ -257,7 +255,9 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
             # The groups keep an image and its mirror in one fold.
             calibration = fit_calibration(source, [r.image_id for r in records], k, cfg.svm, cfg.calibration,
                                           svms.feature_scale, settings=settings.detection_settings(),
-                                          boxes_fn=boxes_fn, class_names=classes, progress=progress)
+                                          boxes_fn=boxes_fn, class_names=classes, progress=progress,
+                                          svms_fn=lambda fold, fold_cfg, scale: _svms_over_ranks(
+                                              fold, k, fold_cfg, classes, progress, scale))
             if train_ckpt is not None and comm.is_main():
                 train_ckpt.save_calibration(calibration, cal_key)
     return SPPDetector(backbone, head, svms, regressors, classes, settings, calibration=calibration,
@@ -339,6 +339,17 @@ class TrainCheckpoint:
             **{n: torch.from_numpy(np.ascontiguousarray(getattr(r, n), dtype=np.float64))
                for n in ("weight", "bias", "target_mean", "target_unwhiten")}}, checksum=True)
         log.info("box regressor %d checkpointed in %s", c, self.root)
+
+
+def _svms_over_ranks(source: FeatureSource, num_classes: int, cfg: SVMConfig, classes: Sequence[str], progress: bool,
+                     feature_scale: float | None = None) -> LinearSVMs:
+    """Every class's SVM trained on ``source`` (the detector's, and the calibration's fold
+    SVMs): under torchrun each rank trains a share of the classes, all stop after the same
+    pass (the pass counts are summed), and every rank gets every class."""
+    part = train_svms(source, num_classes, cfg, class_names=classes, progress=progress, feature_scale=feature_scale,
+                      classes=comm.shard(range(num_classes)),
+                      count_sum=lambda n: int(comm.all_reduce_sum(n, "svm: counting new hard negatives")))
+    return merge_class_svms(comm.all_gather(part, "svm: gathering every rank's classes"))
 
 
 def _same_norm_sample(a: SVMConfig, b: BBoxRegressionConfig) -> bool:
