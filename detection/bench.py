@@ -3,7 +3,10 @@
 - :func:`bench_spp_core`: the conv pass of one image at one scale and the pooling of many random
   windows of its map (``tools/bench_spp.py``);
 - :func:`bench_train_stage`: time and peak memory of the train stage alone (SVMs + box
-  regressors) on the first images of a finished pipeline run (``tools/bench_train_memory.py``).
+  regressors) on the first images of a finished pipeline run (``tools/bench_train_memory.py``);
+- :func:`bench_accounting`: the pipeline run with 1 process and with N (``torchrun``), each
+  stage's CPU seconds summed over the ranks and on the slowest rank against 1 process
+  (``tools/bench_accounting.py``).
 
 Times are medians of repeated runs after one warm-up; memory is the process's peak RSS, which only
 grows, so measure one image count per process.
@@ -11,8 +14,11 @@ grows, so measure one image count per process.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +32,7 @@ from .config import load_config
 from .data.records import ImageRecord
 from .data.voc import VOCDataset
 from .errors import DetectionError
+from .io.jsonfile import read_json
 from .features import extract_conv_maps, make_featurizer, pool5_dim
 from .features.pooling import DEFAULT_LEVELS, pool_windows, project_boxes
 from .features.scales import scale_factors
@@ -33,7 +40,8 @@ from .pipeline import PipelineConfig, detector_settings
 from .proposals import compute_proposals
 from .training.detector_training import train_detector
 
-__all__ = ["bench_spp_core", "bench_train_stage", "first_image_of_shape", "peak_rss_gb"]
+__all__ = ["bench_spp_core", "bench_train_stage", "first_image_of_shape", "peak_rss_gb", "bench_accounting",
+           "accounting_table", "format_accounting_table", "read_accounting"]
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +172,101 @@ def bench_train_stage(run: str | Path, images: int, progress: bool = False) -> d
             "bbox_samples": {k: v["num_samples"] for k, v in detector.regressors.meta["stats"].items()}
             if detector.regressors is not None else None}
 
+
+
+#: The variables a launcher sets: a benchmark's own runs start from none of them.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
+
+
+def read_accounting(run: str | Path) -> list[dict[str, Any]]:
+    """The per-rank accounting of a pipeline run (``OUT/accounting/rank<k>.json``), in rank
+    order, as many ranks as rank 0's file says the run had."""
+    folder = Path(run) / "accounting"
+    first = read_json(folder / "rank0.json")
+    world = first.get("info", {}).get("world_size") if isinstance(first, dict) else None
+    if not isinstance(world, int) or world < 1:
+        raise DetectionError(f"{folder / 'rank0.json'}: no world_size in its info; not a pipeline accounting file")
+    ranks = [first] + [read_json(folder / f"rank{r}.json") for r in range(1, world)]
+    for r, rank in enumerate(ranks):
+        if not isinstance(rank, dict) or not isinstance(rank.get("stages"), dict):
+            raise DetectionError(f"{folder / f'rank{r}.json'}: no stages; not a pipeline accounting file")
+    return ranks
+
+
+def accounting_table(one: dict[str, Any], many: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per stage of the 1-process run ``one`` (its accounting file) and the N ranks ``many``:
+    CPU seconds of 1 process, summed over the N ranks and the ratio, the slowest rank's (most
+    CPU) and the ratio, and the wall seconds of both runs (the N-process run's: its longest rank).
+    A stage that only rank 0 runs (evaluation, timing, report) shows the others' waiting."""
+    stages = list(one["stages"]) + [s for rank in many for s in rank["stages"] if s not in one["stages"]]
+    rows = []
+    for stage in dict.fromkeys(stages):
+        base = one["stages"].get(stage, {"cpu_s": 0.0, "wall_s": 0.0})
+        cpu = [rank["stages"].get(stage, {}).get("cpu_s", 0.0) for rank in many]
+        wall = [rank["stages"].get(stage, {}).get("wall_s", 0.0) for rank in many]
+        ratio = (lambda x: round(x / base["cpu_s"], 3) if base["cpu_s"] > 0 else None)
+        rows.append({"stage": stage, "cpu_1": round(base["cpu_s"], 2), "cpu_sum_n": round(sum(cpu), 2),
+                     "sum_ratio": ratio(sum(cpu)), "cpu_slowest_n": round(max(cpu), 2),
+                     "slowest_ratio": ratio(max(cpu)), "wall_1": round(base["wall_s"], 2),
+                     "wall_n": round(max(wall), 2), "cpu_per_rank": [round(c, 2) for c in cpu]})
+    return rows
+
+
+def format_accounting_table(rows: Sequence[dict[str, Any]], processes: int) -> str:
+    """:func:`accounting_table` as a Markdown table."""
+    n = processes
+    lines = [f"| stage | CPU s, 1 proc | CPU s, {n} procs summed | ratio (<= 1.15) | slowest rank CPU s | ratio (<= 0.6) "
+             f"| wall s, 1 proc | wall s, {n} procs |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['cpu_1']:.2f} | {r['cpu_sum_n']:.2f} | {_ratio(r['sum_ratio'])} | "
+                     f"{r['cpu_slowest_n']:.2f} | {_ratio(r['slowest_ratio'])} | {r['wall_1']:.2f} | {r['wall_n']:.2f} |")
+    return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def bench_accounting(pipeline_script: str | Path, out: str | Path, *, processes: int = 2, data: str | None = None,
+                     config: str | None = None, overrides: Sequence[str] = (), timeout: float | None = None
+                     ) -> dict[str, Any]:
+    """Run the pipeline (``pipeline_script``: ``tools/run_pipeline.py``) with 1 process in
+    ``out/1proc`` and with ``processes`` under ``torchrun --standalone`` in ``out/<N>proc``, each
+    from an empty folder (every stage computed), and compare each stage's CPU seconds (of the
+    process and its workers, :class:`detection.timer.StageAccount`).
+
+    Each run sizes its threads and workers itself (:func:`detection.runtime.rank_share`: a
+    rank's share of the cores), so both use the machine's cores. Returns
+    ``{"processes", "command_1", "command_n", "rows": accounting_table(...), "ranks_n": resources}``.
+
+    Raises:
+        DetectionError: ``out/1proc`` or ``out/<N>proc`` exists (a benchmark starts from nothing),
+            or a run fails (its last lines of output quoted).
+    """
+    if processes < 2:
+        raise DetectionError(f"--processes {processes}: the benchmark compares 1 process with 2 or more")
+    out = Path(out)
+    runs = {1: out / "1proc", processes: out / f"{processes}proc"}
+    for folder in runs.values():
+        if folder.exists():
+            raise DetectionError(f"{folder} exists: the benchmark measures every stage from an empty folder; "
+                                 "give another --out or delete it")
+    extra = [*(["--data", data] if data else []), *(["--config", config] if config else []),
+             *(["--set", *overrides] if overrides else []), "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    commands = {}
+    for n, folder in runs.items():
+        launcher = [] if n == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+        commands[n] = [sys.executable, *launcher, str(pipeline_script), "--out", str(folder), *extra]
+        log.info("accounting: %s", " ".join(commands[n]))
+        proc = subprocess.run(commands[n], env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+            raise DetectionError(f"the {n}-process run failed (exit {proc.returncode}): " + " | ".join(tail))
+    one, many = read_accounting(runs[1]), read_accounting(runs[processes])
+    if len(many) != processes:
+        raise DetectionError(f"{runs[processes]}: {len(many)} ranks recorded, {processes} launched")
+    return {"processes": processes, "command_1": commands[1], "command_n": commands[processes],
+            "rows": accounting_table(one[0], many),
+            "resources_1": one[0]["info"].get("resources"), "resources_n": [r["info"].get("resources") for r in many]}

@@ -116,7 +116,8 @@ def rank() -> int:
 
 def local_world_size() -> int:
     """Processes on this machine (``LOCAL_WORLD_SIZE``; 1 without a launcher)."""
-    return max(1, _env_int("LOCAL_WORLD_SIZE", 1)) if is_initialized() else 1
+    # Read before the process group is joined too: threads and workers are sized from it first.
+    return max(1, _env_int("LOCAL_WORLD_SIZE", 1)) if launched() else 1
 
 
 def is_main() -> bool:

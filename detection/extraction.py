@@ -23,7 +23,7 @@ __all__ = ["extract_split"]
 
 def extract_split(data: str | Path, split: str, out: str | Path, backbone: str = "zf5", weights: str | None = None,
                   seed: int = 0, scales: Sequence[int] = DEFAULT_SCALES_1, max_size: int | None = None,
-                  fp16: bool = False, flip: bool = False, workers: int = 2, device: str = "auto",
+                  fp16: bool = False, flip: bool = False, workers: int | None = None, device: str = "auto",
                   proposals: bool = True, rebuild: bool = False, skip_bad: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """``tools/extract_features.py``: proposals of a split (into ``out/proposals``, resumed if

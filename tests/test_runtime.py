@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from detection.errors import DetectionError
-from detection.runtime import resolve_device, set_threads
+from detection.runtime import cores_per_machine, rank_share, resolve_device, resource_plan, set_threads
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -32,17 +32,46 @@ def test_cuda_without_a_gpu_and_unknown_devices_are_refused():
         resolve_device("meta")
 
 
-def test_set_threads():
+def test_set_threads(monkeypatch):
     before = torch.get_num_threads()
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     try:
-        set_threads(1)
-        assert torch.get_num_threads() == 1
-        set_threads(None)                                # keeps the current count
-        assert torch.get_num_threads() == 1
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_threads(None) == 1 == torch.get_num_threads()   # the user's OMP_NUM_THREADS is kept
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert set_threads(None) == cores_per_machine() == torch.get_num_threads()    # one process: every core
+        # Under a launcher its OMP_NUM_THREADS=1 default gives way to this rank's share of the cores.
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_threads(None) == max(1, cores_per_machine() // 2) == torch.get_num_threads()
         with pytest.raises(DetectionError, match="--threads must be >= 1"):
             set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_rank_share_divides_the_cores_and_keeps_an_explicit_value(caplog, monkeypatch):
+    assert [rank_share(None, "x", cores=16, local_world=n) for n in (1, 2, 3, 4, 16, 32)] == [16, 8, 5, 4, 1, 1]
+    assert rank_share(None, "x", cores=1, local_world=1) == 1
+    assert rank_share(None, "x", cores=2, local_world=4, minimum=0) == 0
+    with caplog.at_level("WARNING", logger="detection.runtime"):
+        assert rank_share(3, "features.workers", cores=8, local_world=2) == 3          # 6 of 8 cores: fine
+        assert not caplog.records
+        assert rank_share(6, "features.workers", cores=8, local_world=2) == 6          # kept, with a warning
+        assert rank_share(0, "features.workers", cores=8, local_world=2) == 0
+    assert len(caplog.records) == 1
+    assert "features.workers=6 in each of 2 process(es) on this machine asks for 12 of its 8 cores" in caplog.text
+    assert "leave it unset for 4 each" in caplog.text
+    # The defaults come from the affinity mask and the launcher's LOCAL_WORLD_SIZE.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert rank_share(None, "x") == max(1, cores_per_machine() // 2)
+    plan = resource_plan(None, 1)
+    assert (plan.local_world, plan.loader_workers, plan.proposal_workers) == (2, max(1, plan.cores // 2), 1)
+    assert "selective-search" in plan.describe()
 
 
 def _child_env(**extra) -> dict:

@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-size", type=int, default=None, help="cap on the longer side after resizing")
     p.add_argument("--fp16", action="store_true", help="store the maps as float16 (half the bytes)")
     p.add_argument("--flip", action="store_true", help="also cache the horizontally flipped images")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding/resizing images")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers decoding/resizing images, and selective-search processes (default: "
+                        "the cores of the machine divided by the processes of the run on it)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--no-proposals", action="store_true", help="do not compute proposals first")
     p.add_argument("--rebuild", action="store_true", help="delete an existing cache of these settings first")

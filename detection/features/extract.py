@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .. import comm
 from ..data.records import ImageRecord
+from ..runtime import rank_share
 from .conv_pass import forward_scales, image_name
 from .convmap_cache import ConvMapCache, cache_records, convmap_settings
 from .loader import resized_images
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 def extract_conv_maps(dataset: Any, backbone: torch.nn.Module, out_dir: str | Path,
                       scales: Sequence[int] | None = None, max_size: int | None = None, fp16: bool = False,
                       include_flipped: bool | None = None, device: torch.device | str = "cpu",
-                      num_workers: int = 2, progress: bool = True, rebuild: bool = False) -> ConvMapCache:
+                      num_workers: int | None = None, progress: bool = True, rebuild: bool = False) -> ConvMapCache:
     """Compute (or resume computing) the conv maps of every record of ``dataset`` into a cache.
 
     Images are decoded and resized by ``num_workers`` DataLoader workers (batch size 1: sizes
@@ -47,7 +48,8 @@ def extract_conv_maps(dataset: Any, backbone: torch.nn.Module, out_dir: str | Pa
         fp16: store maps as float16 (half the bytes; computed in float32 and rounded).
         include_flipped: see :func:`cache_records` (default: as the dataset's records).
         device: where the trunk runs ("cpu" or "cuda").
-        num_workers: DataLoader worker processes for decoding + resizing (0: in this process).
+        num_workers: DataLoader worker processes for decoding + resizing (0: in this process;
+            None: this rank's share of the machine's cores, :func:`detection.runtime.rank_share`).
         progress: show a tqdm bar.
         rebuild: delete an existing cache folder of these settings first.
     Returns:
@@ -59,6 +61,7 @@ def extract_conv_maps(dataset: Any, backbone: torch.nn.Module, out_dir: str | Pa
     scales = tuple(DEFAULT_SCALES_1 if scales is None else scales)
     if max_size is None:
         max_size = DEFAULT_MAX_SIZE
+    num_workers = rank_share(num_workers, "DataLoader workers", minimum=0 if num_workers == 0 else 1)
     records = cache_records(dataset, include_flipped)
     settings = convmap_settings(dataset, backbone, scales, max_size, fp16, records)
     # Rank 0 makes (or checks, or rebuilds) the folder; then each rank fills a contiguous share

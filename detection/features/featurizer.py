@@ -220,7 +220,7 @@ def make_featurizer(method: str, settings: FeatureSettings, *, backbone: Any = N
 
 
 def training_featurizer(method: str, settings: FeatureSettings, dataset: Any, backbone: Any, out_dir: str | Path,
-                        *, fp16: bool = False, num_workers: int = 2, device: torch.device | str = "cpu",
+                        *, fp16: bool = False, num_workers: int | None = None, device: torch.device | str = "cpu",
                         progress: bool = True) -> WindowFeaturizer:
     """The featurizer training reads: SPP-net's from the conv maps of ``dataset`` cached in
     ``out_dir`` (computed, or resumed, here; pooled on the CPU), R-CNN's from the images."""

@@ -55,7 +55,8 @@ class FeatureConfig(FeatureSettings):
     """The window-feature settings (:class:`FeatureSettings`) and how the conv-map cache is made."""
 
     fp16: bool = False                    # store the cached maps as float16
-    workers: int = 2                      # DataLoader workers decoding images for the cache
+    workers: int | None = None            # DataLoader workers decoding images for the cache (None:
+                                          # this rank's share of the machine's cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,8 @@ class PipelineConfig:
     device: str = "auto"                  # cuda:LOCAL_RANK when a GPU is visible, else cpu
     data: DataConfig = DataConfig()
     proposals: SelectiveSearchConfig = SelectiveSearchConfig()   # every setting of the windows
-    proposal_workers: int | None = None   # selective-search processes (None: all cores)
+    proposal_workers: int | None = None   # selective-search processes (None: this rank's share of
+                                          # the machine's cores: cores // processes on it)
     backbone: BackboneConfig = BackboneConfig()
     features: FeatureConfig = FeatureConfig()
     conv_finetune: ConvFinetuneConfig = ConvFinetuneConfig()

@@ -28,6 +28,7 @@ from ..errors import CacheError, DatasetError, DetectionError
 from ..io.files import atomic_path, make_dirs, read_verified_bytes, write_checksum_sidecar
 from ..io.jsonfile import settings_key
 from ..io.paths import safe_file_part
+from ..runtime import rank_share
 from ..workers import init_worker_process
 from .proposal_set import FORMAT_VERSION, ProposalSet
 from .search import SelectiveSearchConfig, selective_search
@@ -179,8 +180,8 @@ def compute_proposals(dataset: "VOCDataset", out_dir: str | os.PathLike, config:
         out_dir: folder of the cache (created).
         config: every selective-search setting (default: :class:`SelectiveSearchConfig`'s).
         **settings: fields of :class:`SelectiveSearchConfig` that replace those of ``config``.
-        num_workers: worker processes (default ``os.cpu_count()``, shared by the ranks on one
-            machine under ``torchrun``); 0 or 1 runs in this process.
+        num_workers: worker processes (default: this rank's share of the machine's cores,
+            :func:`detection.runtime.rank_share`); 0 or 1 runs in this process.
             Workers are started with 'spawn', so a script that calls this with workers must do
             so under ``if __name__ == "__main__":`` (as for any spawn pool). Each worker imports
             the package (torch included) once: seconds of start-up on a small machine.
@@ -219,7 +220,7 @@ def compute_proposals(dataset: "VOCDataset", out_dir: str | os.PathLike, config:
     mine = comm.shard(list(zip(records, shards)))
     todo = [(r, s) for r, s in mine if _read_shard(s) is None]
     # The machine's cores are shared by the ranks on it.
-    workers = max(1, (os.cpu_count() or 1) // comm.local_world_size()) if num_workers is None else num_workers
+    workers = rank_share(num_workers, "proposal workers")
     workers = max(0, min(workers, len(todo)))
     start, stop = comm.shard_bounds(len(records))
     logger.info("proposals: %d images%s, %d done, %d to compute with %d worker(s); settings %s; cache %s",

@@ -10,6 +10,7 @@ from typing import Any
 from .. import comm
 from ..data.voc import VOCDataset, report_images
 from ..io.jsonfile import write_json
+from ..runtime import rank_share
 from .cache import compute_proposals
 from .recall import proposal_recall
 from .search import SelectiveSearchConfig
@@ -32,7 +33,8 @@ def compute_split_proposals(data: str | os.PathLike, split: str, out: str | os.P
         out: folder of the cache (:func:`~detection.proposals.cache.compute_proposals`) and
             the summary.
         config: every selective-search setting.
-        num_workers: worker processes (None: all CPUs; 0 or 1: this process).
+        num_workers: worker processes (None: this rank's share of the cores,
+            :func:`detection.runtime.rank_share`; 0 or 1: this process).
         progress: show a progress bar.
         skip_bad: leave out images that cannot be decoded (see
             :class:`~detection.data.voc.VOCDataset`).
@@ -56,7 +58,7 @@ def compute_split_proposals(data: str | os.PathLike, split: str, out: str | os.P
         "cache_key": proposals.metadata["cache_key"],
         "split": split,
         "data": str(data),
-        "workers": num_workers if num_workers is not None else max(1, (os.cpu_count() or 1) // comm.local_world_size()),
+        "workers": num_workers if num_workers is not None else rank_share(None, "--workers"),
         "processes": comm.world_size(),
         # Includes reading shards of a resumed run; on a fresh run it is the compute time.
         "seconds": seconds,
