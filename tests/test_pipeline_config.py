@@ -71,7 +71,8 @@ OTHER = {"method": "rcnn", "device": "cpu", "data.root": "/data/VOC2007", "data.
          "data.test_split": "val", "data.classes": ["circle"], "proposals.mode": "quality",
          "backbone.name": "alexnet", "backbone.weights": "imagenet", "features.projection_rule": "code",
          "features.scale_rule": "code", "feature_layer": "fc7", "train.svm.classes_without_positives": "error",
-         "metric": "voc10", "proposal_workers": 1, "train.max_train_windows": 10, "timing.rcnn_windows": 10}
+         "metric": "voc10", "proposal_workers": 1, "features.workers": 1, "train.max_train_windows": 10,
+         "timing.rcnn_windows": 10}
 
 
 def leaves(node: Any, prefix: str = "") -> list[str]:
