@@ -199,7 +199,7 @@ def accounting_table(one: dict[str, Any], many: Sequence[dict[str, Any]]) -> lis
     CPU seconds of 1 process, summed over the N ranks and the ratio, the slowest rank's (most
     CPU) and the ratio, and the wall seconds of both runs (the N-process run's: its longest rank).
     A stage that only rank 0 runs (evaluation, timing, report) shows the others' waiting."""
-    stages = list(one["stages"]) + [s for rank in many for s in rank["stages"] if s not in one["stages"]]
+    stages = [s for run in (one, *many) for s in run.get("order", run["stages"])]
     rows = []
     for stage in dict.fromkeys(stages):
         base = one["stages"].get(stage, {"cpu_s": 0.0, "wall_s": 0.0})

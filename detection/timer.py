@@ -76,8 +76,9 @@ class StageAccount:
     """Wall and CPU seconds of one process per named stage, accumulated, and written to ``path``
     (JSON, atomically) after every stage, so that a run stopped midway keeps what it measured.
 
-    File: ``{"info": {...}, "stages": {name: {"wall_s": float, "cpu_s": float}}}`` with the
-    stages in the order they first ran; ``info`` is the caller's (rank, world size, resources).
+    File: ``{"info": {...}, "stages": {name: {"wall_s": float, "cpu_s": float}}, "order": [name,
+    ...]}``, ``order`` the stages in the order they first ran; ``info`` is the caller's (rank,
+    world size, resources).
     """
 
     def __init__(self, path: str | Path | None, info: dict[str, Any] | None = None) -> None:
@@ -95,7 +96,7 @@ class StageAccount:
             entry["wall_s"] = round(entry["wall_s"] + time.perf_counter() - wall0, 4)
             entry["cpu_s"] = round(entry["cpu_s"] + cpu_seconds() - cpu0, 4)
             if self.path is not None:
-                write_json(self.path, {"info": self.info, "stages": self.stages})
+                write_json(self.path, {"info": self.info, "stages": self.stages, "order": list(self.stages)})
 
     def wall(self, name: str) -> float:
         """Wall seconds of stage ``name`` so far (0 when it has not run)."""

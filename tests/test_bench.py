@@ -69,7 +69,7 @@ def test_stage_account_counts_its_workers_cpu_and_writes_each_stage(tmp_path):
     with account.stage("proposals"):               # a stage run twice adds up
         pass
     second = read_json(tmp_path / "accounting" / "rank0.json")
-    assert list(second["stages"]) == ["proposals", "train"]
+    assert second["order"] == ["proposals", "train"] and set(second["stages"]) == {"proposals", "train"}
     assert second["stages"]["proposals"]["cpu_s"] >= first["stages"]["proposals"]["cpu_s"]
     assert account.wall("proposals") == second["stages"]["proposals"]["wall_s"] and account.wall("detect") == 0.0
 
@@ -84,7 +84,9 @@ def test_accounting_table_sums_the_ranks_and_finds_the_slowest(tmp_path):
                                                                "train": {"cpu_s": 5.0, "wall_s": 7.0},
                                                                "evaluate": {"cpu_s": 0.1, "wall_s": 3.0}}}]
     rows = {r["stage"]: r for r in accounting_table(one, many)}
-    assert list(rows) == ["data", "train", "evaluate"]
+    assert list(rows) == ["data", "train", "evaluate"]          # the order the stages ran in
+    assert [r["stage"] for r in accounting_table({**one, "order": ["train", "data", "evaluate"]}, many)] == \
+        ["train", "data", "evaluate"]
     assert rows["train"] == {"stage": "train", "cpu_1": 10.0, "cpu_sum_n": 11.0, "sum_ratio": 1.1, "cpu_slowest_n": 6.0,
                              "slowest_ratio": 0.6, "wall_1": 11.0, "wall_n": 7.0, "cpu_per_rank": [6.0, 5.0]}
     assert rows["data"]["sum_ratio"] == 1.1 and rows["data"]["slowest_ratio"] == 0.6
