@@ -136,6 +136,50 @@ def test_box_regressors_fitted_in_parts_equal_one_fit():
     assert parts.meta == whole.meta
 
 
+PLAN_SCRIPT = """
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from detection import comm
+from detection.training import bbox_regression
+from detection.training.bbox_regression import BBoxRegressionConfig, plan_regression_samples
+from test_bbox_regression import linear_map_source
+comm.init_distributed("cpu")
+rng = np.random.default_rng(1)
+source, _ = linear_map_source(2, 24, 12, rng.normal(scale=0.008, size=(3, 12, 4)), rng.normal(scale=0.03, size=(3, 4)))
+seen = []
+boxes_of = bbox_regression.candidate_boxes
+def counted(source, i):                 # the images this rank plans
+    seen.append(i)
+    return boxes_of(source, i)
+bbox_regression.candidate_boxes = counted
+cfg = BBoxRegressionConfig(include_gt=True, min_iou=0.5, max_samples=50, max_gt_samples=5)   # caps after the gather
+plan = plan_regression_samples(source, 3, cfg, share_images=True)
+rows = [[[s.image, s.gt_rows.tolist(), s.gt_targets.tolist(), s.proposal_rows.tolist(), s.proposal_targets.tolist()]
+         for s in per_class] for per_class in plan]
+with open(f"{sys.argv[1]}.rank{comm.rank()}.json", "w") as f:
+    json.dump({"plan": rows, "seen": seen}, f)
+comm.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_the_box_regression_plan_is_shared_by_image_and_equals_one_process(tmp_path):
+    args = [sys.executable, "-c", PLAN_SCRIPT]
+    subprocess.run([*args, str(tmp_path / "one"), str(ROOT / "tests")], check=True, env=_env(), timeout=300)
+    for p in _launch([*args, str(tmp_path / "two"), str(ROOT / "tests")], 2):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    one = json.loads((tmp_path / "one.rank0.json").read_text())
+    two = [json.loads((tmp_path / f"two.rank{r}.json").read_text()) for r in range(2)]
+    assert one["seen"] == list(range(24)) and [r["seen"] for r in two] == [list(range(12)), list(range(12, 24))]
+    assert all(len(c) for c in one["plan"])
+    capped = [sum(len(s[3]) for s in c) for c in one["plan"]]
+    assert max(capped) == 50                     # a class was capped: the subset is drawn after the gather
+    for rank in two:
+        assert rank["plan"] == one["plan"]
+
+
 # ---- fine-tuning, data parallel ----------------------------------------------------------------
 
 FINETUNE_SCRIPT = """

@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from .. import comm
 from ..boxes import box_iou_numpy
 from ..errors import DetectionError
 from ..linear import BoxRegressors, encode
@@ -137,7 +138,8 @@ class ImageSamples:
 
 
 def plan_regression_samples(source: FeatureSource, num_classes: int, cfg: BBoxRegressionConfig,
-                            classes: Sequence[int] | None = None) -> list[list[ImageSamples]]:
+                            classes: Sequence[int] | None = None, *,
+                            share_images: bool = False) -> list[list[ImageSamples]]:
     """Per class, the samples to train on (boxes only, before any feature is read), capped.
 
     A candidate (GT boxes first, then proposals) is a sample when its best IoU with a
@@ -146,13 +148,18 @@ def plan_regression_samples(source: FeatureSource, num_classes: int, cfg: BBoxRe
     proposal samples keeps a seeded random subset of each (counted in image order, then row
     order), so its memory is bounded by the settings whatever the number of objects.
 
+    With ``share_images`` (every rank must call it then), each rank plans a contiguous share of
+    the images under ``torchrun`` and the plans are gathered in image order: the same plan on
+    every rank for 1/N of the work.
+
     Returns:
         For each class (empty lists for the classes not in ``classes``), the images with a
         sample of it, in image order.
     """
     wanted = set(range(num_classes) if classes is None else classes)
+    lo, hi = comm.shard_bounds(source.num_images()) if share_images else (0, source.num_images())
     found: list[list[ImageSamples]] = [[] for _ in range(num_classes)]
-    for i in range(source.num_images()):
+    for i in range(lo, hi):
         _, gt_all, labels_all, difficult, boxes = candidate_boxes(source, i)
         gt_all = np.asarray(gt_all, np.float64).reshape(-1, 4)
         labels_all = np.asarray(labels_all, np.int64).reshape(-1)
@@ -177,6 +184,9 @@ def plan_regression_samples(source: FeatureSource, num_classes: int, cfg: BBoxRe
             gm, pm = labels_all[gtg] == c, labels_all[ptg] == c
             if gm.any() or pm.any():
                 found[c].append(ImageSamples(i, gr[gm], gtg[gm], pr[pm], ptg[pm]))
+    if share_images:      # contiguous shards in rank order: image order
+        parts = comm.all_gather(found, "box regression: gathering every rank's share of the sample plan")
+        found = [[s for part in parts for s in part[c]] for c in range(num_classes)]
     for c in wanted:
         found[c] = _cap(found[c], gt_subset(sum(len(s.gt_rows) for s in found[c]), c, cfg),
                         proposal_subset(sum(len(s.proposal_rows) for s in found[c]), c, cfg))

@@ -363,8 +363,9 @@ def regression_sources(source: WindowFeatureSource, num_classes: int, cfg: BBoxR
     the images with a non-difficult GT of class k and only their proposals that are (capped)
     class-k samples (:func:`.bbox_regression.plan_regression_samples`, boxes only).
     Planning again on it keeps every one of those proposals and the same GT subset, so the
-    samples are those of planning on ``source``."""
-    plan = plan_regression_samples(source, num_classes, cfg)
+    samples are those of planning on ``source``. Under ``torchrun`` the plan is shared out by
+    image and gathered: every rank must call this."""
+    plan = plan_regression_samples(source, num_classes, cfg, share_images=True)   # every rank calls it
     chosen = [{source.records[s.image].key: s.proposal_rows for s in p} for p in plan]
     none = np.zeros(0, np.int64)
     sources = []
