@@ -216,7 +216,9 @@ def finetune(head: FCHead, windows: Sequence[WindowLabels], pooled_fn: PooledFn,
             batch's windows, so every rank works whatever the world size; ``pooled_fn`` then
             gets one generator per window) or "images" (default with ``trunk``: one forward
             pass per image; ranks beyond the batch's image count add zero gradients). The
-            mini-batch and its random draws do not depend on the world size either way.
+            mini-batch and its random draws do not depend on the world size either way. A
+            ``pooled_fn`` that draws one scale per image (an in-memory SPP featurizer's
+            "random-image" rule) needs "images".
     Returns:
         The loss of every iteration run in this call.
     """
