@@ -346,11 +346,14 @@ def _work_units(batch: list[tuple[int, np.ndarray]], share: str,
 def _by_image(units: Sequence[tuple[int, np.ndarray, int]]) -> list[tuple[int, np.ndarray, list[torch.Generator]]]:
     """Consecutive units of one image joined (one feature call per image): (image, window
     indices, a generator per unit)."""
-    out: list[tuple[int, np.ndarray, list[torch.Generator]]] = []
+    images: list[int] = []
+    rows: list[list[np.ndarray]] = []
+    gens: list[list[torch.Generator]] = []
     for i, idx, seed in units:
-        g = torch.Generator().manual_seed(seed)
-        if out and out[-1][0] == i:
-            out[-1] = (i, np.concatenate([out[-1][1], idx]), out[-1][2] + [g])
-        else:
-            out.append((i, idx, [g]))
-    return out
+        if not images or images[-1] != i:
+            images.append(i)
+            rows.append([])
+            gens.append([])
+        rows[-1].append(idx)
+        gens[-1].append(torch.Generator().manual_seed(seed))
+    return [(i, np.concatenate(r), g) for i, r, g in zip(images, rows, gens)]
