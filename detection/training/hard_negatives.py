@@ -47,6 +47,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -358,6 +359,8 @@ class SVMTrainer:
         finally:
             for c in self._owned:
                 shutil.rmtree(cache_dir / f"class_{c}", ignore_errors=True)
+            with contextlib.suppress(OSError):          # the last rank to finish removes the folder
+                cache_dir.rmdir()
 
     def _mine(self, n: int, dim: int, scale: float, mean_norm: float | None) -> LinearSVMs:
         cfg, k_cls = self.cfg, self.num_classes
