@@ -202,13 +202,21 @@ def compute_feature_scale(source: FeatureSource, target_norm: float, num_images:
     if n == 0:
         raise DetectionError("the feature source has no images")
     picks = [int(i) for i in np.sort(rng.choice(n, size=min(n, num_images), replace=False))]
-    # The rows of every sampled image, drawn in image order from one generator as one process
-    # would (from the number of candidates, which needs no features).
-    rows = []
-    for i in picks:
-        _, gt, _, _, props = candidate_boxes(source, i)
-        m = len(gt) + len(props)
-        rows.append(rng.choice(m, size=min(m, boxes_per_image), replace=False) if m else np.zeros(0, np.int64))
+
+    def draw(m: int) -> np.ndarray:
+        return rng.choice(m, size=min(m, boxes_per_image), replace=False)
+
+    # Alone, the rows of each image are drawn as it is read. Shared out, every rank first draws
+    # the rows of every sampled image, in image order from the one generator (from the number of
+    # candidates, which needs no features), then reads its share.
+    drawn: list[Callable[[int], np.ndarray]] = [draw] * len(picks)
+    if ranks.world > 1:
+        drawn = []
+        for i in picks:
+            _, gt, _, _, props = candidate_boxes(source, i)
+            m = len(gt) + len(props)
+            rows = draw(m) if m else np.zeros(0, np.int64)
+            drawn.append(lambda _, rows=rows: rows)
     start, stop = ranks.bounds(len(picks))
     # A source that can pool chosen rows only (``sample_candidates``) saves pooling the rest:
     # the rows drawn, and so the result, are the same.
@@ -216,14 +224,16 @@ def compute_feature_scale(source: FeatureSource, target_norm: float, num_images:
 
     def norms_here() -> list[np.ndarray]:
         out = []
-        for i, chosen in tqdm(list(zip(picks, rows))[start:stop], desc="feature norm", disable=not progress):
-            if len(chosen) == 0:
-                continue
+        for i, choose in tqdm(list(zip(picks, drawn))[start:stop], desc="feature norm", disable=not progress):
             if sample is not None:
-                key, feats = sample(i, lambda _, chosen=chosen: chosen)
+                key, feats = sample(i, choose)
             else:
                 s = source.image(i)
-                key, feats = s.key, s.candidate_features()[chosen]
+                key, feats = s.key, s.candidate_features()
+                if len(feats):
+                    feats = feats[choose(len(feats))]
+            if len(feats) == 0:
+                continue
             if not np.isfinite(feats).all():
                 raise DetectionError(f"image {key} (index {i}): features contain NaN or inf")
             out.append(np.linalg.norm(feats.astype(np.float64), axis=1))
