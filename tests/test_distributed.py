@@ -22,17 +22,20 @@ from sklearn.svm import LinearSVC
 
 from detection import comm
 from detection.data.synthetic import make_synthetic_voc
+from detection.detector import DetectionSettings
 from detection.errors import DistributedError
 from detection.features import ConvMapCache
 from detection.model import load_model
 from detection.proposals import ProposalSet
 from detection.training.bbox_regression import (BBoxRegressionConfig, assemble_box_regressors, fit_box_regressors,
                                                 train_box_regressors)
+from detection.training.calibration import CalibrationConfig, fit_calibration
 from detection.training.hard_negatives import train_svms
 from detection.training.samples import ListFeatureSource, Ranks
 from detection.training.svm import SVMConfig
 
 from test_bbox_regression import linear_map_source
+from test_calibration import _sample as calibration_sample
 from test_svm import DIM, make_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +144,40 @@ def test_a_bad_image_stops_every_rank_with_the_message_of_one_process():
         t.join(timeout=120)
     assert "img007" in str(alone.value) and "NaN" in str(alone.value)
     assert [str(e) for e in errors] == [str(alone.value)] * 2
+
+
+def test_calibration_shared_by_ranks_equals_one_process(monkeypatch):
+    lock, fit = threading.Lock(), LinearSVC.fit       # one liblinear fit at a time (see above)
+
+    def one_fit_at_a_time(self, *args, **kwargs):
+        with lock:
+            return fit(self, *args, **kwargs)
+    monkeypatch.setattr(LinearSVC, "fit", one_fit_at_a_time)
+    rng = np.random.default_rng(3)
+    samples, groups = [], []
+    for i in range(9):
+        for suffix in ("", "_flip"):
+            samples.append(calibration_sample(f"im{i}{suffix}", rng))
+            groups.append(f"im{i}")
+    source, cfg = ListFeatureSource(samples, dim=6), SVMConfig(C=0.1, norm_images=18, norm_boxes_per_image=50)
+
+    def calibrate(ranks=Ranks()):
+        return fit_calibration(source, groups, 2, cfg, CalibrationConfig(folds=3), feature_scale=1.0,
+                               settings=DetectionSettings(), class_names=["a", "b"], ranks=ranks)
+    whole, ranks, parts = calibrate(), _thread_ranks(3), [None] * 3
+
+    def run(i: int) -> None:
+        parts[i] = calibrate(ranks[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert whole is not None and whole.meta["windows"]["a"] > 0
+    for part in parts:
+        np.testing.assert_array_equal(part.slopes, whole.slopes)
+        np.testing.assert_array_equal(part.intercepts, whole.intercepts)
+        assert part.meta == whole.meta
 
 
 def test_box_regressors_fitted_in_parts_equal_one_fit():

@@ -316,7 +316,8 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
             # The groups keep an image and its mirror in one fold.
             calibration = fit_calibration(source, [r.image_id for r in records], k, cfg.svm, cfg.calibration,
                                           svms.feature_scale, settings=settings.detection_settings(),
-                                          boxes_fn=boxes_fn, class_names=classes, progress=progress)
+                                          boxes_fn=boxes_fn, class_names=classes, progress=progress,
+                                          ranks=Ranks.of_comm())
             if train_ckpt is not None and comm.is_main():
                 train_ckpt.save_calibration(calibration, cal_key)
     return SPPDetector(backbone, head, svms, regressors, classes, settings, calibration=calibration,
