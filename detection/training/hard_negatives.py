@@ -138,7 +138,8 @@ class _ClassStore:
     scores: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float64))
     alive: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, bool))
     key_set: set[int] = dataclasses.field(default_factory=set)
-    pending: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)   # this block's, unwritten
+    #: This block's additions, not yet written: (image of the block, its rows, first cache row).
+    pending: list[tuple[int, np.ndarray, int]] = dataclasses.field(default_factory=list)
     next_file: int = 0
     weight: np.ndarray | None = None                     # the model of the last retraining
     bias: np.float32 = np.float32(0.0)
@@ -165,19 +166,27 @@ class _ClassStore:
     def add(self, keys: np.ndarray, scores: np.ndarray, found: int, rows: np.ndarray) -> None:
         """Cache new hard negatives (keys not cached yet) with their scores under the current
         model: the rows ``rows`` of the block's ``found``-th image, written by :meth:`flush`."""
+        self.pending.append((found, rows, len(self.keys)))
         self.keys = np.concatenate([self.keys, keys])
         self.scores = np.concatenate([self.scores, scores.astype(np.float64)])
         self.alive = np.concatenate([self.alive, np.ones(len(keys), bool)])
         self.key_set.update(keys.tolist())
         self.num_added += len(keys)
-        self.pending.append((found, rows))
 
     def flush(self, found: Sequence["_Found"]) -> None:
-        """Write the block's additions (rows of the block's images ``found``) as one file."""
-        if self.pending:
-            self._new_file((found[j].feats[rows] for j, rows in self.pending),
-                           sum(len(rows) for _, rows in self.pending))
-            self.pending = []
+        """Write the block's additions still cached (rows of the block's images ``found``; those
+        trimmed within the block are never written) as one file."""
+        if not self.pending:
+            return
+        base = self.pending[0][2]
+        keep = self.alive[base:]
+        parts = [(j, rows[self.alive[at: at + len(rows)]]) for j, rows, at in self.pending]
+        self.keys = np.concatenate([self.keys[:base], self.keys[base:][keep]])
+        self.scores = np.concatenate([self.scores[:base], self.scores[base:][keep]])
+        self.alive = np.concatenate([self.alive[:base], np.ones(int(keep.sum()), bool)])
+        self.pending = []
+        if keep.any():
+            self._new_file((found[j].feats[rows] for j, rows in parts if len(rows)), int(keep.sum()))
 
     def trim(self, cap: int) -> None:
         """Keep the ``cap`` cached negatives scoring highest under the current model (ties: the earlier)."""
