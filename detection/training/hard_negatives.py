@@ -125,8 +125,8 @@ class _ClassStore:
     The features (already scaled) are in ``.npy`` files: ``pos.npy``, and the negatives in the
     files of ``files`` (the cache as consolidated at the last retraining, then one file per
     block that added to it). In memory: each cached row's key, its score under the current model
-    (what trimming ranks by) and whether it is still cached (trimmed rows stay in their file
-    until the next retraining rewrites the cache).
+    (what trimming ranks by) and whether it is still cached (trimmed and evicted rows stay in
+    their file until they are the majority at a retraining, which then rewrites the cache).
     """
 
     folder: Path
@@ -212,16 +212,20 @@ class _ClassStore:
         return x
 
     def replace_negatives(self, x_neg: np.ndarray, keep: np.ndarray, scores: np.ndarray) -> None:
-        """After a retraining: the cache becomes the rows ``x_neg[keep]`` (scored ``scores``), in
-        one new file; the files before are deleted."""
-        old = self.files
-        self.files = []
-        keys = self.keys[self.alive]
-        self.key_set.difference_update(keys[~keep].tolist())
+        """After a retraining on ``x_neg`` (the cached rows, in order): only the rows ``keep``
+        stay cached, scored ``scores``. Evicted rows stay in their files until they are the
+        majority; then the cache is rewritten as one file of the rows kept (from ``x_neg``)."""
+        rows = np.flatnonzero(self.alive)
+        self.key_set.difference_update(self.keys[rows[~keep]].tolist())
         self.evicted += int((~keep).sum())
-        self.keys, self.scores = keys[keep], scores[keep].astype(np.float64)
-        self.alive = np.ones(len(self.keys), bool)
-        kept = np.flatnonzero(keep)
+        self.alive[rows[~keep]] = False
+        self.scores[rows] = scores
+        if len(self.alive) <= 2 * len(self.key_set):
+            return
+        old, kept = self.files, np.flatnonzero(keep)
+        self.files = []
+        self.keys, self.scores = self.keys[rows[kept]], self.scores[rows[kept]]
+        self.alive = np.ones(len(kept), bool)
         self._new_file((x_neg[kept[i: i + _CHUNK_ROWS]] for i in range(0, len(kept), _CHUNK_ROWS)), len(kept))
         for path, _, _ in old:
             path.unlink(missing_ok=True)
