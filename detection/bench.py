@@ -33,7 +33,7 @@ from .data.records import ImageRecord
 from .data.voc import VOCDataset
 from .errors import DetectionError
 from .io.jsonfile import read_json
-from .features import extract_conv_maps, make_featurizer, pool5_dim
+from .features import FeatureSettings, extract_conv_maps, make_featurizer, pool5_dim
 from .features.pooling import DEFAULT_LEVELS, pool_windows, project_boxes
 from .features.scales import scale_factors
 from .pipeline import PipelineConfig, detector_settings
@@ -270,3 +270,65 @@ def bench_accounting(pipeline_script: str | Path, out: str | Path, *, processes:
     return {"processes": processes, "command_1": commands[1], "command_n": commands[processes],
             "rows": accounting_table(one[0], many),
             "resources_1": one[0]["info"].get("resources"), "resources_n": [r["info"].get("resources") for r in many]}
+class _FirstRecords:
+    """The first records of a dataset, as :func:`extract_conv_maps` reads a dataset."""
+
+    def __init__(self, dataset: VOCDataset, n: int) -> None:
+        self.records, self.split, self._dataset = list(dataset.records[:n]), dataset.split, dataset
+
+    def fingerprint(self) -> str:
+        return self._dataset.fingerprint()
+
+
+def bench_mining_cost(data: str | Path, out_dir: str | Path, backbone: str = "zf5", weights: str | None = None,
+                      scales: Sequence[int] = (480, 576, 688, 864, 1200), windows: int = 2000, images: int = 8,
+                      num_classes: int = 20, split: str = "trainval", seed: int = 0) -> dict[str, Any]:
+    """Seconds per image of one SVM mining pass on real conv maps: the features read (the
+    windows of an image pooled from the conv-map cache, :class:`WindowFeatureSource`) and the
+    whole per-image step of :class:`~detection.training.hard_negatives.SVMTrainer` (read, scale,
+    IoU with the GT, scores of every class, hard rows), with ``num_classes`` random SVMs.
+
+    The first ``images`` records of ``split`` get their conv maps cached in ``out_dir`` (untimed)
+    and ``windows`` random boxes each (the cost depends on their number, not on where they come
+    from). Each image is timed twice; the second time counts (the cache files are in the page
+    cache, as on a machine whose memory holds them, and each map's checksum is verified once per
+    process, at the first read).
+    """
+    from .training.hard_negatives import SVMTrainer
+    from .training.window_source import WindowFeatureSource
+
+    ds = VOCDataset(data, split)
+    subset = _FirstRecords(ds, images)
+    net = build_backbone(backbone, weights=weights, seed=seed)
+    settings = FeatureSettings(scales=tuple(scales))
+    cache = extract_conv_maps(subset, net, Path(out_dir), scales=settings.scales, max_size=settings.max_size,
+                              num_workers=0, progress=False)
+    rng = np.random.default_rng(seed)
+    boxes = {}
+    for r in subset.records:
+        xy = rng.uniform(0, 1, (windows, 2)) * [r.width - 16, r.height - 16]
+        wh = 16 + rng.uniform(0, 1, (windows, 2)) * (np.array([r.width, r.height]) - xy - 16)
+        boxes[r.key] = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+    dim = pool5_dim(net.out_channels, settings.levels)
+    source = WindowFeatureSource(subset.records, lambda r: boxes[r.key], make_featurizer("spp", settings, cache=cache),
+                                 None, "pool5", dim)
+    trainer = SVMTrainer(source, num_classes)
+    weights_ = (rng.standard_normal((num_classes, dim)) * 1e-3).astype(np.float32)
+    biases = np.full(num_classes, -0.5, np.float32)
+    read, step = [], []
+    for repeat in range(2):
+        for i in range(len(subset.records)):
+            t0 = time.perf_counter()
+            source.image(i)
+            t1 = time.perf_counter()
+            # The trainer's own per-image step (it reads the image again).
+            trainer._mine_image(i, dim, 1.0, weights_, biases, list(range(num_classes)))
+            t2 = time.perf_counter()
+            if repeat:
+                read.append(t1 - t0)
+                step.append(t2 - t1)
+    return {"data": str(data), "backbone": backbone, "scales": list(scales), "dim": dim, "windows": windows,
+            "images": len(subset.records), "classes": num_classes, "threads": torch.get_num_threads(),
+            "read_seconds_per_image": round(statistics.median(read), 4),
+            "mining_step_seconds_per_image": round(statistics.median(step), 4),
+            "read_seconds_each": [round(t, 4) for t in read], "step_seconds_each": [round(t, 4) for t in step]}

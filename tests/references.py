@@ -1,5 +1,6 @@
-"""Slow, obviously correct window features (for tests of the featurizer, the detector and timing)
-and the AP of a model file computed without the pipeline's detect and evaluate stages.
+"""Slow, obviously correct window features (for tests of the featurizer, the detector and timing),
+the AP of a model file computed without the pipeline's detect and evaluate stages, and the SVMs'
+hard-negative mining with every class in memory (for the on-disk, sharded trainer).
 
 Each step is written from the paper's (or the official code's) rule by loops over boxes, bins and
 pixels, and shares no code with ``detection.features`` beyond the trunk itself (``preprocess`` +
@@ -14,10 +15,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from detection.boxes import internal_to_voc
+from detection.boxes import box_iou_numpy, internal_to_voc
 from detection.data.images import load_image
 from detection.data.voc import VOCDataset
 from detection.detector import SPPDetector
+from detection.linear import UNTRAINED_BIAS
+from detection.training.svm import fit_linear_svm
 from test_eval_voc import ref_voc_eval
 from test_rcnn import ref_warp
 from test_spp import ref_project_code, ref_project_paper, ref_spp_window
@@ -122,3 +125,82 @@ def reference_voc_ap(model_path, root, metric: str) -> dict[str, float]:
         boxes = np.round(np.concatenate([internal_to_voc(d.boxes[d.labels == c]) for d in dets]), 1)
         ap[name] = ref_voc_eval(gt, ids, scores, boxes, use_07_metric=metric == "voc07")[2]
     return ap
+
+
+def reference_train_svms(samples, num_classes: int, cfg, scale: float) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """The SVM recipe of ``detection.training.hard_negatives`` written plainly, in one process with
+    every class's positives and negatives in Python lists: (weights [K, D], biases [K], per
+    class ``{"retrains", "evicted", "dropped", "peak_cached", "keys"}``). A block's images are
+    scored one by one with the model of the block's start; trimming keeps the highest scores
+    under the current model (a row's score from the mining, or from the last retraining)."""
+    k, dim = num_classes, samples[0].gt_features.shape[1]
+    pos = []
+    for c in range(k):                      # reservoir sampling (Algorithm R), in stream order
+        rng, rows, index, seen = np.random.default_rng([cfg.seed, c]), [], [], 0
+        for s in samples:
+            keep = np.ones(len(s.gt_labels), bool) if cfg.use_difficult else ~s.gt_difficult
+            feats, labels = s.gt_features[keep] * np.float32(scale), s.gt_labels[keep]
+            for row in feats[labels == c]:
+                t, seen = seen, seen + 1
+                if cfg.max_positives is None or t < cfg.max_positives:
+                    rows.append(row)
+                    index.append(t)
+                elif (j := int(rng.integers(0, t + 1))) < cfg.max_positives:
+                    rows[j], index[j] = row, t
+        pos.append(np.array(rows, np.float32).reshape(-1, dim)[np.argsort(index, kind="stable")])
+    weights, biases = np.zeros((k, dim), np.float32), np.zeros(k, np.float32)
+    active = [c for c in range(k) if len(pos[c])]
+    biases[[c for c in range(k) if not len(pos[c])]] = UNTRAINED_BIAS
+    cache = [[] for _ in range(k)]          # per class: [key, row, score] in the order cached
+    info = [{"retrains": 0, "evicted": 0, "dropped": 0, "peak_cached": 0, "added": 0} for _ in range(k)]
+    trained = [False] * k
+
+    def retrain(c: int) -> None:
+        neg = np.array([row for _, row, _ in cache[c]], np.float32).reshape(-1, dim)
+        w, b, _, z_neg = fit_linear_svm(pos[c], neg, cfg)
+        weights[c], biases[c] = w, b
+        info[c]["evicted"] += int((z_neg < cfg.evict_threshold).sum())
+        cache[c] = [[key, row, z] for (key, row, _), z in zip(cache[c], z_neg) if z >= cfg.evict_threshold]
+        info[c]["retrains"] += 1
+        info[c]["added"] = 0
+        trained[c] = True
+
+    for p in range(cfg.passes):
+        added_in_pass = 0
+        for start in range(0, len(samples), cfg.mining_block):
+            w0, b0 = weights.copy(), biases.copy()
+            for i in range(start, min(len(samples), start + cfg.mining_block)):
+                s = samples[i]
+                feats = s.candidate_features() * np.float32(scale)
+                boxes = s.candidate_boxes()
+                scores = feats @ w0.T + b0
+                for c in active:
+                    cached = {key for key, _, _ in cache[c]}
+                    fresh = 0
+                    for j in range(len(boxes)):
+                        ious = [box_iou_numpy(boxes[j:j + 1], g[None])[0, 0]
+                                for g, label in zip(s.gt_boxes, s.gt_labels) if label == c]
+                        if max(ious, default=0.0) < cfg.neg_iou and scores[j, c] > cfg.hard_threshold \
+                                and (i, j) not in cached:
+                            cache[c].append([(i, j), feats[j], float(scores[j, c])])
+                            fresh += 1
+                    info[c]["added"] += fresh
+                    added_in_pass += fresh
+                    if cfg.max_negatives is not None and len(cache[c]) > cfg.max_negatives:
+                        order = np.argsort([-z for _, _, z in cache[c]], kind="stable")
+                        keep = set(order[:cfg.max_negatives].tolist())
+                        info[c]["dropped"] += len(cache[c]) - len(keep)
+                        cache[c] = [e for n, e in enumerate(cache[c]) if n in keep]
+                    info[c]["peak_cached"] = max(info[c]["peak_cached"], len(cache[c]))
+            for c in active:
+                if cache[c] and ((p == 0 and start == 0) or info[c]["added"] > cfg.retrain_every):
+                    retrain(c)
+        for c in active:
+            if cache[c] and (info[c]["added"] > 0 or not trained[c]):
+                retrain(c)
+        if p > 0 and added_in_pass == 0:
+            break
+    for c in range(k):
+        info[c]["keys"] = sorted(key for key, _, _ in cache[c])
+        del info[c]["added"]
+    return weights, biases, info

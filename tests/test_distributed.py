@@ -1,6 +1,6 @@
 """Several processes (torch.distributed, gloo on the CPU) give the artifacts of one: the sharding
-arithmetic, the class split of the SVMs and box regressors against training every class in one
-process, the whole pipeline on 2 processes (torchrun) against 1, and a rank killed mid-stage:
+arithmetic, the SVMs' mining shared by image and class and the class split of the box regressors
+against one process, the whole pipeline on 2 processes (torchrun) against 1, and a rank killed mid-stage:
 the other stops with a message naming the step and the rank, and a rerun (any number of
 processes) resumes and gives the same result."""
 from __future__ import annotations
@@ -23,17 +23,20 @@ from sklearn.svm import LinearSVC
 
 from detection import comm
 from detection.data.synthetic import make_synthetic_voc
+from detection.detector import DetectionSettings
 from detection.errors import DistributedError
 from detection.features import ConvMapCache
 from detection.model import load_model
 from detection.proposals import ProposalSet
 from detection.training.bbox_regression import (BBoxRegressionConfig, assemble_box_regressors, fit_box_regressors,
                                                 train_box_regressors)
-from detection.training.hard_negatives import merge_class_svms, train_svms
-from detection.training.samples import ListFeatureSource
+from detection.training.calibration import CalibrationConfig, fit_calibration
+from detection.training.hard_negatives import train_svms
+from detection.training.samples import ListFeatureSource, Ranks
 from detection.training.svm import SVMConfig
 
 from test_bbox_regression import linear_map_source
+from test_calibration import _sample as calibration_sample
 from test_svm import DIM, make_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,27 +73,27 @@ def test_a_bad_timeout_is_refused_by_name(monkeypatch, value):
 
 # ---- the class split of the train stage -------------------------------------------------------
 
-def _thread_sums(parts: int):
-    """``count_sum`` functions for ``parts`` trainers running in threads, as the ranks' all-reduce."""
-    barrier, values, calls = threading.Barrier(parts), {}, [0] * parts
+def _thread_ranks(world: int) -> list[Ranks]:
+    """``Ranks`` of ``world`` trainers running in threads, exchanging values as the ranks' all-gather."""
+    barrier, values, calls = threading.Barrier(world), {}, [0] * world
 
     def make(index: int):
-        def count_sum(n: int) -> int:
+        def all_gather(value, what):
             slot = calls[index]
             calls[index] += 1
-            values[(slot, index)] = n
+            values[(slot, index)] = value
             barrier.wait()
-            return sum(values[(slot, i)] for i in range(parts))
-        return count_sum
-    return [make(i) for i in range(parts)]
+            return [values[(slot, i)] for i in range(world)]
+        return Ranks(index, world, all_gather)
+    return [make(i) for i in range(world)]
 
 
 @pytest.mark.parametrize("passes", [1, 3])
-def test_svms_trained_class_by_class_in_parts_equal_one_trainer(passes, monkeypatch):
+def test_svms_trained_by_ranks_sharing_images_and_classes_equal_one_trainer(passes, monkeypatch, tmp_path):
     # scikit-learn's liblinear draws from one process-wide generator (mt_rand in its newrand.h)
     # with the GIL released, so fits in concurrent threads interleave their draws and differ from
     # run to run. Ranks are processes, each with its own generator; here the threads take turns
-    # inside a fit (the pass counts still meet in count_sum, between fits).
+    # inside a fit (the exchanges still meet between fits).
     lock, fit = threading.Lock(), LinearSVC.fit
 
     def one_fit_at_a_time(self, *args, **kwargs):
@@ -99,25 +102,83 @@ def test_svms_trained_class_by_class_in_parts_equal_one_trainer(passes, monkeypa
     monkeypatch.setattr(LinearSVC, "fit", one_fit_at_a_time)
     k = 3
     source = ListFeatureSource(make_samples(0, 30, num_classes=k), DIM)
-    cfg = SVMConfig(retrain_every=150, passes=passes)
+    # 4 ranks for blocks of 3 images and 3 classes: a rank with no image of a block and no class.
+    cfg = SVMConfig(retrain_every=150, passes=passes, mining_block=3, max_negatives=60)
     whole = train_svms(source, k, cfg, class_names=["a", "b", "c"])
-    owned = [[0], [1, 2], []]                     # a rank may get no class at all
-    sums, parts = _thread_sums(len(owned)), [None] * len(owned)
+    ranks, parts = _thread_ranks(4), [None] * 4
 
     def run(i: int) -> None:
-        parts[i] = train_svms(source, k, cfg, class_names=["a", "b", "c"], classes=owned[i], count_sum=sums[i])
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(owned))]
+        parts[i] = train_svms(source, k, cfg, class_names=["a", "b", "c"], ranks=ranks[i], cache_dir=tmp_path)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(parts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    merged = merge_class_svms(parts)
-    np.testing.assert_array_equal(merged.weights, whole.weights)
-    np.testing.assert_array_equal(merged.biases, whole.biases)
-    assert merged.feature_scale == whole.feature_scale
-    assert merged.meta == whole.meta
-    with pytest.raises(Exception, match="trained by no process"):
-        merge_class_svms(parts[1:])
+    for part in parts:                   # every rank ends with every class's SVM
+        np.testing.assert_array_equal(part.weights, whole.weights)
+        np.testing.assert_array_equal(part.biases, whole.biases)
+        assert part.feature_scale == whole.feature_scale
+        assert part.meta == whole.meta
+    assert whole.meta["passes_done"] == passes or whole.meta["converged"]
+    assert sum(st["dropped"] for st in whole.meta["stats"].values()) > 0
+
+
+def test_a_bad_image_stops_every_rank_with_the_message_of_one_process():
+    samples = make_samples(0, 12)
+    bad = samples[7]
+    samples[7] = type(bad)(key=bad.key, gt_boxes=bad.gt_boxes, gt_labels=bad.gt_labels, gt_features=bad.gt_features,
+                           boxes=bad.boxes, features=np.full_like(bad.features, np.nan))
+    source = ListFeatureSource(samples, DIM)
+    with pytest.raises(Exception) as alone:
+        train_svms(source, 2, SVMConfig(), feature_scale=1.0)
+    ranks, errors = _thread_ranks(2), [None, None]
+
+    def run(i: int) -> None:
+        try:
+            train_svms(source, 2, SVMConfig(), feature_scale=1.0, ranks=ranks[i])
+        except Exception as e:  # noqa: BLE001 - the test compares the messages
+            errors[i] = e
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert "img007" in str(alone.value) and "NaN" in str(alone.value)
+    assert [str(e) for e in errors] == [str(alone.value)] * 2
+
+
+def test_calibration_shared_by_ranks_equals_one_process(monkeypatch):
+    lock, fit = threading.Lock(), LinearSVC.fit       # one liblinear fit at a time (see above)
+
+    def one_fit_at_a_time(self, *args, **kwargs):
+        with lock:
+            return fit(self, *args, **kwargs)
+    monkeypatch.setattr(LinearSVC, "fit", one_fit_at_a_time)
+    rng = np.random.default_rng(3)
+    samples, groups = [], []
+    for i in range(9):
+        for suffix in ("", "_flip"):
+            samples.append(calibration_sample(f"im{i}{suffix}", rng))
+            groups.append(f"im{i}")
+    source, cfg = ListFeatureSource(samples, dim=6), SVMConfig(C=0.1, norm_images=18, norm_boxes_per_image=50)
+
+    def calibrate(ranks=Ranks()):
+        return fit_calibration(source, groups, 2, cfg, CalibrationConfig(folds=3), feature_scale=1.0,
+                               settings=DetectionSettings(), class_names=["a", "b"], ranks=ranks)
+    whole, ranks, parts = calibrate(), _thread_ranks(3), [None] * 3
+
+    def run(i: int) -> None:
+        parts[i] = calibrate(ranks[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert whole is not None and whole.meta["windows"]["a"] > 0
+    for part in parts:
+        np.testing.assert_array_equal(part.slopes, whole.slopes)
+        np.testing.assert_array_equal(part.intercepts, whole.intercepts)
+        assert part.meta == whole.meta
 
 
 def test_box_regressors_fitted_in_parts_equal_one_fit():

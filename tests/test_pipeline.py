@@ -263,7 +263,7 @@ def test_kill_in_box_regression_keeps_the_svms_and_the_rerun_continues(synthetic
     ({"train": {"memory_gb": 1.0, "svm": {"max_positives": 10, "max_negatives": 10}}},
      r"train stage \(box regression\).*train\.memory_gb=1.*lower train\.bbox\.max_samples or train\.bbox\.max_gt"),
     ({"train": {"svm": {"max_negatives": None}}},
-     r"train\.svm\.max_positives / train\.svm\.max_negatives is null.*train\.memory_gb=8"),
+     r"train\.svm\.max_positives / train\.svm\.max_negatives is null.*set both caps"),
     ({"train": {"memory_gb": -1.0}}, r"train\.memory_gb must be > 0"),
     ({"data": {"synthetic_crowded": True}}, r"data\.synthetic_crowded .* data\.root"),
 ])

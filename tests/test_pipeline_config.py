@@ -29,7 +29,7 @@ RUNTIME = {
     "device": "the device every stage computes on",
     "proposal_workers": "selective-search processes",
     "features.workers": "DataLoader processes filling the conv-map cache",
-    "train.memory_gb": "the budget the train stage is checked against before any stage runs",
+    "train.memory_gb": "the budget of each process the train stage is checked against before any stage runs",
     "metric": "the AP definition the evaluation (rerun every time) writes to metrics.json",
 }
 _DATA = ["root", "train_split", "test_split", "flip", "classes", "skip_bad", "synthetic_trainval", "synthetic_test",
@@ -40,7 +40,7 @@ _FINETUNE = ["enabled", "iterations", "lr", "lr_steps", "momentum", "weight_deca
              "fg_fraction", "fg_iou", "bg_iou_lo", "dropout", "hidden", "checkpoint_every", "seed"]
 _SVM = ["C", "bias_multiplier", "pos_weight", "neg_iou", "hard_threshold", "evict_threshold", "retrain_every",
         "target_norm", "norm_images", "norm_boxes_per_image", "passes", "use_difficult", "tol", "max_iter", "seed",
-        "classes_without_positives", "max_positives", "max_negatives"]
+        "classes_without_positives", "max_positives", "max_negatives", "mining_block"]
 _BBOX = ["enabled", "lam", "min_iou", "regularize_bias", "include_gt", "use_difficult", "target_norm", "norm_images",
          "norm_boxes_per_image", "seed", "max_samples", "max_gt_samples"]
 USES: dict[str, frozenset[str]] = {
@@ -71,7 +71,8 @@ OTHER = {"method": "rcnn", "device": "cpu", "data.root": "/data/VOC2007", "data.
          "data.test_split": "val", "data.classes": ["circle"], "proposals.mode": "quality",
          "backbone.name": "alexnet", "backbone.weights": "imagenet", "features.projection_rule": "code",
          "features.scale_rule": "code", "feature_layer": "fc7", "train.svm.classes_without_positives": "error",
-         "metric": "voc10", "proposal_workers": 1, "features.workers": 1, "train.max_train_windows": 10,
+         "metric": "voc10", "proposal_workers": 1, "features.workers": 1, "train.memory_gb": 12.0,
+         "train.max_train_windows": 10,
          "timing.rcnn_windows": 10}
 
 

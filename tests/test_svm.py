@@ -19,8 +19,11 @@ from sklearn.svm import LinearSVC
 from detection.boxes import box_iou_numpy
 from detection.errors import DetectionError, ModelError
 from detection.linear import UNTRAINED_BIAS, LinearSVMs
-from detection.training.hard_negatives import SVMTrainer, train_svms
+from detection.errors import CacheError
+from detection.training.hard_negatives import SVMTrainer, _Reservoir, train_svms
 from detection.training.samples import ImageSample, ListFeatureSource, compute_feature_scale
+
+from references import reference_train_svms
 from detection.training.svm import SVMConfig, fit_linear_svm, svm_objective
 
 DIM = 32
@@ -273,24 +276,26 @@ def test_feature_scale_brings_mean_norm_to_target(train_samples):
     assert np.linalg.norm(feats * scale, axis=1).mean() == pytest.approx(20.0, rel=1e-6)
 
 
-def test_max_positives_keeps_a_seeded_subset_in_image_order():
+def test_max_positives_keeps_a_seeded_subset_in_image_order(tmp_path):
     # 60 images with 1-2 objects of 2 classes: ~45 positives per class; a cap of 10 keeps 10 of
     # them (the same 10 every time), each one a real GT feature, in image order.
     samples = make_samples(4, 60)
     src = ListFeatureSource(samples, DIM)
-    cfg = SVMConfig(max_positives=10, passes=1)
 
     def positives(c):
-        return SVMTrainer(src, K, cfg, feature_scale=1.0)._collect_positives(len(samples), DIM, 1.0)[c].pos
+        reservoir = _Reservoir(10, DIM, np.random.default_rng([0, c]), tmp_path / "scratch")
+        for s in samples:
+            reservoir.add(s.gt_features[s.gt_labels == c])
+        return reservoir.rows()
 
-    every = SVMTrainer(src, K, dataclasses.replace(cfg, max_positives=None), feature_scale=1.0
-                       )._collect_positives(len(samples), DIM, 1.0)
     for c in range(K):
+        every = np.concatenate([s.gt_features[s.gt_labels == c] for s in samples])
         kept = positives(c)
-        assert len(every[c].pos) > 30 and len(kept) == 10
-        rows = [int(np.flatnonzero((every[c].pos == r).all(axis=1))[0]) for r in kept]
+        assert len(every) > 30 and len(kept) == 10
+        rows = [int(np.flatnonzero((every == r).all(axis=1))[0]) for r in kept]
         assert rows == sorted(rows) and len(set(rows)) == 10
         np.testing.assert_array_equal(kept, positives(c))
+        assert not (tmp_path / "scratch").exists()
     # At or above the class sizes the cap changes nothing.
     a = train_svms(src, K, SVMConfig(max_positives=None))
     b = train_svms(src, K, SVMConfig(max_positives=1000))
@@ -314,3 +319,89 @@ def test_max_negatives_bounds_every_cache_and_keeps_the_hardest(train_samples):
     np.testing.assert_array_equal(big.weights, free.weights)
     with pytest.raises(DetectionError, match="max_negatives"):
         train_svms(src, K, SVMConfig(max_negatives=0))
+
+
+# ---- the on-disk caches and the block schedule against the in-memory reference ------------------
+
+@pytest.mark.parametrize("block", [1, 8])
+def test_the_on_disk_trainer_equals_the_in_memory_reference(block, tmp_path):
+    """Every class's positives and negatives on disk, mined in blocks: the SVMs, counts and cached
+    keys of the plain in-memory recipe (tests/references.py), with every cap at work (positives
+    subsampled, caches trimmed, easy negatives evicted, retrainings on the way, two passes)."""
+    samples = make_samples(5, 30)
+    cfg = SVMConfig(retrain_every=100, passes=2, max_positives=12, max_negatives=120, mining_block=block)
+    trainer = SVMTrainer(ListFeatureSource(samples, DIM), K, cfg, cache_dir=tmp_path / "cache")
+    svms = trainer.train()
+    weights, biases, info = reference_train_svms(samples, K, cfg, svms.feature_scale)
+    np.testing.assert_array_equal(svms.weights, weights)
+    np.testing.assert_array_equal(svms.biases, biases)
+    for c in range(K):
+        st = svms.meta["stats"][f"class_{c}"]
+        assert {n: st[n] for n in ("retrains", "evicted", "dropped", "peak_cached")} == \
+            {n: info[c][n] for n in ("retrains", "evicted", "dropped", "peak_cached")}
+        assert [tuple(k) for k in trainer.cached_negative_keys(c).tolist()] == info[c]["keys"]
+        assert st["num_pos"] == 12 and st["dropped"] > 0 and st["evicted"] > 0 and st["retrains"] >= 3
+    assert not (tmp_path / "cache").exists()                  # the caches are removed at the end
+
+
+def test_a_block_of_one_is_the_per_image_schedule_and_larger_blocks_differ():
+    samples = make_samples(5, 30)
+    src = ListFeatureSource(samples, DIM)
+    one = train_svms(src, K, SVMConfig(retrain_every=100, mining_block=1))
+    eight = train_svms(src, K, SVMConfig(retrain_every=100, mining_block=8))
+    assert not np.array_equal(one.weights, eight.weights)      # the block is part of what is trained
+    assert one.meta["config"]["mining_block"] == 1
+
+
+class _Corrupting:
+    """A source that damages a file of class 0's cache once the mining reads image ``at``."""
+
+    def __init__(self, samples, folder, at: int, damage) -> None:
+        self.inner, self.folder, self.at, self.damage, self.dim = ListFeatureSource(samples, DIM), folder, at, damage, DIM
+        self.done = False
+
+    def num_images(self):
+        return self.inner.num_images()
+
+    def image(self, index, *, with_proposals=True):
+        files = sorted((self.folder / "class_0").glob("neg_*.npy"))
+        if with_proposals and index == self.at and files and not self.done:   # the mining's read
+            self.damage(files[-1])
+            self.done = True
+        return self.inner.image(index, with_proposals=with_proposals)
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-64])
+
+
+@pytest.mark.parametrize("damage,match", [(_flip_a_byte, r"SVM cache file is corrupt or torn \(checksum"),
+                                          (_truncate, r"corrupt SVM cache file|SVM cache file holds")])
+def test_a_damaged_class_cache_is_named_never_trained_on(tmp_path, damage, match):
+    samples = make_samples(5, 30)
+    # Image 20's block comes after the first retraining wrote class 0's cache; the end of the
+    # pass reads it back.
+    source = _Corrupting(samples, tmp_path, 20, damage)
+    with pytest.raises(CacheError, match=r"class_0/neg_\d+\.npy: " + f"(?:{match})"):
+        train_svms(source, K, SVMConfig(retrain_every=10**9, mining_block=4), cache_dir=tmp_path)
+
+
+def test_files_of_an_earlier_run_are_never_read(tmp_path):
+    samples = make_samples(5, 30)
+    src = ListFeatureSource(samples, DIM)
+    alone = train_svms(src, K, SVMConfig(retrain_every=100))
+    for c in range(K):                  # an interrupted run's leftovers, with the names this run writes
+        folder = tmp_path / "cache" / f"class_{c}"
+        folder.mkdir(parents=True)
+        for name in ("pos.npy", "neg_000000.npy", "neg_000001.npy"):
+            np.save(folder / name, np.ones((3, DIM), np.float32))
+            (folder / (name + ".crc32")).write_text("crc32:00000000\n")
+    again = train_svms(src, K, SVMConfig(retrain_every=100), cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again.weights, alone.weights)
+    assert not (tmp_path / "cache").exists()

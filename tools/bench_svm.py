@@ -2,8 +2,8 @@
 """Time hard-negative SVM training on a synthetic problem of realistic size, and its peak memory.
 
 Features are generated on the fly, one image at a time and identically on every read (seeded
-by the image index), so the only things held in memory are what the trainer keeps: positives and
-the hard-negative caches. Each image has 1-3 objects; a window's feature is ReLU noise plus, per
+by the image index), so the only things held in memory are what the trainer keeps (one class
+being retrained, one block being mined: the caches are on disk). Each image has 1-3 objects; a window's feature is ReLU noise plus, per
 object, IoU(window, object) times the object's class vector. Run one process per image count:
 peak RSS (``ru_maxrss``) only grows within a process.
 
@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=4096, help="feature length (fc7: 4096)")
     p.add_argument("--classes", type=int, default=20, help="object classes")
     p.add_argument("--threads", type=int, default=2, help="BLAS threads")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="budget of the SVM training, checked first as the train stage checks train.memory_gb "
+                        "(default: from the machine's available memory)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="folder of the on-disk class caches (default: a temporary one)")
     p.add_argument("--out", type=Path, default=None, help="write the measurements here (JSON)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         from threadpoolctl import threadpool_limits
 
         from detection.errors import DetectionError
+        from detection.training.bbox_regression import BBoxRegressionConfig
+        from detection.training.detector_training import TrainConfig, check_train_memory
         from detection.training.hard_negatives import SVMTrainer
         from detection.training.svm import SVMConfig
     except ImportError as e:
@@ -93,16 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         source = SyntheticFeatureSource(args.images, args.windows, args.dim, args.classes)
+        # The SVM part of the train stage's check (1-3 objects per image: at most windows + 3 candidates).
+        need = check_train_memory(TrainConfig(memory_gb=args.memory_gb, bbox=BBoxRegressionConfig(enabled=False)),
+                                  args.classes, args.dim, args.dim, args.windows + 3)
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
         with threadpool_limits(args.threads):
-            trainer = SVMTrainer(source, args.classes, SVMConfig(), progress=True)
+            trainer = SVMTrainer(source, args.classes, SVMConfig(), progress=True, cache_dir=args.cache_dir)
             svms = trainer.train()
         seconds = time.perf_counter() - t0
         stats = svms.meta["stats"].values()
         result = {
             "images": args.images, "windows": args.windows, "dim": args.dim, "classes": args.classes,
             "threads": args.threads, "seconds": round(seconds, 1),
+            "svm_estimate_gb": round(need["svm"], 3), "budget_gb": round(need["budget"], 3),
             "seconds_generating_features": round(source.seconds, 1), "image_reads": source.reads,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "rss_before_training_mb": round(rss0 / 1024),

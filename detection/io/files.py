@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import CacheError, StorageError
 
 __all__ = ["atomic_path", "atomic_write_text", "atomic_save_npz", "atomic_torch_save", "make_dirs", "load_npz",
-           "file_sha256", "process_alive", "content_checksum", "verify_checksum", "checksum_sidecar",
+           "file_sha256", "process_alive", "content_checksum", "RunningChecksum", "verify_checksum", "checksum_sidecar",
            "write_checksum_sidecar", "read_verified_bytes", "load_verified_torch"]
 
 # The process umask, read once (os.umask can only be read by setting it). mkstemp creates files
@@ -218,6 +218,22 @@ def content_checksum(data: Any) -> str:
             data = np.ascontiguousarray(data)
         data = memoryview(data.reshape(-1).view(np.uint8)) if data.size else b""
     return f"{_CHECKSUM_PREFIX}{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+class RunningChecksum:
+    """:func:`content_checksum` of bytes that come in pieces (a file written part by part):
+    :meth:`update` with each piece in order, then :meth:`value`."""
+
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data: Any) -> None:
+        if isinstance(data, np.ndarray):
+            data = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)) if data.size else b""
+        self._crc = zlib.crc32(data, self._crc)
+
+    def value(self) -> str:
+        return f"{_CHECKSUM_PREFIX}{self._crc & 0xFFFFFFFF:08x}"
 
 
 def verify_checksum(path: str | os.PathLike, data: Any, expected: Any, what: str) -> None:

@@ -99,9 +99,10 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     windows = cfg.proposals.max_boxes if tcfg.max_train_windows is None else min(cfg.proposals.max_boxes,
                                                                                    tcfg.max_train_windows)
     need = check_train_memory(tcfg, len(classes), pool5, layer_dim,
-                              windows + max((len(r.boxes) for r in train_ds.records), default=0), prefix="train.")
-    log.info("train stage memory, worst case: %s GB (train.memory_gb=%s)",
-             {k: None if v is None else round(v, 2) for k, v in need.items()}, tcfg.memory_gb)
+                              windows + max((len(r.boxes) for r in train_ds.records), default=0), prefix="train.",
+                              world=comm.world_size(), local_ranks=comm.local_world_size())
+    log.info("train stage memory per process, worst case and budget: %s GB",
+             {k: None if v is None else round(v, 2) for k, v in need.items()})
 
     # 2. proposals ------------------------------------------------------------------------------
     with account.stage("proposals"):

@@ -14,25 +14,21 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from .. import comm
 from ..calibration import ScoreCalibration
 from ..detector import DetectionSettings, postprocess
 from ..evaluation.reliability import label_detections
 from ..errors import DetectionError
 from ..linear import LinearSVMs
 from .hard_negatives import train_svms
-from .samples import FeatureSource, ImageSample
+from .samples import FeatureSource, ImageSample, Ranks
 from .svm import SVMConfig
 
 __all__ = ["CalibrationConfig", "assign_folds", "fit_platt", "fit_calibration", "window_samples", "FoldSource",
-           "BoxesFn", "SVMsFn"]
+           "BoxesFn"]
 
 #: boxes_fn(image index, its sample) -> Tensor[P, K, 4]: each proposal's box for each class as the
 #: detector makes it (:func:`detection.detector.class_boxes`: box regression, clipping).
 BoxesFn = Callable[[int, ImageSample], torch.Tensor]
-#: svms_fn(features of the fold's training images, SVM settings, feature scale) -> every class's
-#: SVMs: how the fold SVMs are trained (the detector's own SVM training, shared out over the ranks).
-SVMsFn = Callable[[FeatureSource, SVMConfig, float], LinearSVMs]
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +113,7 @@ def assign_folds(groups: Sequence[str], folds: int) -> np.ndarray:
 def fit_calibration(source: FeatureSource, groups: Sequence[str], num_classes: int, svm_cfg: SVMConfig,
                     cfg: CalibrationConfig, feature_scale: float, *, settings: DetectionSettings,
                     boxes_fn: BoxesFn | None = None, class_names: Sequence[str] | None = None,
-                    progress: bool = False, svms_fn: SVMsFn | None = None) -> ScoreCalibration | None:
+                    progress: bool = False, ranks: Ranks = Ranks()) -> ScoreCalibration | None:
     """Cross-fitted Platt scaling of SVMs trained on ``source`` (see the module docstring).
 
     Args:
@@ -128,10 +124,8 @@ def fit_calibration(source: FeatureSource, groups: Sequence[str], num_classes: i
         settings: the detector's post-processing settings, so the windows are the ones it keeps.
         boxes_fn: each held-out proposal's box per class as the detector makes it (the final box
             regressors, clipping); None: the proposals as they are.
-        svms_fn: trains a fold's SVMs (every rank gets all of them); None: :func:`train_svms`
-            on every class in this process.
-    Under ``torchrun`` every rank must call this: each rank scores a contiguous share of the
-    held-out images and the scores are gathered in image order (the fit of one process).
+        ranks: the processes sharing the work (default: this one alone): the fold SVMs' reading
+            and each fold's held-out images are shared out; every rank gets the calibration.
     Returns:
         the calibration; a class whose held-out windows cannot be fitted (no positive or no
         negative, or a slope <= 0) takes the fit of every class's windows pooled, listed in
@@ -152,26 +146,27 @@ def fit_calibration(source: FeatureSource, groups: Sequence[str], num_classes: i
         held_idx = np.flatnonzero(fold == f)
         log.info("calibration fold %d/%d: SVMs on %d images, scoring %d", f + 1, cfg.folds, len(train_idx), len(held_idx))
         fold_cfg = dataclasses.replace(svm_cfg, classes_without_positives="warn")
-        fold_source = FoldSource(source, train_idx)
-        svms: LinearSVMs = (svms_fn(fold_source, fold_cfg, feature_scale) if svms_fn is not None else
-                            train_svms(fold_source, num_classes, fold_cfg, class_names=names,
-                                       feature_scale=feature_scale, progress=progress))
+        svms: LinearSVMs = train_svms(FoldSource(source, train_idx), num_classes, fold_cfg, class_names=names,
+                                      feature_scale=feature_scale, progress=progress, ranks=ranks)
         skip = [names.index(n) for n in svms.meta.get("untrained", [])]
-        mine: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in range(num_classes)]
-        for i in comm.shard(held_idx):
-            sample = source.image(int(i))
-            if not len(sample.boxes):
-                continue
-            scores = np.asarray(svms.scores(sample.features), dtype=np.float64)
-            boxes = boxes_fn(int(i), sample) if boxes_fn is not None else None
-            for c, (s, y) in enumerate(window_samples(sample, scores, settings, cfg.iou, skip, boxes)):
-                mine[c][0].append(s)
-                mine[c][1].append(y)
-        # Rank order is image order (contiguous shards): the same arrays as one process.
-        for part in comm.all_gather(mine, "calibration: gathering every rank's held-out scores"):
-            for c, (s, y) in enumerate(part):
-                per_class[c][0].extend(s)
-                per_class[c][1].extend(y)
+        start, stop = ranks.bounds(len(held_idx))
+
+        def score_share() -> list[list[tuple[np.ndarray, np.ndarray]]]:
+            out = []
+            for i in held_idx[start:stop]:
+                sample = source.image(int(i))
+                if not len(sample.boxes):
+                    continue
+                scores = np.asarray(svms.scores(sample.features), dtype=np.float64)
+                boxes = boxes_fn(int(i), sample) if boxes_fn is not None else None
+                out.append(window_samples(sample, scores, settings, cfg.iou, skip, boxes))
+            return out
+        # Each rank scores its share of the held-out images; put together in image order.
+        for part in ranks.exchange(score_share, "calibration: gathering the held-out windows"):
+            for image in part:
+                for c, (s, y) in enumerate(image):
+                    per_class[c][0].append(s)
+                    per_class[c][1].append(y)
     scores = [np.concatenate(s) if s else np.zeros(0) for s, _ in per_class]
     labels = [np.concatenate(y) if y else np.zeros(0, np.int64) for _, y in per_class]
     pooled = fit_platt(np.concatenate(scores), np.concatenate(labels), cfg.C)

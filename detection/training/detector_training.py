@@ -2,9 +2,11 @@
 
 The features of a window are always computed from the conv-map cache (SPP-net) or from warped
 crops (R-CNN) when they are needed, one image at a time (:class:`detection.training.window_source.WindowFeatureSource`),
-so memory is bounded by one image's windows plus the SVMs' hard-negative cache, never by the
-size of the dataset. The stage's worst-case memory is checked before anything runs
-(:func:`check_train_memory`), and its progress is checkpointed per step (:class:`TrainCheckpoint`).
+so memory is bounded by one block of images' windows plus one class being retrained (the SVMs'
+positives and hard negatives are on disk, ``out_dir/svm_cache/``), never by the size of the
+dataset or the number of classes. The stage's worst-case memory is checked before anything runs
+against a budget taken from the machine's available memory (:func:`check_train_memory`,
+:func:`memory_budget_gb`), and its progress is checkpointed per step (:class:`TrainCheckpoint`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import dataclasses
 import functools
 import json
 import logging
+import math
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,13 +38,13 @@ from .window_source import Pool5Fn, WindowFeatureSource
 from .bbox_regression import (BBoxRegressionConfig, ClassRegressor, assemble_box_regressors, fit_box_regressors,
                               plan_regression_samples)
 from .calibration import CalibrationConfig, fit_calibration
-from .hard_negatives import merge_class_svms, train_svms
+from .hard_negatives import train_svms
 from .ridge import regression_memory_bytes
-from .samples import FeatureSource, ImageSample, compute_feature_scale
+from .samples import ImageSample, Ranks, compute_feature_scale
 from .svm import SVMConfig, svm_memory_bytes
 
-__all__ = ["TrainConfig", "check_train_memory", "refuse_unused_finetune", "train_detector", "TrainCheckpoint",
-           "regression_sources"]
+__all__ = ["TrainConfig", "check_train_memory", "memory_budget_gb", "available_memory_bytes", "AUTO_MEMORY_FRACTION",
+           "refuse_unused_finetune", "train_detector", "TrainCheckpoint", "regression_sources"]
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +62,71 @@ class TrainConfig:
     #: Seeds the fc head's initial weights (fc6, fc7, fc8); fine-tuning's mini-batches, scales and
     #: dropout draw from ``finetune.seed``, the SVMs' and regressors' samples from their own seeds.
     head_seed: int = 0
-    #: Budget in GB for the large arrays of this stage (SVM caches and retraining, each box
-    #: regressor's samples and solve), checked before training starts (:func:`check_train_memory`)
-    #: and again per class before box regression reads features. 8 GB fits a 24 GB machine with
-    #: room to spare (the process adds ~1 GB of libraries and one image's conv maps). None: no check.
-    memory_gb: float | None = 8.0
+    #: Budget in GB of each process for the large arrays of this stage (one SVM retraining and one
+    #: mining block, each box regressor's samples and solve), checked before training starts
+    #: (:func:`check_train_memory`) and again per class before box regression reads features.
+    #: None: AUTO_MEMORY_FRACTION of the machine's available memory (MemAvailable), divided among
+    #: the processes torchrun started on this machine (:func:`memory_budget_gb`).
+    memory_gb: float | None = None
     #: Probabilities for the SVM scores (detection.calibration): cross-fitted Platt scaling.
     calibration: CalibrationConfig = CalibrationConfig()
 
 
+#: Share of the machine's available memory the train stage budgets when ``memory_gb`` is not set:
+#: the rest is for the process's libraries (~1 GB), one image's conv maps and the file cache.
+AUTO_MEMORY_FRACTION = 0.8
+#: The budget when the available memory cannot be read (neither /proc/meminfo nor sysconf).
+FALLBACK_MEMORY_GB = 8.0
+
+
+def available_memory_bytes(meminfo: str | os.PathLike = "/proc/meminfo") -> int | None:
+    """Memory the machine can give without swapping: ``MemAvailable`` of ``/proc/meminfo``
+    (Linux); elsewhere the free physical pages ``os.sysconf`` reports; None when neither is known."""
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def memory_budget_gb(memory_gb: float | None, local_ranks: int = 1, available: int | None = None,
+                     prefix: str = "") -> tuple[float, str]:
+    """The budget of one process in GB and how it was set (for messages).
+
+    Args:
+        memory_gb: the setting; None: ``AUTO_MEMORY_FRACTION`` of ``available`` (default: this
+            machine's, :func:`available_memory_bytes`) divided among ``local_ranks`` processes.
+        prefix: where ``memory_gb`` sits in the caller's settings tree, for the messages.
+    Raises:
+        DetectionError: ``memory_gb`` is not a positive finite number.
+    """
+    if memory_gb is not None:
+        if isinstance(memory_gb, bool) or not (isinstance(memory_gb, (int, float)) and math.isfinite(memory_gb)
+                                               and memory_gb > 0):
+            raise DetectionError(f"{prefix}memory_gb must be > 0 (GB per process) or null (from the machine's "
+                                 f"available memory), got {memory_gb!r}")
+        return float(memory_gb), f"{prefix}memory_gb={memory_gb:g}"
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        log.warning("the available memory cannot be read: the train stage budgets %g GB (set %smemory_gb)",
+                    FALLBACK_MEMORY_GB, prefix)
+        return FALLBACK_MEMORY_GB, f"{prefix}memory_gb unset and the available memory unknown: {FALLBACK_MEMORY_GB:g}"
+    ranks = max(1, int(local_ranks))
+    budget = AUTO_MEMORY_FRACTION * available / ranks / 2**30
+    return budget, (f"{prefix}memory_gb unset: {AUTO_MEMORY_FRACTION:.0%} of the {available / 2**30:.1f} GB available"
+                    f"{f' over {ranks} processes on this machine' if ranks > 1 else ''} = {budget:.2f}")
+
+
 def check_train_memory(cfg: TrainConfig, num_classes: int, pool5_dim: int, layer_dim: int,
-                       max_candidates: int, prefix: str = "") -> dict[str, float]:
-    """Check the train stage's worst case against ``cfg.memory_gb`` before anything runs.
+                       max_candidates: int, prefix: str = "", world: int = 1, local_ranks: int = 1,
+                       available: int | None = None) -> dict[str, float]:
+    """Check the train stage's worst case in one process against the budget before anything runs.
 
     Args:
         num_classes, pool5_dim: K and the pool5 length (box regression).
@@ -77,36 +134,39 @@ def check_train_memory(cfg: TrainConfig, num_classes: int, pool5_dim: int, layer
         max_candidates: most GT boxes + proposals of one training image.
         prefix: where ``cfg`` sits in the caller's settings tree (the pipeline's ``"train."``),
             so the messages name the keys the user sets.
+        world, local_ranks: processes in all (they share each mining block) and on this machine
+            (they share its memory, :func:`memory_budget_gb`).
+        available: the machine's available bytes (default: read from it).
     Returns:
-        GB needed by each part (``svm``, ``bbox``), None where unbounded (a null cap).
+        GB needed by each part (``svm``, ``bbox``; None where unbounded, a null cap) and the
+        ``budget`` in GB.
     Raises:
-        DetectionError: a part needs more than the budget, or a null SVM cap under a budget;
-            the message names the part and the settings to lower.
+        DetectionError: a part needs more than the budget, or a null SVM cap; the message names
+            the part and the settings to lower.
     """
-    svm = svm_memory_bytes(cfg.svm, num_classes, layer_dim, max_candidates)
+    p = prefix
+    budget, how = memory_budget_gb(cfg.memory_gb, local_ranks, available, prefix)
+    svm = svm_memory_bytes(cfg.svm, num_classes, layer_dim, max_candidates, world)
     caps = cfg.bbox.max_samples, cfg.bbox.max_gt_samples
     bbox = regression_memory_bytes(caps[0] + caps[1], pool5_dim) if cfg.bbox.enabled and None not in caps else None
-    need = {"svm": None if svm is None else svm / 2**30, "bbox": None if bbox is None else bbox / 2**30}
-    if cfg.memory_gb is None:
-        return need
-    p = prefix
-    if not cfg.memory_gb > 0:
-        raise DetectionError(f"{p}memory_gb must be > 0 or null, got {cfg.memory_gb}")
+    need = {"svm": None if svm is None else svm / 2**30, "bbox": None if bbox is None else bbox / 2**30,
+            "budget": budget}
     if svm is None:
         raise DetectionError(f"train stage (SVM hard-negative mining): {p}svm.max_positives / {p}svm.max_negatives is "
-                             f"null, so its memory is unbounded under {p}memory_gb={cfg.memory_gb:g}; set both caps "
-                             f"or {p}memory_gb=null")
-    if need["svm"] > cfg.memory_gb:
+                             f"null, so one class's retraining has no memory bound; set both caps")
+    if need["svm"] > budget:
         raise DetectionError(
-            f"train stage (SVM hard-negative mining) needs up to {need['svm']:.2f} GB for {num_classes} classes of "
+            f"train stage (SVM hard-negative mining) needs up to {need['svm']:.2f} GB per process for one class of "
             f"{layer_dim:,}-d features ({p}svm.max_positives={cfg.svm.max_positives}, "
-            f"{p}svm.max_negatives={cfg.svm.max_negatives}), above {p}memory_gb={cfg.memory_gb:g}: lower "
-            f"{p}svm.max_negatives or {p}svm.max_positives, or raise {p}memory_gb")
-    if need["bbox"] is not None and need["bbox"] > cfg.memory_gb:
+            f"{p}svm.max_negatives={cfg.svm.max_negatives}) or one block of {cfg.svm.mining_block} images of up to "
+            f"{max_candidates:,} windows ({p}svm.mining_block), above the budget of {budget:.2f} GB ({how}): lower "
+            f"{p}svm.max_negatives or {p}svm.max_positives (or {p}svm.mining_block), or raise {p}memory_gb")
+    if need["bbox"] is not None and need["bbox"] > budget:
         raise DetectionError(
             f"train stage (box regression) needs up to {need['bbox']:.2f} GB per class for {caps[1]} GT + {caps[0]} "
             f"proposal samples of {pool5_dim:,}-d pool5 features ({p}bbox.max_gt_samples, {p}bbox.max_samples), above "
-            f"{p}memory_gb={cfg.memory_gb:g}: lower {p}bbox.max_samples or {p}bbox.max_gt_samples, or raise {p}memory_gb")
+            f"the budget of {budget:.2f} GB ({how}): lower {p}bbox.max_samples or {p}bbox.max_gt_samples, or raise "
+            f"{p}memory_gb")
     return need
 
 
@@ -148,7 +208,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
     Returns:
         The trained detector (not yet saved).
     Raises:
-        DetectionError: the settings do not fit ``cfg.memory_gb`` (before anything is trained).
+        DetectionError: the settings do not fit the memory budget (before anything is trained).
     """
     refuse_unused_finetune(settings.feature_layer, cfg.finetune)
     k = len(classes)
@@ -157,7 +217,8 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         max_candidates = min(max_candidates, cfg.max_train_windows + max((len(r.boxes) for r in records), default=0))
     svm_dim = pool5_dim if settings.feature_layer == "pool5" else \
         cfg.finetune.hidden[1 if settings.feature_layer == "fc7" else 0]
-    check_train_memory(cfg, k, pool5_dim, svm_dim, max_candidates)
+    budget = check_train_memory(cfg, k, pool5_dim, svm_dim, max_candidates, world=comm.world_size(),
+                                local_ranks=comm.local_world_size())["budget"]
     train_ckpt = TrainCheckpoint(Path(out_dir) / "train_checkpoint", checkpoint_key) \
         if out_dir is not None and checkpoint_key is not None else None
     gen = torch.Generator().manual_seed(cfg.head_seed)
@@ -171,7 +232,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         # their He initialisation assumes.
         pool5_only = WindowFeatureSource(records, proposals, pool5_fn, None, "pool5", pool5_dim, cfg.max_train_windows)
         scale = compute_feature_scale(pool5_only, float(pool5_dim) ** 0.5, cfg.svm.norm_images,
-                                      cfg.svm.norm_boxes_per_image, cfg.svm.seed, progress)[0]
+                                      cfg.svm.norm_boxes_per_image, cfg.svm.seed, progress, Ranks.of_comm())[0]
         head.input_scale.fill_(scale)
         log.info("fc layers from scratch: pool5 scaled by %.4g before fc6", scale)
     if settings.feature_layer != "pool5" and cfg.finetune.enabled:
@@ -199,9 +260,10 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                                  cfg.max_train_windows)
     svms = train_ckpt.svms() if train_ckpt is not None else None
     if svms is None:
-        # Each class's SVM is trained on its own: under torchrun every rank takes a share of the
-        # classes, and all stop after the same pass (the pass counts are summed).
-        svms = _svms_over_ranks(source, k, cfg.svm, classes, progress)
+        # Under torchrun every rank mines its share of each block of images for every class, and
+        # retrains its share of the classes; every rank ends with all the SVMs.
+        svms = train_svms(source, k, cfg.svm, class_names=classes, progress=progress, ranks=Ranks.of_comm(),
+                          cache_dir=Path(out_dir) / "svm_cache" if out_dir is not None else None)
         if train_ckpt is not None and comm.is_main():
             train_ckpt.save_svms(svms)
     else:
@@ -214,11 +276,10 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
             scale = svms.feature_scale        # the same features, sampled the same way
         else:
             scale = compute_feature_scale(pool5_source, cfg.bbox.target_norm, cfg.bbox.norm_images,
-                                          cfg.bbox.norm_boxes_per_image, cfg.bbox.seed, progress)[0]
+                                          cfg.bbox.norm_boxes_per_image, cfg.bbox.seed, progress, Ranks.of_comm())[0]
         # With the scale known, only proposals that can become samples need features (a few
         # percent of them), and one class at a time: the same samples, in the same order, as
         # reading every proposal, with one class's features in memory instead of all.
-        budget = None if cfg.memory_gb is None else int(cfg.memory_gb * 2**30)
         done = train_ckpt.regressors(k, scale) if train_ckpt is not None else {}
         for c in done:
             log.info("%s: box regressor from the checkpoint", classes[c])
@@ -227,7 +288,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
         mine = fit_box_regressors(regression_sources(pool5_source, k, cfg.bbox), k, cfg.bbox,
                                   [c for c in comm.shard(range(k)) if c not in done], class_names=classes,
                                   feature_scale=scale, progress=progress, untrained=svms.meta.get("untrained", ()),
-                                  memory_budget=budget, on_class=on_class)
+                                  memory_budget=int(budget * 2**30), on_class=on_class)
         fitted = dict(done)
         for part in comm.all_gather(mine, "box regression: gathering every rank's classes"):
             fitted.update(part)
@@ -256,8 +317,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
             calibration = fit_calibration(source, [r.image_id for r in records], k, cfg.svm, cfg.calibration,
                                           svms.feature_scale, settings=settings.detection_settings(),
                                           boxes_fn=boxes_fn, class_names=classes, progress=progress,
-                                          svms_fn=lambda fold, fold_cfg, scale: _svms_over_ranks(
-                                              fold, k, fold_cfg, classes, progress, scale))
+                                          ranks=Ranks.of_comm())
             if train_ckpt is not None and comm.is_main():
                 train_ckpt.save_calibration(calibration, cal_key)
     return SPPDetector(backbone, head, svms, regressors, classes, settings, calibration=calibration,
@@ -339,17 +399,6 @@ class TrainCheckpoint:
             **{n: torch.from_numpy(np.ascontiguousarray(getattr(r, n), dtype=np.float64))
                for n in ("weight", "bias", "target_mean", "target_unwhiten")}}, checksum=True)
         log.info("box regressor %d checkpointed in %s", c, self.root)
-
-
-def _svms_over_ranks(source: FeatureSource, num_classes: int, cfg: SVMConfig, classes: Sequence[str], progress: bool,
-                     feature_scale: float | None = None) -> LinearSVMs:
-    """Every class's SVM trained on ``source`` (the detector's, and the calibration's fold
-    SVMs): under torchrun each rank trains a share of the classes, all stop after the same
-    pass (the pass counts are summed), and every rank gets every class."""
-    part = train_svms(source, num_classes, cfg, class_names=classes, progress=progress, feature_scale=feature_scale,
-                      classes=comm.shard(range(num_classes)),
-                      count_sum=lambda n: int(comm.all_reduce_sum(n, "svm: counting new hard negatives")))
-    return merge_class_svms(comm.all_gather(part, "svm: gathering every rank's classes"))
 
 
 def _same_norm_sample(a: SVMConfig, b: BBoxRegressionConfig) -> bool:

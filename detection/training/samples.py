@@ -9,15 +9,59 @@ image at a time, so memory is bounded by one image's windows, never by the datas
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 import numpy as np
 from tqdm import tqdm
 
+from .. import comm
 from ..errors import DetectionError
 
-__all__ = ["ImageSample", "FeatureSource", "ListFeatureSource", "check_sample", "compute_feature_scale",
+__all__ = ["ImageSample", "FeatureSource", "ListFeatureSource", "Ranks", "check_sample", "compute_feature_scale",
            "candidate_boxes"]
+
+T = TypeVar("T")
+
+
+def _alone(value: Any, what: str) -> list[Any]:
+    return [value]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """The processes that share the reading of a training set: this one's ``rank``, their number
+    ``world``, and ``all_gather(value, what)``, every rank's value in rank order on every rank.
+
+    The default is one process alone; :meth:`of_comm` is the torchrun process group
+    (:mod:`detection.comm`). Work is shared out by :meth:`bounds` (contiguous pieces), so a
+    result put back together in rank order is in the order of the items.
+    """
+
+    rank: int = 0
+    world: int = 1
+    all_gather: Callable[[Any, str], list[Any]] = _alone
+
+    @classmethod
+    def of_comm(cls) -> "Ranks":
+        return cls(comm.rank(), comm.world_size(), comm.all_gather if comm.world_size() > 1 else _alone)
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """[start, stop) of this rank's share of ``n`` items."""
+        return comm.shard_bounds(n, self.rank, self.world)
+
+    def exchange(self, compute: Callable[[], T], what: str) -> list[T]:
+        """Every rank's ``compute()`` in rank order. A :class:`DetectionError` of one rank (bad
+        features of an image it read) is raised on every rank, the first in rank order, so all
+        stop with the message one process would give instead of waiting for it."""
+        try:
+            mine: tuple[Any, str | None] = (compute(), None)
+        except DetectionError as e:
+            mine = (None, str(e))
+        parts = self.all_gather(mine, what)
+        for _, error in parts:
+            if error is not None:
+                raise DetectionError(error)
+        return [value for value, _ in parts]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -139,11 +183,13 @@ def check_sample(sample: ImageSample, index: int, dim: int, num_classes: int) ->
 
 
 def compute_feature_scale(source: FeatureSource, target_norm: float, num_images: int, boxes_per_image: int,
-                          seed: int, progress: bool = False) -> tuple[float, float]:
+                          seed: int, progress: bool = False, ranks: Ranks = Ranks()) -> tuple[float, float]:
     """The scalar that brings the mean L2 norm of training features to ``target_norm``.
 
     As SPP-net's ``spp_feature_stats.m``: a random sample of up to ``num_images`` images, and up to
-    ``boxes_per_image`` random candidates (GT + proposals) of each.
+    ``boxes_per_image`` random candidates (GT + proposals) of each. With several ``ranks`` each
+    computes the features of its share of the sampled images (the rows are drawn first, from the
+    boxes alone, so every number of ranks samples the same rows and gives the same scale).
 
     Returns:
         ``(scale, mean_norm)`` with ``scale = target_norm / mean_norm``.
@@ -155,24 +201,45 @@ def compute_feature_scale(source: FeatureSource, target_norm: float, num_images:
     n = source.num_images()
     if n == 0:
         raise DetectionError("the feature source has no images")
-    picks = np.sort(rng.choice(n, size=min(n, num_images), replace=False))
-    norms: list[np.ndarray] = []
+    picks = [int(i) for i in np.sort(rng.choice(n, size=min(n, num_images), replace=False))]
+
+    def draw(m: int) -> np.ndarray:
+        return rng.choice(m, size=min(m, boxes_per_image), replace=False)
+
+    # Alone, the rows of each image are drawn as it is read. Shared out, every rank first draws
+    # the rows of every sampled image, in image order from the one generator (from the number of
+    # candidates, which needs no features), then reads its share.
+    drawn: list[Callable[[int], np.ndarray]] = [draw] * len(picks)
+    if ranks.world > 1:
+        drawn = []
+        for i in picks:
+            _, gt, _, _, props = candidate_boxes(source, i)
+            m = len(gt) + len(props)
+            rows = draw(m) if m else np.zeros(0, np.int64)
+            drawn.append(lambda _, rows=rows: rows)
+    start, stop = ranks.bounds(len(picks))
     # A source that can pool chosen rows only (``sample_candidates``) saves pooling the rest:
     # the rows drawn, and so the result, are the same.
     sample = getattr(source, "sample_candidates", None)
-    for i in tqdm(picks, desc="feature norm", disable=not progress):
-        if sample is not None:
-            key, feats = sample(int(i), lambda n: rng.choice(n, size=min(n, boxes_per_image), replace=False))
-        else:
-            s = source.image(int(i))
-            key, feats = s.key, s.candidate_features()
-            if len(feats):
-                feats = feats[rng.choice(len(feats), size=min(len(feats), boxes_per_image), replace=False)]
-        if len(feats) == 0:
-            continue
-        if not np.isfinite(feats).all():
-            raise DetectionError(f"image {key} (index {i}): features contain NaN or inf")
-        norms.append(np.linalg.norm(feats.astype(np.float64), axis=1))
+
+    def norms_here() -> list[np.ndarray]:
+        out = []
+        for i, choose in tqdm(list(zip(picks, drawn))[start:stop], desc="feature norm", disable=not progress):
+            if sample is not None:
+                key, feats = sample(i, choose)
+            else:
+                s = source.image(i)
+                key, feats = s.key, s.candidate_features()
+                if len(feats):
+                    feats = feats[choose(len(feats))]
+            if len(feats) == 0:
+                continue
+            if not np.isfinite(feats).all():
+                raise DetectionError(f"image {key} (index {i}): features contain NaN or inf")
+            out.append(np.linalg.norm(feats.astype(np.float64), axis=1))
+        return out
+
+    norms = [x for part in ranks.exchange(norms_here, "feature scale: gathering the sampled norms") for x in part]
     if not norms:
         raise DetectionError("the feature source returned no features (no GT boxes and no proposals)")
     mean_norm = float(np.concatenate(norms).mean())

@@ -1,6 +1,6 @@
 """One linear SVM: its settings (:class:`SVMConfig`, the R-CNN / SPP-net values), one liblinear
 fit (:func:`fit_linear_svm`), the primal objective it reports (:func:`svm_objective`) and the
-memory training holds at most (:func:`svm_memory_bytes`).
+memory one process of the training holds at most (:func:`svm_memory_bytes`).
 
 Each fit is liblinear's L2-regularised L1-loss (hinge) dual SVM, ``-s 3 -c 1e-3 -w1 2 -B 10``,
 through :class:`sklearn.svm.LinearSVC`. The hard-negative mining that decides what each class is
@@ -18,7 +18,7 @@ from sklearn.svm import LinearSVC
 
 from ..errors import DetectionError
 
-__all__ = ["SVMConfig", "fit_linear_svm", "svm_objective", "svm_memory_bytes"]
+__all__ = ["SVMConfig", "fit_linear_svm", "fit_linear_svm_rows", "svm_objective", "svm_memory_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,13 @@ class SVMConfig:
     #: copies its rows to float64 and to its own sparse format: up to 24 bytes per element). The
     #: reference has no cap; crowded scenes cached 13,000 for one class. None: no cap.
     max_negatives: int | None = 5000
+    #: Images mined together: every image of a block is scored with the model as it stood at the
+    #: start of the block, then the block's hard negatives are added in image order and the
+    #: classes that gained more than ``retrain_every`` are retrained. The reference checks after
+    #: every image (a block of 1); blocks let the processes of a torchrun share the images of
+    #: each block out, with the result of one process whatever their number (a process beyond
+    #: the block size has no image to mine). Part of what is trained, so part of the stage key.
+    mining_block: int = 8
 
     def validate(self) -> None:
         if self.classes_without_positives not in ("warn", "error"):
@@ -92,8 +99,8 @@ class SVMConfig:
         if self.evict_threshold >= self.hard_threshold:
             raise DetectionError(f"svm: evict_threshold ({self.evict_threshold}) must be below hard_threshold "
                                  f"({self.hard_threshold}), or freshly mined negatives would be evicted at once")
-        if self.retrain_every < 1 or self.passes < 1 or self.max_iter < 1:
-            raise DetectionError("svm: retrain_every, passes and max_iter must be >= 1")
+        if self.retrain_every < 1 or self.passes < 1 or self.max_iter < 1 or self.mining_block < 1:
+            raise DetectionError("svm: retrain_every, passes, max_iter and mining_block must be >= 1")
         if self.norm_images < 1 or self.norm_boxes_per_image < 1:
             raise DetectionError("svm: norm_images and norm_boxes_per_image must be >= 1")
         for name in ("max_positives", "max_negatives"):
@@ -116,8 +123,17 @@ def fit_linear_svm(x_pos: np.ndarray, x_neg: np.ndarray, cfg: SVMConfig, name: s
         ``decision_function``.
     """
     # float64 C-contiguous, as liblinear wants it: sklearn then uses it without another copy.
-    x = np.concatenate([x_pos, x_neg], axis=0, dtype=np.float64)
-    y = np.concatenate([np.ones(len(x_pos)), -np.ones(len(x_neg))])
+    return fit_linear_svm_rows(np.concatenate([x_pos, x_neg], axis=0, dtype=np.float64), len(x_pos), cfg, name)
+
+
+def fit_linear_svm_rows(x: np.ndarray, num_pos: int, cfg: SVMConfig, name: str = "svm"
+                        ) -> tuple[np.ndarray, np.float32, np.ndarray, np.ndarray]:
+    """:func:`fit_linear_svm` of ``x[:num_pos]`` (positives) against ``x[num_pos:]``, with ``x``
+    already one float64 C-contiguous array[P + N, D] (used as it is: no copy)."""
+    if x.dtype != np.float64 or not x.flags.c_contiguous:
+        raise ValueError("fit_linear_svm_rows: x must be a float64 C-contiguous array")
+    y = -np.ones(len(x))
+    y[:num_pos] = 1.0
     svm = LinearSVC(penalty="l2", loss="hinge", dual=True, C=cfg.C, fit_intercept=True,
                     intercept_scaling=cfg.bias_multiplier, class_weight={1: cfg.pos_weight, -1: 1.0},
                     tol=cfg.tol, max_iter=cfg.max_iter, random_state=cfg.seed)
@@ -136,7 +152,7 @@ def fit_linear_svm(x_pos: np.ndarray, x_neg: np.ndarray, cfg: SVMConfig, name: s
     if not np.allclose(z, ref, rtol=1e-4, atol=1e-4):
         raise RuntimeError(f"svm {name}: scores from the saved model do not match the solver's "
                            f"decision function (max difference {np.abs(z - ref).max():.3g})")
-    return w, b, z[:len(x_pos)], z[len(x_pos):]
+    return w, b, z[:num_pos], z[num_pos:]
 
 
 def svm_objective(w: np.ndarray, b: float, z_pos: np.ndarray, z_neg: np.ndarray, cfg: SVMConfig) -> dict[str, float]:
@@ -160,15 +176,31 @@ def svm_objective(w: np.ndarray, b: float, z_pos: np.ndarray, z_neg: np.ndarray,
     }
 
 
-def svm_memory_bytes(cfg: SVMConfig, num_classes: int, dim: int, max_candidates: int) -> int | None:
-    """Bytes the SVM training holds at most (None: unbounded, a cap is null): every class's
-    float32 positives and negatives, one image's candidate features (read and scaled) plus a
-    cache being trimmed, and one retraining (liblinear takes a float64 copy, 8 bytes per element,
-    and builds its own sparse copy, 16 bytes per non-zero: counted as if all were non-zero)."""
+def svm_memory_bytes(cfg: SVMConfig, num_classes: int, dim: int, max_candidates: int, world: int = 1) -> int | None:
+    """Bytes one process of the SVM training holds at most (None: unbounded, a cap is null), in
+    the layout of :mod:`detection.training.hard_negatives`: every class's positives and hard
+    negatives are on disk, so this is the larger of two phases, plus the model:
+
+    * a retraining, one class at a time: its ``max_positives + max_negatives`` rows as one
+      float64 array (8 bytes per element) and liblinear's own sparse copy of it (a 16-byte
+      index/value node per non-zero element, counted as if every element were non-zero, plus
+      the bias node and the row's end); the file pages of the rows read are fewer than liblinear's copy;
+    * mining a block of ``cfg.mining_block`` images shared out over ``world`` processes: this
+      process's share of the block's candidate features (``ceil(block / world)`` images of at
+      most ``max_candidates`` windows, float32), one image being read (three float32 copies of
+      its candidates: the source's, the scaled one, the rows kept) and, with more than one
+      process, the exchange of the block (this share pickled, and the whole block received
+      twice: as bytes and as arrays);
+    * the model: weights and biases of every class, twice (the current one and one exchanged).
+    """
     if cfg.max_positives is None or cfg.max_negatives is None:
         return None
     rows = cfg.max_positives + cfg.max_negatives
-    caches = num_classes * rows * dim * 4
-    image = 2 * max_candidates * dim * 4 + (cfg.max_negatives + max_candidates) * dim * 4
-    retrain = rows * dim * (8 + 16)
-    return caches + image + retrain
+    retrain = rows * dim * 8 + rows * (dim + 2) * 16
+    image = max_candidates * dim * 4
+    share = -(-cfg.mining_block // world)
+    mining = (3 + share) * image
+    if world > 1:
+        mining += share * image + 2 * share * world * image
+    model = 2 * num_classes * (dim + 1) * 4
+    return max(retrain, mining) + model
