@@ -161,6 +161,7 @@ def test_one_place_picks_the_implementation_and_the_timer_sees_its_stages(backbo
     settings = _settings()
     assert type(make_featurizer("spp", settings, cache=cache)) is CachedSPPFeaturizer
     assert type(make_featurizer("spp", settings, backbone=backbone)) is InMemorySPPFeaturizer
+    assert type(make_featurizer("spp", settings, backbone=backbone, cache_features=True)) is RecomputedSPPFeaturizer
     assert type(make_featurizer("rcnn", settings, backbone=backbone)) is CropWarpFeaturizer
     assert type(random_detector(backbone, 2, settings, hidden=(8, 8)).featurizer) is InMemorySPPFeaturizer
     with pytest.raises(DetectionError, match="unknown method 'fast'"):

@@ -241,14 +241,19 @@ class CropWarpFeaturizer(WindowFeaturizer):
 
 
 def make_featurizer(method: str, settings: FeatureSettings, *, backbone: Any = None,
-                    cache: ConvMapCache | None = None, device: torch.device | str = "cpu") -> WindowFeaturizer:
+                    cache: ConvMapCache | None = None, device: torch.device | str = "cpu",
+                    cache_features: bool = False) -> WindowFeaturizer:
     """The featurizer of ``method`` ("spp" or "rcnn"): SPP-net pools from ``cache`` when given,
-    else from conv maps it computes with ``backbone``; R-CNN warps windows through ``backbone``."""
+    else from conv maps it computes with ``backbone`` on ``device`` (with ``cache_features``
+    the cache's features without a cache, :class:`RecomputedSPPFeaturizer`, pooled on the CPU);
+    R-CNN warps windows through ``backbone``."""
     if method == "rcnn":
         return CropWarpFeaturizer(settings, backbone, device)
     if method == "spp":
         if cache is not None:
             return CachedSPPFeaturizer(settings, cache, device)
+        if cache_features:
+            return RecomputedSPPFeaturizer(settings, backbone, conv_device=device)
         return InMemorySPPFeaturizer(settings, backbone, device)
     raise DetectionError(f"unknown method {method!r}: use {' or '.join(METHODS)}")
 
@@ -263,7 +268,7 @@ def training_featurizer(method: str, settings: FeatureSettings, dataset: Any, ba
     if method == "spp" and not cache:
         if fp16:
             raise DetectionError("fp16 stores the cached conv maps as float16; without the cache nothing is stored")
-        return RecomputedSPPFeaturizer(settings, backbone.to(device), conv_device=device)
+        return make_featurizer(method, settings, backbone=backbone.to(device), device=device, cache_features=True)
     if method == "spp":
         cache = extract_conv_maps(dataset, backbone, out_dir, scales=settings.scales, max_size=settings.max_size,
                                   fp16=fp16, device=device, num_workers=num_workers, progress=progress)
