@@ -144,8 +144,9 @@ def test_a_rank_killed_under_max_restarts_is_restarted_and_resumes_from_the_cach
     assert not (out / "model.pt").exists(), "the run passed the kill point before the kill: nothing was restarted"
     assert done_before["proposals"] and done_before["features"]
 
-    _, err = _finished(launcher)       # the launcher restarted the group, which finished
-    assert _worker_pid(launcher.pid, 1) is None
+    # Exit status 0 although a worker died: the launcher restarted the group (with
+    # --max-restarts 0 it exits 1 on the same kill), and the restarted group finished.
+    _finished(launcher)
     # Resumed: the proposals and conv maps of the first attempt were read, none rewritten or added.
     for stage, files in done_before.items():
         assert _made(out / stage) == files, stage
