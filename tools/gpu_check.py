@@ -91,7 +91,8 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def nccl_path(out: Path, gpus: int) -> dict:
+def nccl_path(out: Path, gpus: int, one: str = "cuda", many: str = "auto") -> dict:
+    """The pipeline on ``gpus`` processes (``--device many``) against one (``--device one``)."""
     if gpus < 2:
         return {"ok": True, "ran": False, "why": f"{gpus} GPU: NCCL needs one GPU per process, so 2 or more"}
     from detection.data.synthetic import make_synthetic_voc
@@ -102,10 +103,10 @@ def nccl_path(out: Path, gpus: int) -> dict:
     config = work / "small.yaml"
     config.write_text(NCCL_CONFIG)
     pipeline = [str(TOOLS / "run_pipeline.py"), "--data", str(data), "--config", str(config), "--quiet"]
-    rc1, s1 = run([sys.executable, *pipeline, "--out", str(work / "one"), "--device", "cuda"], work / "one.log", 1800,
+    rc1, s1 = run([sys.executable, *pipeline, "--out", str(work / "one"), "--device", one], work / "one.log", 1800,
                   _env())
     rcn, sn = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
-                   *pipeline, "--out", str(work / "many"), "--device", "auto"], work / "many.log", 1800,
+                   *pipeline, "--out", str(work / "many"), "--device", many], work / "many.log", 1800,
                   _env(DETECTION_DIST_TIMEOUT="600"))
     report = {"ran": True, "processes": gpus, "exit_status": [rc1, rcn], "seconds": [round(s1, 1), round(sn, 1)]}
     if rc1 or rcn:
