@@ -37,6 +37,8 @@ T = TypeVar("T")
 #: Environment variable: seconds a collective waits for the other ranks before giving up.
 TIMEOUT_ENV = "DETECTION_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
+#: Set by torchrun's agent: how many times it restarted the workers (``--max-restarts``).
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 
 
 def launched() -> bool:
@@ -84,7 +86,15 @@ def init_distributed(device: torch.device | str | None = None) -> None:
         backend = "cpu:gloo,cuda:nccl"
     timeout = datetime.timedelta(seconds=timeout_seconds())
     try:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        # The launcher's store (env://), its keys under a prefix of its own for each attempt:
+        # after a restart (torchrun --max-restarts) torchrun's agent serves the workers the same
+        # store, where the killed attempt's keys remain, and a rank of the new attempt could read
+        # a dead peer's gloo address and wait on it until the timeout (seen here).
+        store, rank_, size = next(dist.rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+        attempt = _env_int(RESTART_ENV, 0)
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"detection/attempt_{attempt}", store),
+                                rank=rank_, world_size=size, timeout=timeout)
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"rank {os.environ.get('RANK', '?')} could not join the process group at "
                                f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} "

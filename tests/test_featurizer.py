@@ -15,8 +15,9 @@ from detection.data.images import load_image
 from detection.data.voc import VOCDataset
 from detection.detector import DetectorSettings
 from detection.errors import DetectionError
-from detection.features import (CachedSPPFeaturizer, CropWarpFeaturizer, InMemorySPPFeaturizer, conv_maps_for_image,
-                                extract_conv_maps, make_featurizer, pooled_window_features)
+from detection.features import (CachedSPPFeaturizer, CropWarpFeaturizer, InMemorySPPFeaturizer, RecomputedSPPFeaturizer,
+                                cache_records, conv_maps_for_image, extract_conv_maps, make_featurizer, pooled_window_features,
+                                training_featurizer)
 from detection.features.scales import scale_factors
 from detection.timer import StageTimer
 from detection.timing import random_detector, rcnn_twin
@@ -117,6 +118,30 @@ def test_fine_tuning_features_are_the_cached_features_at_the_drawn_scale(dataset
     backbone.trunk.zero_grad(set_to_none=True)
 
 
+def test_without_the_cache_training_reads_the_cached_features_bit_for_bit(dataset, backbone, tmp_path):
+    # features.cache=false: the same maps computed again at each call, pooled the same way, for
+    # every scale rule, fine-tuning's random scale per window, and the flipped records.
+    settings = _settings()
+    with_flips = extract_conv_maps(dataset, backbone, tmp_path / "maps", scales=SCALES, max_size=MAX_SIZE,
+                                   include_flipped=True, num_workers=0, progress=False)
+    records = cache_records(dataset, include_flipped=True)
+    assert [r.flipped for r in records] == [False, False, True, True]
+    cached = make_featurizer("spp", settings, cache=with_flips)
+    recomputed = training_featurizer("spp", settings, dataset, backbone, tmp_path / "none", cache=False)
+    assert type(recomputed) is RecomputedSPPFeaturizer and not (tmp_path / "none").exists()
+    for i, record in enumerate(records):
+        boxes = _boxes(record, seed=10 + i)
+        for rule in ("area", "code", 0, 1):
+            torch.testing.assert_close(recomputed.pool5(record, boxes, scale_rule=rule),
+                                       cached.pool5(record, boxes, scale_rule=rule), rtol=0, atol=0)
+        got = recomputed.finetune_fn(records)(i, boxes, torch.Generator().manual_seed(i))
+        want = cached.finetune_fn(records)(i, boxes, torch.Generator().manual_seed(i))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert recomputed.conv_passes == 5 * len(records)
+    with pytest.raises(DetectionError, match="without the cache nothing is stored"):
+        training_featurizer("spp", settings, dataset, backbone, tmp_path / "none", cache=False, fp16=True)
+
+
 def test_rcnn_baseline_and_rcnn_training_features_are_the_warped_crops(dataset, backbone):
     detector = random_detector(backbone, 2, _settings(), hidden=(8, 8))
     twin = rcnn_twin(detector)
@@ -136,6 +161,7 @@ def test_one_place_picks_the_implementation_and_the_timer_sees_its_stages(backbo
     settings = _settings()
     assert type(make_featurizer("spp", settings, cache=cache)) is CachedSPPFeaturizer
     assert type(make_featurizer("spp", settings, backbone=backbone)) is InMemorySPPFeaturizer
+    assert type(make_featurizer("spp", settings, backbone=backbone, cache_features=True)) is RecomputedSPPFeaturizer
     assert type(make_featurizer("rcnn", settings, backbone=backbone)) is CropWarpFeaturizer
     assert type(random_detector(backbone, 2, settings, hidden=(8, 8)).featurizer) is InMemorySPPFeaturizer
     with pytest.raises(DetectionError, match="unknown method 'fast'"):

@@ -29,6 +29,7 @@ RUNTIME = {
     "device": "the device every stage computes on",
     "proposal_workers": "selective-search processes",
     "features.workers": "DataLoader processes filling the conv-map cache",
+    "features.cache": "whether conv maps are kept on disk or computed again (the same features: tests/test_nodes.py)",
     "train.memory_gb": "the budget of each process the train stage is checked against before any stage runs",
     "metric": "the AP definition the evaluation (rerun every time) writes to metrics.json",
 }
@@ -172,6 +173,18 @@ def test_the_generated_datasets_settings_are_refused_with_a_dataset_folder(leaf)
     cfg = merge(cfg, nested(leaf, other(leaf, get(cfg, leaf))))
     with pytest.raises(ConfigError, match=rf"{leaf} applies to the generated dataset only"):
         refuse_unused_settings(cfg)
+
+
+@pytest.mark.parametrize("other_setting, message", [
+    ({"method": "rcnn"}, "features.cache=false turns off the conv-map cache, which method=rcnn does not make"),
+    ({"features": {"fp16": True}}, "features.fp16 stores the cached conv maps as float16, but features.cache=false "
+                                   "keeps no maps")])
+def test_without_the_cache_the_settings_of_the_cache_are_refused_by_name(other_setting, message):
+    no_cache = merge(PipelineConfig(), {"features": {"cache": False}})
+    refuse_unused_settings(no_cache)
+    refuse_unused_settings(merge(PipelineConfig(), other_setting))
+    with pytest.raises(ConfigError, match="^" + message):
+        refuse_unused_settings(merge(no_cache, other_setting))
 
 
 @pytest.mark.parametrize("leaf", [k for k in USES if k.startswith("test.")])

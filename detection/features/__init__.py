@@ -10,7 +10,8 @@ from .convmap_cache import CONVMAP_FORMAT_VERSION, ConvMapCache, cache_records, 
 from .conv_pass import ImageConvMaps, conv_maps_for_image
 from .extract import extract_conv_maps
 from .featurizer import (METHODS, CachedSPPFeaturizer, CropWarpFeaturizer, FeatureSettings, InMemorySPPFeaturizer,
-                         WindowFeaturizer, layer_features, make_featurizer, training_featurizer)
+                         RecomputedSPPFeaturizer, WindowFeaturizer, layer_features, make_featurizer,
+                         training_featurizer)
 from .pooling import DEFAULT_LEVELS, SpatialPyramidPooling, pool5_dim, pool_windows, project_boxes, spatial_pyramid_pool
 from .rcnn import rcnn_window_features, warp_windows
 from .scales import (CODE_SCALES_5, DEFAULT_MAX_SIZE, DEFAULT_SCALES_1, DEFAULT_SCALES_5, named_scales,
@@ -20,7 +21,7 @@ __all__ = [
     "CONVMAP_FORMAT_VERSION", "ConvMapCache", "cache_records", "convmap_settings",
     "ImageConvMaps", "conv_maps_for_image", "extract_conv_maps",
     "METHODS", "CachedSPPFeaturizer", "CropWarpFeaturizer", "FeatureSettings", "InMemorySPPFeaturizer",
-    "WindowFeaturizer", "layer_features", "make_featurizer", "training_featurizer",
+    "RecomputedSPPFeaturizer", "WindowFeaturizer", "layer_features", "make_featurizer", "training_featurizer",
     "DEFAULT_LEVELS", "SpatialPyramidPooling", "pool5_dim", "pool_windows", "project_boxes", "spatial_pyramid_pool",
     "rcnn_window_features", "warp_windows",
     "CODE_SCALES_5", "DEFAULT_MAX_SIZE", "DEFAULT_SCALES_1", "DEFAULT_SCALES_5", "named_scales",

@@ -1,10 +1,13 @@
 """One featurizer: an image (or its cached conv maps) and windows -> the windows' pooled (pool5)
 features, and through an fc head their fc6 / fc7 features.
 
-One interface (:class:`WindowFeaturizer`), three implementations:
+One interface (:class:`WindowFeaturizer`), four implementations:
 
 - :class:`CachedSPPFeaturizer`: SPP-net, windows pooled from a :class:`ConvMapCache` (training
   the SVMs and box regressors, fine-tuning fc layers);
+- :class:`RecomputedSPPFeaturizer`: the same features without the cache (``features.cache=false``,
+  for datasets whose maps do not fit the disk): a record's maps computed each time its windows
+  are pooled, as the cache would hold them;
 - :class:`InMemorySPPFeaturizer`: SPP-net, conv maps computed for the image (detection, timing,
   fine-tuning the conv layers: differentiable through the trunk);
 - :class:`CropWarpFeaturizer`: R-CNN, every window cropped, warped and run through the trunk (the
@@ -38,8 +41,8 @@ from .rcnn import rcnn_window_features
 from .scales import DEFAULT_MAX_SIZE, DEFAULT_SCALES_1, as_boxes_tensor, pooled_window_features, scale_factors, \
     select_scales
 
-__all__ = ["METHODS", "FeatureSettings", "WindowFeaturizer", "CachedSPPFeaturizer", "InMemorySPPFeaturizer",
-           "CropWarpFeaturizer", "make_featurizer", "training_featurizer", "layer_features"]
+__all__ = ["METHODS", "FeatureSettings", "WindowFeaturizer", "CachedSPPFeaturizer", "RecomputedSPPFeaturizer",
+           "InMemorySPPFeaturizer", "CropWarpFeaturizer", "make_featurizer", "training_featurizer", "layer_features"]
 
 #: Window-feature methods: SPP-net (pool every window from one conv map per scale) and R-CNN.
 METHODS = ("spp", "rcnn")
@@ -153,6 +156,44 @@ class CachedSPPFeaturizer(WindowFeaturizer):
                                           first_cell_center=self.cache.first_cell_center)
 
 
+class RecomputedSPPFeaturizer(WindowFeaturizer):
+    """The features of :class:`CachedSPPFeaturizer` without a cache: each call computes the conv
+    maps of the record (at the scales its windows use) as :func:`extract_conv_maps` computes them
+    for the cache (the trunk in eval mode under inference mode on ``conv_device``, float32) and
+    pools them on ``device`` (the CPU, as training pools from the cache). Fine-tuning the fc
+    layers draws a random scale per window, as from the cache, and the trunk stays fixed
+    (``differentiable`` is ignored, as it is for cached maps).
+
+    ``conv_passes`` counts the records whose maps were computed (the compute the cache saves)."""
+
+    def __init__(self, settings: FeatureSettings, backbone: Any, conv_device: torch.device | str = "cpu",
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(settings, device)
+        self.backbone = backbone
+        self.conv_device = torch.device(conv_device)
+        self.conv_passes = 0
+
+    def pool5(self, item: Item, boxes: torch.Tensor | np.ndarray, *, timer: Timer = NO_TIMER,
+              scale_rule: str | int | None = None, generator: torch.Generator | None = None,
+              differentiable: bool = False) -> torch.Tensor:
+        s = self.settings
+        image = _image(item)
+        with timer.stage("pool"):
+            boxes_t = as_boxes_tensor(boxes)
+            factors = scale_factors(image.shape[0], image.shape[1], s.scales, s.max_size)
+            scale_index = select_scales(boxes_t, factors, s.scale_rule if scale_rule is None else scale_rule,
+                                        generator)
+        with timer.stage("conv"):
+            used = torch.unique(scale_index).tolist() or [0]
+            maps = conv_maps_for_image(self.backbone, image, s.scales, s.max_size, self.conv_device, only=used)
+            self.conv_passes += 1
+        with timer.stage("pool"):
+            return pooled_window_features([None if m is None else m.to(self.device) for m in maps.maps],
+                                          maps.factors, boxes_t, maps.stride, s.levels, s.projection_rule,
+                                          scale_index=scale_index, device=self.device,
+                                          first_cell_center=maps.first_cell_center)
+
+
 class InMemorySPPFeaturizer(WindowFeaturizer):
     """SPP-net features from conv maps computed for the image (of the scales its windows use)."""
 
@@ -207,23 +248,34 @@ class CropWarpFeaturizer(WindowFeaturizer):
 
 
 def make_featurizer(method: str, settings: FeatureSettings, *, backbone: Any = None,
-                    cache: ConvMapCache | None = None, device: torch.device | str = "cpu") -> WindowFeaturizer:
+                    cache: ConvMapCache | None = None, device: torch.device | str = "cpu",
+                    cache_features: bool = False) -> WindowFeaturizer:
     """The featurizer of ``method`` ("spp" or "rcnn"): SPP-net pools from ``cache`` when given,
-    else from conv maps it computes with ``backbone``; R-CNN warps windows through ``backbone``."""
+    else from conv maps it computes with ``backbone`` on ``device`` (with ``cache_features``
+    the cache's features without a cache, :class:`RecomputedSPPFeaturizer`, pooled on the CPU);
+    R-CNN warps windows through ``backbone``."""
     if method == "rcnn":
         return CropWarpFeaturizer(settings, backbone, device)
     if method == "spp":
         if cache is not None:
             return CachedSPPFeaturizer(settings, cache, device)
+        if cache_features:
+            return RecomputedSPPFeaturizer(settings, backbone, conv_device=device)
         return InMemorySPPFeaturizer(settings, backbone, device)
     raise DetectionError(f"unknown method {method!r}: use {' or '.join(METHODS)}")
 
 
 def training_featurizer(method: str, settings: FeatureSettings, dataset: Any, backbone: Any, out_dir: str | Path,
                         *, fp16: bool = False, num_workers: int | None = None, device: torch.device | str = "cpu",
-                        progress: bool = True) -> WindowFeaturizer:
+                        progress: bool = True, cache: bool = True) -> WindowFeaturizer:
     """The featurizer training reads: SPP-net's from the conv maps of ``dataset`` cached in
-    ``out_dir`` (computed, or resumed, here; pooled on the CPU), R-CNN's from the images."""
+    ``out_dir`` (computed, or resumed, here; pooled on the CPU), or with ``cache`` false from
+    maps computed on ``device`` whenever windows are pooled (nothing written; ``fp16`` must then
+    be false: it is how the cache stores maps); R-CNN's from the images."""
+    if method == "spp" and not cache:
+        if fp16:
+            raise DetectionError("fp16 stores the cached conv maps as float16; without the cache nothing is stored")
+        return make_featurizer(method, settings, backbone=backbone.to(device), device=device, cache_features=True)
     if method == "spp":
         cache = extract_conv_maps(dataset, backbone, out_dir, scales=settings.scales, max_size=settings.max_size,
                                   fp16=fp16, device=device, num_workers=num_workers, progress=progress)

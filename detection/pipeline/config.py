@@ -57,6 +57,10 @@ class FeatureConfig(FeatureSettings):
     fp16: bool = False                    # store the cached maps as float16
     workers: int | None = None            # DataLoader workers decoding images for the cache (None:
                                           # this rank's share of the machine's cores)
+    #: Keep the training split's conv maps on disk (the conv-map cache). False: no cache, each
+    #: record's maps computed again whenever training pools its windows (the same features; for
+    #: datasets whose maps do not fit the disk: docs/pipeline.md, "Without the conv-map cache").
+    cache: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +206,14 @@ def refuse_unused_settings(cfg: PipelineConfig) -> None:
         # alone so one config serves both methods.)
         raise ConfigError("features.fp16 sets up the conv-map cache, which method=rcnn does not make: "
                           "leave it unset or use method=spp")
+    if not cfg.features.cache:
+        # (features.workers, which decode images for the cache only, is left alone as for rcnn.)
+        if cfg.method == "rcnn":
+            raise ConfigError("features.cache=false turns off the conv-map cache, which method=rcnn does not make: "
+                              "leave it unset or use method=spp")
+        if cfg.features.fp16:
+            raise ConfigError("features.fp16 stores the cached conv maps as float16, but features.cache=false keeps "
+                              "no maps: set one of them back")
     try:
         check_settings(detector_settings(cfg))
     except ValueError as e:

@@ -23,7 +23,7 @@ from ..evaluation import detections_by_class, write_result_files
 from ..evaluation.inference import detect_records
 from ..evaluation.reliability import calibration_report
 from ..evaluation.split import score_split
-from ..features.featurizer import training_featurizer
+from ..features.featurizer import RecomputedSPPFeaturizer, training_featurizer
 from ..features.pooling import pool5_dim
 from ..io.files import make_dirs
 from ..io.jsonfile import read_json, write_json
@@ -122,8 +122,11 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     with account.stage("features"):
         featurizer = training_featurizer(cfg.method, settings, train_ds, backbone, out / "features",
                                          fp16=cfg.features.fp16, num_workers=plan.loader_workers, device=device,
-                                         progress=progress)
+                                         progress=progress, cache=cfg.features.cache)
     timings["features"] = account.wall("features")
+    if isinstance(featurizer, RecomputedSPPFeaturizer):
+        log.info("features.cache=false: no conv-map cache; each record's maps are computed whenever training "
+                 "pools its windows")
 
     # 5. fc fine-tuning, SVMs, box regressors -> model.pt ------------------------------------------
     model_path = out / "model.pt"
@@ -140,6 +143,11 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
                                       featurizer, pool5, settings, tcfg, out_dir=out, progress=progress,
                                       finetune_pool5_fn=featurizer.finetune_fn(train_ds.records),
                                       checkpoint_key=keys["train_parts"])
+            if isinstance(featurizer, RecomputedSPPFeaturizer):
+                # The compute the cache would have saved, in conv passes (docs/pipeline.md).
+                log.info("train stage without the conv-map cache: %d conv passes for %d training records (%.2f "
+                         "per record) on rank %d", featurizer.conv_passes, len(train_ds.records),
+                         featurizer.conv_passes / max(1, len(train_ds.records)), comm.rank())
             if comm.is_main():
                 # train_checkpoint/ is kept: a change of the calibration's settings (test.*,
                 # train.calibration.*) refits the calibration alone from the SVMs and regressors there.
