@@ -40,7 +40,7 @@ from .pipeline import PipelineConfig, detector_settings
 from .proposals import compute_proposals
 from .training.detector_training import train_detector
 
-__all__ = ["bench_spp_core", "bench_train_stage", "first_image_of_shape", "peak_rss_gb", "bench_accounting",
+__all__ = ["bench_spp_core", "bench_train_stage", "first_image_of_shape", "peak_rss_gb", "peak_rss_bytes", "bench_accounting",
            "accounting_table", "format_accounting_table", "read_accounting"]
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,25 @@ def bench_spp_core(image: np.ndarray, backbone: str = "zf5", weights: str | None
     }
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, in bytes: ``VmHWM`` of /proc/self/status.
+
+    Not ``ru_maxrss``: Linux carries the parent's high-water mark over fork and exec, so a process
+    started from a large one (a test under pytest, a tool under a big driver) would report its
+    parent's peak. ``ru_maxrss`` is the fallback where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_rss_gb() -> float:
-    """This process's peak resident memory so far, in GiB (``ru_maxrss`` is in kB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """:func:`peak_rss_bytes` in GiB."""
+    return peak_rss_bytes() / 2**30
 
 
 def bench_train_stage(run: str | Path, images: int, progress: bool = False) -> dict[str, Any]:

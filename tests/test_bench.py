@@ -3,8 +3,10 @@ tools/bench_accounting.py, with the per-stage CPU accounting of detection.timer)
 what they report is what they ran on, checked against the trunk's own geometry and by hand."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +103,22 @@ def test_accounting_table_sums_the_ranks_and_finds_the_slowest(tmp_path):
     write_json(tmp_path / "bad" / "accounting" / "rank0.json", {"stages": {}})
     with pytest.raises(DetectionError, match="no world_size"):
         read_accounting(tmp_path / "bad")
+
+
+PARENT_THEN_CHILD = """
+import subprocess, sys
+held = bytearray(2560 * 2**20)
+held[::4096] = b"\\x01" * len(held[::4096])  # touch every page: 2.5 GiB resident in this parent
+child = "from detection.bench import peak_rss_bytes; print(peak_rss_bytes())"
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+"""
+
+
+def test_peak_memory_is_the_process_own_not_its_parent():
+    """A process started by a large one reports its own peak (ru_maxrss would report the parent's
+    2.5 GiB: Linux carries it over fork and exec, as it did under pytest in CI). Importing torch
+    and the package alone takes about 1 GiB."""
+    out = subprocess.run([sys.executable, "-c", PARENT_THEN_CHILD], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    child_peak = int(out.stdout.split()[-1])
+    assert 0 < child_peak < 2 * 2**30, child_peak

@@ -78,8 +78,9 @@ def test_the_estimate_grows_with_the_block_and_the_processes_sharing_it():
 
 
 PEAK_SCRIPT = """
-import json, os, resource, sys
+import json, os, sys
 import numpy as np
+from detection.bench import peak_rss_bytes
 from detection.training.hard_negatives import train_svms
 from detection.training.samples import ImageSample
 from detection.training.svm import SVMConfig, svm_memory_bytes
@@ -115,7 +116,7 @@ def rss_now():
 cfg = SVMConfig(max_positives=400, max_negatives=4000, retrain_every=10**9, max_iter=30)
 before = rss_now()
 svms = train_svms(Generated(), 1, cfg, feature_scale=1.0, cache_dir=sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_bytes()  # not ru_maxrss: it carries pytest's own peak into this child
 print(json.dumps({"measured": peak - before, "estimate": svm_memory_bytes(cfg, 1, DIM, GT + PROPOSALS),
                   "stats": svms.meta["stats"]["class_0"]}))
 """

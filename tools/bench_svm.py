@@ -5,7 +5,7 @@ Features are generated on the fly, one image at a time and identically on every 
 by the image index), so the only things held in memory are what the trainer keeps (one class
 being retrained, one block being mined: the caches are on disk). Each image has 1-3 objects; a window's feature is ReLU noise plus, per
 object, IoU(window, object) times the object's class vector. Run one process per image count:
-peak RSS (``ru_maxrss``) only grows within a process.
+peak RSS (``VmHWM``) only grows within a process.
 
 Example:
     python tools/bench_svm.py --images 100 --windows 2000 --dim 4096 --classes 20 --out bench.json
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import sys
 import time
 from pathlib import Path
@@ -90,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from threadpoolctl import threadpool_limits
 
+        from detection.bench import peak_rss_bytes
         from detection.errors import DetectionError
         from detection.training.bbox_regression import BBoxRegressionConfig
         from detection.training.detector_training import TrainConfig, check_train_memory
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         # The SVM part of the train stage's check (1-3 objects per image: at most windows + 3 candidates).
         need = check_train_memory(TrainConfig(memory_gb=args.memory_gb, bbox=BBoxRegressionConfig(enabled=False)),
                                   args.classes, args.dim, args.dim, args.windows + 3)
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss0 = peak_rss_bytes()
         t0 = time.perf_counter()
         with threadpool_limits(args.threads):
             trainer = SVMTrainer(source, args.classes, SVMConfig(), progress=True, cache_dir=args.cache_dir)
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "seconds": round(seconds, 1),
             "svm_estimate_gb": round(need["svm"], 3), "budget_gb": round(need["budget"], 3),
             "seconds_generating_features": round(source.seconds, 1), "image_reads": source.reads,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "rss_before_training_mb": round(rss0 / 1024),
+            "peak_rss_mb": round(peak_rss_bytes() / 2**20),
+            "rss_before_training_mb": round(rss0 / 2**20),
             "all_features_mb": round(args.images * args.windows * args.dim * 4 / 2**20),
             "retrains": sum(s["retrains"] for s in stats),
             "max_peak_cached": max(s["peak_cached"] for s in stats),

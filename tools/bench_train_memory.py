@@ -3,7 +3,7 @@
 images of a finished pipeline run, reusing its proposals and conv maps
 (:func:`detection.bench.bench_train_stage`).
 
-Run one process per image count: peak RSS (``ru_maxrss``) only grows within a process. The
+Run one process per image count: peak RSS (``VmHWM``) only grows within a process. The
 images are the first N of the run's training split, with their flipped copies when the run used
 flips; every setting is the run's own (``OUT/config.yaml``).
 
