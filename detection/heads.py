@@ -75,7 +75,8 @@ class FCHead(nn.Module):
         weight = torch.randn((num_classes + 1, self.hidden[1]), generator=generator) * 0.01
         # fc8 lives beside fc7 (device, dtype) and is built without drawing from the global RNG.
         ref = self.fc7.weight if isinstance(self.fc7, nn.Linear) else next(self.fc7.parameters())
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")   # the empty head's
             fc8 = nn.Linear(self.hidden[1], num_classes + 1, device=ref.device, dtype=ref.dtype)
         fc8.weight.copy_(weight)
         fc8.bias.zero_()

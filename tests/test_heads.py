@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 
@@ -257,3 +258,12 @@ def test_input_scale_multiplies_pool5_before_fc6_and_is_saved():
     torch.testing.assert_close(head.features(x, "fc7"), unscaled)
     assert torch.equal(head.features(x, "pool5"), x)                  # pool5 stays raw (the SVMs scale it)
     assert float(head.state_dict()["input_scale"]) == 3.0
+
+
+def test_the_empty_head_of_a_pool5_detector_is_built_without_a_warning():
+    """hidden (0, 0): no fc layer is used, and torch's zero-element init warning would only
+    alarm the user of every pool5 run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head = FCHead(56, (0, 0), num_classes=3)
+    assert head.fc8.weight.shape == (4, 0)
