@@ -40,7 +40,9 @@ def zf5() -> Backbone:
     # TF "SAME" padding pads 0 before each of the 4 stride-2 convs: the centre moves 1+2+4+8 px.
     ("mobilenet_v2_tf", 576, 15.5),
     # EfficientNet-Lite: "SAME" too; its 5x5 stride-2 conv pads 1 before: 1 + 2 + (2-1)*4 + 8 px.
-    ("efficientnet_lite0", 112, 15.5), ("efficientnet_lite1", 112, 15.5), ("efficientnet_lite2", 120, 15.5)])
+    ("efficientnet_lite0", 112, 15.5), ("efficientnet_lite1", 112, 15.5), ("efficientnet_lite2", 120, 15.5),
+    # One 1x1 conv further: the same cells, 672 channels.
+    ("efficientnet_lite0_expanded", 672, 15.5), ("efficientnet_lite2_expanded", 720, 15.5)])
 def test_builtin_trunks_have_stride_16(name, channels, center):
     b = build_backbone(name)
     assert b.stride == 16 and b.out_channels == channels and b.first_cell_center == center
@@ -66,7 +68,8 @@ def test_zf5_map_is_ceil_of_size_over_16(zf5):
 
 @pytest.mark.parametrize("name, size, j", [("zf5", 320, 8), ("alexnet", 320, 8), ("resnet18", 480, 15),
                                            ("mobilenet_v2", 640, 20), ("mobilenet_v2_tf", 640, 20),
-                                           ("efficientnet_lite0", 640, 20), ("efficientnet_lite2", 640, 20)])
+                                           ("efficientnet_lite0", 640, 20), ("efficientnet_lite2", 640, 20),
+                                           ("efficientnet_lite0_expanded", 640, 20)])
 def test_receptive_field_and_cell_centre_from_gradients(name, size, j):
     """The input pixels that influence one cell: their extent is the receptive field and its
     middle is ``first_cell_center + 16 j``."""
@@ -337,6 +340,22 @@ def test_efficientnet_lite_normalises_as_trained_and_freezes_bn():
     b.trunk.train()
     b.trunk(torch.randn(2, 3, 64, 64) * 5)
     assert all(torch.equal(v, b.trunk.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_expanded_lite_trunk_is_the_112_channel_one_and_the_next_expansion_conv():
+    """The same packaged weights: its layers up to stage 4 are the 112-channel trunk's, and its
+    map is that trunk's map through block 5.0's 1x1 expansion conv + BN + ReLU6."""
+    short = build_backbone("efficientnet_lite0", weights="imagenet")
+    long = build_backbone("efficientnet_lite0_expanded", weights="imagenet")
+    assert long.weights_id == short.weights_id and long.out_channels == 672
+    n = len(short.trunk)
+    assert len(long.trunk) == n + 2
+    for a, b in zip(short.trunk, long.trunk[:n]):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    expansion = imagenet_classifier("efficientnet_lite0").blocks[5][0]
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        torch.testing.assert_close(long(x), expansion.bn1(expansion.conv_pw(short(x))))
 
 
 def test_efficientnet_lite_weights_errors(tmp_path):

