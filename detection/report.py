@@ -67,6 +67,15 @@ def calibration_table(calibration: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def nms_choice_text(choice: Any) -> str:
+    """How the NMS threshold was chosen on the calibration's held-out folds ("" when it was not)."""
+    if not isinstance(choice, dict) or not isinstance(choice.get("held_out_map"), dict):
+        return ""
+    maps = ", ".join(f"{t}: {m:.3f}" if isinstance(m, (int, float)) else f"{t}: -"
+                     for t, m in choice["held_out_map"].items())
+    return f" (chosen on the held-out folds of the training images, their mAP at each choice: {maps})"
+
+
 def write_report(out: Path, metrics: dict[str, Any], timing: dict[str, Any] | None, dataset: Any, detector: Any,
                  proposals_fn: Callable, num_images: int = 4) -> Path:
 
@@ -75,7 +84,8 @@ def write_report(out: Path, metrics: dict[str, Any], timing: dict[str, Any] | No
              f"Data: `{dataset.root}` split `{dataset.split}` ({len(dataset)} images), classes: "
              f"{', '.join(dataset.classes)}. Method: `{detector.settings.method}`, backbone "
              f"`{detector.backbone.name}` ({detector.backbone.weights_id}), scales {list(detector.settings.scales)}, "
-             f"SVMs on `{detector.settings.feature_layer}`.", "",
+             f"SVMs on `{detector.settings.feature_layer}`, NMS at IoU {detector.settings.nms_iou}"
+             f"{nms_choice_text(metrics.get('nms_choice'))}.", "",
              "## Accuracy", "", ap_table(metrics), ""]
     if "coco" in metrics:
         parts += [f"COCO-style: AP@[.5:.95] {metrics['coco']['AP']:.3f}, AP50 {metrics['coco']['AP50']:.3f}, "

@@ -15,7 +15,7 @@ from detection.detector import DetectionSettings
 from detection.evaluation.reliability import (calibration_report, expected_calibration_error, label_detections,
                                               reliability_bins)
 from detection.training.calibration import (CalibrationConfig, FoldSource, assign_folds, fit_calibration, fit_platt,
-                                       window_samples)
+                                            held_out_map, window_samples)
 from detection.detector import Detections
 from detection.errors import DetectionError, ModelError
 from detection.training.samples import ImageSample, ListFeatureSource
@@ -236,3 +236,59 @@ def test_fit_calibration_end_to_end_on_real_svms():
                            settings=DetectionSettings()) is None
     with pytest.raises(DetectionError, match="folds"):
         CalibrationConfig(folds=1).validate()
+
+
+def test_held_out_map_is_the_devkit_map_of_those_detections(synthetic_voc):
+    """held_out_map against the evaluation the tools use (evaluate_detections over records): the
+    same detections of the same images give the same VOC07 mAP, duplicates counted as false."""
+    from detection.data.voc import VOCDataset
+    from detection.evaluation.detections import detections_by_class
+    from detection.evaluation.devkit import evaluate_detections
+    records = VOCDataset(synthetic_voc, "trainval").records
+    k = 4
+    rng = np.random.default_rng(5)
+    images, per_image = [], []
+    for r in records:
+        # Every object found (some twice: a duplicate is a false positive), plus random boxes.
+        boxes = np.concatenate([r.boxes, r.boxes[:1] + 1, rng.uniform(0, 200, (5, 2)).repeat(2, 1) + [0, 0, 30, 30]])
+        labels = np.concatenate([r.labels, r.labels[:1], rng.integers(0, k, 5)])
+        scores = rng.uniform(0, 1, len(boxes))
+        images.append((r.boxes.astype(np.float64), r.labels, r.difficult, (boxes, scores, labels)))
+        per_image.append(Detections(boxes.astype(np.float32), scores.astype(np.float32), labels, None))
+    expected = evaluate_detections(records, [str(c) for c in range(k)],
+                                   detections_by_class([r.image_id for r in records], per_image, k), metric="voc07")
+    assert held_out_map(images, k) == pytest.approx(expected["mAP"], abs=1e-6)
+    assert math.isnan(held_out_map([], k))
+
+
+def test_the_nms_threshold_is_chosen_on_the_held_out_folds():
+    """Objects in overlapping pairs (IoU 0.47): NMS at 0.3 must drop one of each pair, 0.6 keeps
+    both, so 0.6 wins on the held-out images; the choice and each choice's held-out mAP are in
+    the calibration's meta, the probabilities fitted at the chosen threshold."""
+    rng = np.random.default_rng(4)
+
+    def pair_sample(key):
+        gt = np.array([[10, 10, 50, 50], [25, 10, 65, 50]], np.float64)        # IoU 25/55 = 0.4545
+        boxes = np.concatenate([gt, gt + 1, rng.uniform(100, 150, (20, 2)).repeat(2, 1) + [0, 0, 20, 20]])
+        feats = rng.normal(0, 0.3, (len(boxes), 3)).astype(np.float32)
+        feats[:4, 0] += 3.0
+        gt_feats = rng.normal(0, 0.3, (2, 3)).astype(np.float32)
+        gt_feats[:, 0] += 3.0
+        return ImageSample(key=key, gt_boxes=gt, gt_labels=np.array([0, 0]), gt_features=gt_feats,
+                           boxes=boxes, features=feats)
+
+    ids = [f"im{i}" for i in range(6)]
+    source = ListFeatureSource([pair_sample(i) for i in ids], dim=3)
+    svm_cfg = SVMConfig(C=0.1, norm_images=6, norm_boxes_per_image=24)
+    cfg = CalibrationConfig(nms_choices=(0.3, 0.6))
+    cal = fit_calibration(source, ids, 1, svm_cfg, cfg, 1.0, settings=DetectionSettings(), class_names=["a"])
+    nms = cal.meta["nms"]
+    assert nms["chosen"] == 0.6 and nms["choices"] == [0.3, 0.6]
+    assert nms["held_out_map"]["0.6"] > nms["held_out_map"]["0.3"]
+    assert cal.meta["detection_settings"]["nms_iou"] == 0.6
+    # Without choices: test.nms_iou as written, no choice recorded.
+    plain = fit_calibration(source, ids, 1, svm_cfg, CalibrationConfig(), 1.0, settings=DetectionSettings())
+    assert "nms" not in plain.meta and plain.meta["detection_settings"]["nms_iou"] == 0.3
+    for bad in ((0.3, 0.3), (0.0,), (1.5,)):
+        with pytest.raises(DetectionError, match="nms_choices"):
+            CalibrationConfig(nms_choices=bad).validate()

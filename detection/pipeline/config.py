@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import ConfigError, merge, parse_overrides, read_yaml_mapping, to_dict
 from ..detector import DetectionSettings, DetectorSettings, check_settings
+from ..errors import DetectionError
 from ..features.featurizer import FeatureSettings
 from ..features.scales import named_scales
 from ..training.finetune import FinetuneConfig
@@ -122,13 +123,16 @@ def embedded_default_overrides() -> dict[str, Any]:
 #: The ``--data`` recipe's scales: shorter sides for training and testing, each window pooled at
 #: the one whose resized window area is nearest 224^2 (docs/benchmarks.md, "The `--data` recipe").
 DATA_RECIPE_SCALES = (480, 576, 688)
+#: The ``--data`` recipe's NMS thresholds, one chosen per data set on the calibration's held-out
+#: folds (objects that overlap each other, such as bunches of bananas, need a higher one).
+DATA_RECIPE_NMS_CHOICES = (0.3, 0.4, 0.5, 0.6)
 
 
 def data_default_overrides() -> dict[str, Any]:
     """The recipe of a run on the user's own data (``--data``) where the user names no trunk:
     EfficientNet-Lite0 with the ImageNet weights installed with the package (no download), three
-    scales, SVM C = 0.01 (its features are larger than ZF-5's pool5 after the feature scaling, and
-    the weaker regularisation measured better), VOC07 11-point AP (the paper's metric) and no
+    scales, SVM C = 0.01 (the weaker regularisation measured better), the NMS threshold chosen
+    on the calibration's held-out folds, VOC07 11-point AP (the paper's metric) and no
     SPP-net vs R-CNN timing stage (a benchmark, not part of training a detector). Each step was
     chosen on a validation split of trainval, never on test (docs/benchmarks.md). A trunk named in
     the config file, a flag or an override comes with the plain defaults and its own weights
@@ -136,7 +140,7 @@ def data_default_overrides() -> dict[str, Any]:
     return {
         "backbone": {"name": "efficientnet_lite0", "weights": "imagenet"},
         "features": {"scales": list(DATA_RECIPE_SCALES)},
-        "train": {"svm": {"C": 0.01}},
+        "train": {"svm": {"C": 0.01}, "calibration": {"nms_choices": list(DATA_RECIPE_NMS_CHOICES)}},
         "metric": "voc07",
         "timing": {"enabled": False},
     }
@@ -211,6 +215,14 @@ def refuse_unused_settings(cfg: PipelineConfig) -> None:
             if f.name.startswith("synthetic_") and getattr(cfg.data, f.name) != getattr(default, f.name):
                 raise ConfigError(f"data.{f.name} applies to the generated dataset only; it cannot be set with "
                                   f"data.root ({cfg.data.root})")
+    try:
+        cfg.train.calibration.validate()  # before any stage runs: the calibration comes after the SVMs
+    except DetectionError as e:
+        raise ConfigError(f"train.{e}") from None
+    if cfg.train.calibration.nms_choices and cfg.test.nms_iou != DetectionSettings().nms_iou:
+        raise ConfigError(f"test.nms_iou={cfg.test.nms_iou} is set, but train.calibration.nms_choices="
+                          f"{list(cfg.train.calibration.nms_choices)} chooses the NMS threshold on the held-out folds: "
+                          f"set train.calibration.nms_choices=[] to keep test.nms_iou, or leave test.nms_iou unset")
     refuse_unused_finetune(cfg.feature_layer, cfg.train.finetune, "train.")
     if cfg.feature_layer == "pool5" and cfg.train.finetune.hidden != FinetuneConfig().hidden:
         raise ConfigError("train.finetune.hidden sizes fc6/fc7, but the SVMs read pool5 (feature_layer=pool5) "

@@ -156,6 +156,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
             comm.barrier("train: waiting for rank 0 to write the model file")
         timings["train"] = stages.state["train"]["seconds"]
         detector = SPPDetector.from_file(model_path, device=device)
+        if cfg.train.calibration.nms_choices:
+            # The train stage chose the NMS threshold on its held-out folds: the model's is the one.
+            settings = dataclasses.replace(settings, nms_iou=detector.settings.nms_iou)
         if detector.settings != settings:
             # Only test.* can differ (the rest keys the train stage): the model file keeps the
             # settings this run detects with (eval_voc.py --model reads them).
@@ -191,6 +194,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
         metrics = score_split(test_ds, results_dir, metric=cfg.metric, coco=True, plots=out / "pr_curves")
         metrics["stage_seconds"] = {k: round(v, 2) for k, v in timings.items()}
         metrics["untrained_classes"] = list(detector.svms.meta.get("untrained", []))
+        metrics["nms_iou"] = detector.settings.nms_iou
+        if detector.calibration is not None and "nms" in detector.calibration.meta:
+            metrics["nms_choice"] = detector.calibration.meta["nms"]   # the held-out mAP of each choice
         calibration = read_json(out / "calibration.json") if (out / "calibration.json").is_file() else {}
         if calibration:
             metrics["calibration"] = calibration

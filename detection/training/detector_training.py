@@ -320,6 +320,7 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                                           ranks=Ranks.of_comm())
             if train_ckpt is not None and comm.is_main():
                 train_ckpt.save_calibration(calibration, cal_key)
+        settings = with_chosen_nms(settings, calibration, cfg.calibration)
     return SPPDetector(backbone, head, svms, regressors, classes, settings, calibration=calibration,
                        meta={"train": {"num_images": len(records), "head_seed": cfg.head_seed,
                                        # what the calibration was fitted through (also when it failed)
@@ -328,6 +329,22 @@ def train_detector(records: Sequence[ImageRecord], classes: Sequence[str],
                                        "finetune": dataclasses.asdict(cfg.finetune),
                                        "svm": dataclasses.asdict(cfg.svm),
                                        "bbox": dataclasses.asdict(cfg.bbox) if cfg.bbox.enabled else None}})
+
+
+def with_chosen_nms(settings: DetectorSettings, calibration: ScoreCalibration | None,
+                    cfg: CalibrationConfig) -> DetectorSettings:
+    """``settings`` with the NMS threshold the calibration chose on its held-out folds
+    (``cfg.nms_choices``); unchanged without choices, or with a warning when none was chosen."""
+    if not cfg.nms_choices:
+        return settings
+    nms = calibration.meta.get("nms") if calibration is not None else None
+    chosen = nms.get("chosen") if isinstance(nms, dict) else None
+    # From a checkpoint file too: only one of the choices is taken.
+    if not any(chosen == t for t in cfg.nms_choices) or isinstance(chosen, bool):
+        log.warning("no NMS threshold could be chosen on the held-out folds (no calibration); test.nms_iou=%s "
+                    "is kept", settings.nms_iou)
+        return settings
+    return dataclasses.replace(settings, nms_iou=float(chosen))
 
 
 class TrainCheckpoint:
