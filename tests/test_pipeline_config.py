@@ -55,7 +55,7 @@ USES: dict[str, frozenset[str]] = {
     **{f"train.finetune.{k}": TRAINED for k in _FINETUNE},
     **{f"train.svm.{k}": TRAINED for k in _SVM},
     **{f"train.bbox.{k}": TRAINED for k in _BBOX},
-    **{f"train.calibration.{k}": CALIBRATED for k in ("enabled", "folds", "iou", "C")},
+    **{f"train.calibration.{k}": CALIBRATED for k in ("enabled", "folds", "iou", "C", "nms_choices")},
     "train.max_train_windows": TRAINED, "train.head_seed": TRAINED,
     # The score calibration is fitted through the post-processing (tested apart without it).
     **{f"test.{k}": CALIBRATED for k in ("nms_iou", "max_per_class", "score_threshold")},
@@ -73,7 +73,7 @@ OTHER = {"method": "rcnn", "device": "cpu", "data.root": "/data/VOC2007", "data.
          "backbone.name": "alexnet", "backbone.weights": "imagenet", "features.projection_rule": "code",
          "features.scale_rule": "code", "feature_layer": "fc7", "train.svm.classes_without_positives": "error",
          "metric": "voc10", "proposal_workers": 1, "features.workers": 1, "train.memory_gb": 12.0,
-         "train.max_train_windows": 10,
+         "train.max_train_windows": 10, "train.calibration.nms_choices": [0.3, 0.5],
          "timing.rcnn_windows": 10}
 
 
