@@ -3,9 +3,10 @@
 regressors -> detection on the test split -> VOC evaluation -> SPP-net vs R-CNN timing -> report.
 
 Without --data it generates the synthetic dataset and trains the conv layers through SPP (no
-pretrained weights needed); with --data and no --backbone it uses EfficientNet-Lite0 with the
-ImageNet weights installed with the package. Every stage is resumable: rerun the same command after
-an interruption.
+pretrained weights needed); with --data and no --backbone it runs the recipe for real photos:
+EfficientNet-Lite0 with the ImageNet weights installed with the package, 3 scales, SVM C 0.01, the
+NMS threshold chosen on held-out training images (docs/pipeline.md). Every stage is resumable:
+rerun the same command after an interruption.
 
     python tools/run_pipeline.py --out runs/default
     python tools/run_pipeline.py --data MY_VOC_DIR --out runs/mine
