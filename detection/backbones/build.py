@@ -17,8 +17,8 @@ from ..io.files import file_sha256
 from ..io.paths import describe_missing
 from ..model import torch_load_reason
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
-from .efficientnet import (LITE_EXPANDED_NAMES, LITE_MEAN, LITE_NAMES, LITE_STD, lite_base_name, efficientnet_lite, lite_trunk, packaged_weights_file,
-                           timm_state_dict)
+from .efficientnet import (LITE_EXPANDED_NAMES, LITE_MEAN, LITE_NAMES, LITE_STD, efficientnet_lite, lite_base_name,
+                           lite_trunk, packaged_weights_file, timm_state_dict)
 from .layers import freeze_batchnorm, tf_same_padding
 from .zf5 import ZF5
 
@@ -90,8 +90,9 @@ def _load_state_dict_file(model: nn.Module, path: Path, name: str,
 
 def _make_model(name: str, weights: str | Path | None, seed: int) -> tuple[nn.Module, str]:
     """The full model (ZF5, torchvision or timm) with its weights, and the weights id."""
-    if lite_base_name(name):
-        return _make_lite(lite_base_name(name), weights, seed)
+    base = lite_base_name(name)
+    if base:
+        return _make_lite(base, weights, seed)
     is_zf5 = name == "zf5"
     tv_name = name.removesuffix("_tf")      # the TF-padded MobileNetV2 is torchvision's model
     ctor = ZF5 if is_zf5 else _torchvision_ctor(tv_name)

@@ -28,8 +28,8 @@ from torch import nn
 from ..errors import ModelError
 from .layers import Conv2dSame
 
-__all__ = ["LITE_NAMES", "LITE_EXPANDED_NAMES", "lite_base_name", "LITE_MEAN", "LITE_STD", "efficientnet_lite", "packaged_weights_file",
-           "timm_state_dict", "imagenet_classifier", "lite_trunk"]
+__all__ = ["LITE_NAMES", "LITE_EXPANDED_NAMES", "lite_base_name", "LITE_MEAN", "LITE_STD", "efficientnet_lite",
+           "packaged_weights_file", "timm_state_dict", "imagenet_classifier", "lite_trunk"]
 
 LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 #: The same trunks one 1x1 expansion conv + BN + ReLU6 further (6x the channels: 672, 672, 720),
@@ -40,8 +40,7 @@ LITE_EXPANDED_NAMES = tuple(f"{name}_expanded" for name in LITE_NAMES)
 def lite_base_name(name: str) -> str | None:
     """The EfficientNet-Lite model behind a trunk name ("efficientnet_lite0" for
     "efficientnet_lite0_expanded"), None for any other trunk."""
-    base = name.removesuffix("_expanded")
-    return base if base in LITE_NAMES and name in LITE_NAMES + LITE_EXPANDED_NAMES else None
+    return name.removesuffix("_expanded") if name in LITE_NAMES + LITE_EXPANDED_NAMES else None
 
 #: (x/255 - 127/255) / (128/255) == (x - 127) / 128: the input scaling the TF-trained lite models use.
 LITE_MEAN: tuple[float, float, float] = (127 / 255,) * 3

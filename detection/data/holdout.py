@@ -69,7 +69,7 @@ def _check_existing(out: Path, root: Path, main: Path, texts: dict[str, str]) ->
     """Accept ``out`` only if it is the split these arguments make."""
     for name in _LINKED:
         link = out / name
-        if not link.is_symlink() or Path(os.readlink(link)).resolve() != (root / name).resolve():
+        if not link.is_symlink() or link.resolve() != (root / name).resolve():
             raise DatasetError(f"{out} exists and is not this validation split of {root} ({link} is not a link "
                                f"to {root / name}): choose another --out or remove it")
     for name, text in texts.items():

@@ -25,7 +25,7 @@ from .samples import FeatureSource, ImageSample, Ranks
 from .svm import SVMConfig
 
 __all__ = ["CalibrationConfig", "assign_folds", "fit_platt", "fit_calibration", "window_samples", "kept_detections",
-           "held_out_map", "FoldSource", "BoxesFn"]
+           "labelled_windows", "held_out_map", "FoldSource", "BoxesFn"]
 
 #: boxes_fn(image index, its sample) -> Tensor[P, K, 4]: each proposal's box for each class as the
 #: detector makes it (:func:`detection.detector.class_boxes`: box regression, clipping).
@@ -111,31 +111,40 @@ def kept_detections(sample: ImageSample, scores: np.ndarray, settings: Detection
 
 
 def window_samples(sample: ImageSample, scores: np.ndarray, settings: DetectionSettings, iou: float,
-                   skip: Sequence[int] = (), per_class_boxes: torch.Tensor | None = None,
-                   kept: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                   skip: Sequence[int] = (), per_class_boxes: torch.Tensor | None = None
                    ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per class, (scores, 0/1 labels) of the detections the detector keeps from one image's
-    proposals (:func:`kept_detections`, or ``kept`` when already made), each labelled against the
-    image's objects (:func:`label_detections`, difficult-only hits left out); classes in ``skip``
-    empty."""
-    k = np.asarray(scores).shape[1]
-    boxes, kept_scores, labels = kept if kept is not None else kept_detections(sample, scores, settings, skip,
-                                                                                per_class_boxes)
-    lab = label_detections(boxes, labels, sample.gt_boxes, sample.gt_labels, sample.gt_difficult, iou)
-    return [(kept_scores[(labels == c) & (lab >= 0)].astype(np.float64), lab[(labels == c) & (lab >= 0)])
-            for c in range(k)]
+    proposals (:func:`kept_detections`), each labelled against the image's objects
+    (:func:`labelled_windows`); classes in ``skip`` empty."""
+    truth = (sample.gt_boxes, sample.gt_labels, sample.gt_difficult)
+    kept = kept_detections(sample, scores, settings, skip, per_class_boxes)
+    return labelled_windows(*truth, kept, np.asarray(scores).shape[1], iou)
 
 
-def held_out_map(images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]],
-                 num_classes: int) -> float:
+def labelled_windows(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_difficult: np.ndarray | None,
+                     kept: tuple[np.ndarray, np.ndarray, np.ndarray], num_classes: int, iou: float
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per class, (scores, 0/1 labels) of one image's kept detections ``(boxes, scores, labels)``
+    against its objects (:func:`label_detections`, difficult-only hits left out)."""
+    boxes, scores, labels = kept
+    lab = label_detections(boxes, labels, gt_boxes, gt_labels, gt_difficult, iou)
+    return [(scores[(labels == c) & (lab >= 0)].astype(np.float64), lab[(labels == c) & (lab >= 0)])
+            for c in range(num_classes)]
+
+
+def held_out_map(images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                        tuple[np.ndarray, np.ndarray, np.ndarray]]], num_classes: int) -> float:
     """VOC07 mAP (IoU 0.5, devkit matching: a second detection of an object is a false positive)
     of held-out images, each ``(gt_boxes, gt_labels, gt_difficult, (boxes, scores, labels))``:
-    its objects and the detections kept from it, over the classes with a non-difficult object
-    among them (NaN when none has)."""
+    its objects (``gt_difficult`` None: none is difficult) and the detections kept from it, over
+    the classes with a non-difficult object among them (NaN when none has)."""
+    truth = [(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels),
+              np.zeros(len(labels), bool) if difficult is None else np.asarray(difficult, bool))
+             for boxes, labels, difficult, _ in images]
     aps = []
     for c in range(num_classes):
-        gt_boxes = [boxes[labels == c] for boxes, labels, _, _ in images]
-        gt_difficult = [difficult[labels == c] for _, labels, difficult, _ in images]
+        gt_boxes = [boxes[labels == c] for boxes, labels, _ in truth]
+        gt_difficult = [difficult[labels == c] for _, labels, difficult in truth]
         if not sum(int((~d).sum()) for d in gt_difficult):
             continue
         dets = [(d[0][d[2] == c], d[1][d[2] == c]) for _, _, _, d in images]
@@ -184,10 +193,9 @@ def fit_calibration(source: FeatureSource, groups: Sequence[str], num_classes: i
         return None
     fold = assign_folds(groups, cfg.folds)
     # One post-processing per NMS candidate (just test.nms_iou without candidates); the held-out
-    # windows of each are kept until the best is known.
+    # detections of each are kept until the best is known.
     choices = tuple(cfg.nms_choices) or (settings.nms_iou,)
     per_choice = {t: dataclasses.replace(settings, nms_iou=t) for t in choices}
-    per_class = {t: [([], []) for _ in range(num_classes)] for t in choices}
     held_out: dict[float, list] = {t: [] for t in choices}
     for f in range(cfg.folds):
         train_idx = np.flatnonzero(fold != f)
@@ -199,7 +207,7 @@ def fit_calibration(source: FeatureSource, groups: Sequence[str], num_classes: i
         skip = [names.index(n) for n in svms.meta.get("untrained", [])]
         start, stop = ranks.bounds(len(held_idx))
 
-        def score_share() -> list[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict]]:
+        def score_share() -> list[tuple[tuple[np.ndarray, np.ndarray, np.ndarray | None], dict]]:
             out = []
             for i in held_idx[start:stop]:
                 sample = source.image(int(i))
@@ -207,22 +215,15 @@ def fit_calibration(source: FeatureSource, groups: Sequence[str], num_classes: i
                     continue
                 scores = np.asarray(svms.scores(sample.features), dtype=np.float64)
                 boxes = boxes_fn(int(i), sample) if boxes_fn is not None else None
-                kept = {t: kept_detections(sample, scores, s, skip, boxes) for t, s in per_choice.items()}
-                # Only what labelling and AP need travels between ranks: no features.
-                truth = (np.asarray(sample.gt_boxes, np.float64).reshape(-1, 4), np.asarray(sample.gt_labels),
-                         np.zeros(len(sample.gt_labels), bool) if sample.gt_difficult is None
-                         else np.asarray(sample.gt_difficult, bool))
-                out.append((truth, {t: (kept[t], window_samples(sample, scores, per_choice[t], cfg.iou, skip,
-                                                                kept=kept[t])) for t in choices}))
+                # Only the objects and the kept detections travel between ranks: no features.
+                out.append(((sample.gt_boxes, sample.gt_labels, sample.gt_difficult),
+                            {t: kept_detections(sample, scores, s, skip, boxes) for t, s in per_choice.items()}))
             return out
         # Each rank scores its share of the held-out images; put together in image order.
         for part in ranks.exchange(score_share, "calibration: gathering the held-out windows"):
             for truth, by_choice in part:
-                for t, (kept, windows) in by_choice.items():
+                for t, kept in by_choice.items():
                     held_out[t].append((*truth, kept))
-                    for c, (s, y) in enumerate(windows):
-                        per_class[t][c][0].append(s)
-                        per_class[t][c][1].append(y)
     nms = None
     if cfg.nms_choices:
         maps = {t: held_out_map(held_out[t], num_classes) for t in choices}
@@ -233,10 +234,16 @@ def fit_calibration(source: FeatureSource, groups: Sequence[str], num_classes: i
                  ", ".join(f"{t}: {m:.4f}" for t, m in maps.items()))
         nms = {"choices": list(choices), "chosen": chosen,
                "held_out_map": {str(t): round(m, 6) if math.isfinite(m) else None for t, m in maps.items()}}
-    pick = nms["chosen"] if nms is not None and nms["chosen"] in per_class else choices[0]
-    scores = [np.concatenate(s) if s else np.zeros(0) for s, _ in per_class[pick]]
-    labels = [np.concatenate(y) if y else np.zeros(0, np.int64) for _, y in per_class[pick]]
+    pick = nms["chosen"] if nms is not None and nms["chosen"] is not None else choices[0]
     settings = per_choice[pick]
+    # The probabilities are fitted on the windows kept at the threshold the detector will use.
+    per_class: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in range(num_classes)]
+    for gt_boxes, gt_labels, gt_difficult, kept in held_out[pick]:
+        for c, (s, y) in enumerate(labelled_windows(gt_boxes, gt_labels, gt_difficult, kept, num_classes, cfg.iou)):
+            per_class[c][0].append(s)
+            per_class[c][1].append(y)
+    scores = [np.concatenate(s) if s else np.zeros(0) for s, _ in per_class]
+    labels = [np.concatenate(y) if y else np.zeros(0, np.int64) for _, y in per_class]
     pooled = fit_platt(np.concatenate(scores), np.concatenate(labels), cfg.C)
     if pooled is None:
         log.warning("calibration skipped: no held-out window can be fitted (no positive, no negative, or scores "
