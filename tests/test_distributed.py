@@ -377,6 +377,73 @@ def test_skip_bad_decodes_each_image_on_one_rank_and_every_rank_gets_the_same_li
                                                    sorted(f"{i}.jpg" for i in ids[half:])]
 
 
+READ_SCRIPT = """
+import json, sys
+from detection import comm
+from detection.data import voc
+from detection.errors import DatasetError
+comm.init_distributed("cpu")
+parsed, inspected = [], []
+parse, inspect = voc._read_annotation, voc.inspect_image
+def counted_parse(path):                # the XML reads and image headers, counted per rank
+    parsed.append(path.stem)
+    return parse(path)
+def counted_inspect(path):
+    inspected.append(path.stem)
+    return inspect(path)
+voc._read_annotation, voc.inspect_image = counted_parse, counted_inspect
+try:
+    ds = voc.VOCDataset(sys.argv[1], "trainval")
+    result = {"records": [[r.image_id, r.width, r.height, r.boxes.tolist(), r.labels.tolist()] for r in ds.records],
+              "classes": list(ds.classes), "fingerprint": ds.fingerprint(), "imperfect": ds.imperfect}
+except DatasetError as e:
+    result = {"error": str(e)}
+with open(f"{sys.argv[2]}.rank{comm.rank()}.json", "w") as f:
+    json.dump({**result, "parsed": parsed, "inspected": inspected}, f)
+comm.shutdown()
+"""
+
+
+def _read_split(root: Path, out: Path) -> tuple[dict, list[dict]]:
+    args = [sys.executable, "-c", READ_SCRIPT, str(root)]
+    subprocess.run([*args, str(out / "one")], check=True, env=_env(), timeout=300)
+    for p in _launch([*args, str(out / "two")], 2):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    return (json.loads((out / "one.rank0.json").read_text()),
+            [json.loads((out / f"two.rank{r}.json").read_text()) for r in range(2)])
+
+
+@pytest.mark.slow
+def test_each_rank_reads_its_share_of_the_split_and_every_rank_gets_the_one_process_dataset(synthetic_voc, tmp_path):
+    root = tmp_path / "voc"
+    shutil.copytree(synthetic_voc, root)
+    ids = (root / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    one, two = _read_split(root, tmp_path)
+    assert "error" not in one and len(one["records"]) == len(ids)
+    for rank in two:
+        assert {k: rank[k] for k in ("records", "classes", "fingerprint", "imperfect")} == \
+               {k: one[k] for k in ("records", "classes", "fingerprint", "imperfect")}
+    half = len(ids) // 2
+    assert [r["parsed"] for r in two] == [ids[:half], ids[half:]]
+    assert [r["inspected"] for r in two] == [ids[:half], ids[half:]]
+    assert one["parsed"] == ids and one["inspected"] == ids
+
+    # A malformed XML in rank 1's share and a missing image in rank 0's: every rank stops with the
+    # message of one process (the XML first: every annotation is read before any image).
+    ann = root / "Annotations" / f"{ids[-2]}.xml"
+    ann.write_text(ann.read_text()[:40])
+    (root / "JPEGImages" / f"{ids[1]}.jpg").unlink()
+    one, two = _read_split(root, tmp_path)
+    assert "malformed annotation" in one["error"] and ids[-2] in one["error"]
+    assert [r["error"] for r in two] == [one["error"]] * 2
+    ann.unlink()
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(i for i in ids if i != ids[-2]) + "\n")
+    one, two = _read_split(root, tmp_path)
+    assert "does not exist" in one["error"] and ids[1] in one["error"]
+    assert [r["error"] for r in two] == [one["error"]] * 2
+
+
 # ---- whole runs on 2 processes ----------------------------------------------------------------
 
 SMALL_CONFIG = """

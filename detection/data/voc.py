@@ -173,6 +173,54 @@ def _find_image(image_dir: Path, image_id: str) -> Path:
                        f"{', '.join(IMAGE_SUFFIXES[1:])})")
 
 
+@dataclasses.dataclass
+class _SplitFile:
+    """What one id's files hold, read once by one rank: the parsed XML, the image path, its
+    header's size and problems and both files' stamps, or the error each read raised (replayed in
+    split order by every rank, so a bad file stops them all with the one-process message)."""
+
+    annotation: _Annotation | None = None
+    xml_error: str | None = None
+    path: Path | None = None
+    path_error: str | None = None
+    header: tuple[tuple[int, int], list[str]] | None = None
+    header_error: str | None = None
+    stamp: str = ""
+
+
+def _read_one(ann_dir: Path, image_dir: Path, image_id: str) -> _SplitFile:
+    xml_path = ann_dir / f"{image_id}.xml"
+    try:
+        facts = _SplitFile(annotation=_read_annotation(xml_path))
+    except DatasetError as e:
+        return _SplitFile(xml_error=str(e))
+    try:
+        facts.path = _find_image(image_dir, image_id)
+    except DatasetError as e:
+        facts.path_error = str(e)
+        return facts
+    try:
+        # Header (and last bytes) only: cheap, and the header is always the truth for the size.
+        facts.header = inspect_image(facts.path)
+    except DatasetError as e:
+        facts.header_error = str(e)
+        return facts
+    xs, ims = xml_path.stat(), facts.path.stat()
+    facts.stamp = f"{image_id}:{xs.st_size}:{xs.st_mtime_ns}:{facts.path.name}:{ims.st_size}:{ims.st_mtime_ns}"
+    return facts
+
+
+def _read_split_files(ann_dir: Path, image_dir: Path, ids: Sequence[str]) -> dict[str, _SplitFile]:
+    """{id: its files' content} for every id of a split. Under ``torchrun`` each rank reads a
+    contiguous share and the shares are gathered: every rank gets the whole split for 1/N of the
+    reads. Every rank of the process group must call this (it is a collective)."""
+    mine = {image_id: _read_one(ann_dir, image_dir, image_id) for image_id in comm.shard(ids)}
+    files: dict[str, _SplitFile] = {}
+    for part in comm.all_gather(mine, "data: gathering the annotations and image headers each rank read"):
+        files.update(part)
+    return files
+
+
 # --------------------------------------------------------------------------------------------
 # the dataset
 
@@ -237,7 +285,11 @@ class VOCDataset:
         check_name(split, "split name", split_file)
         ids = self._read_split(split_file)
         ann_dir, image_dir = self.root / "Annotations", self.root / "JPEGImages"
-        annotations = {i: _read_annotation(ann_dir / f"{i}.xml") for i in ids}
+        files = _read_split_files(ann_dir, image_dir, ids)
+        for image_id in ids:        # the first bad XML in split order, as one process reading them finds it
+            if files[image_id].xml_error is not None:
+                raise DatasetError(files[image_id].xml_error)
+        annotations = {i: files[i].annotation for i in ids}
         self.classes = self._resolve_classes(classes, annotations, ann_dir)
         index = {c: k for k, c in enumerate(self.classes)}
 
@@ -248,20 +300,20 @@ class VOCDataset:
         imperfect: dict[str, str] = {}
         bad: dict[str, str] = _undecodable(image_dir, ids) if self.skip_bad else {}
         for image_id in ids:
-            ann = annotations[image_id]
+            ann, facts = annotations[image_id], files[image_id]
             xml_path = ann_dir / f"{image_id}.xml"
-            path = _find_image(image_dir, image_id)
+            if facts.path_error is not None:
+                raise DatasetError(facts.path_error)
+            path = facts.path
             if image_id in bad:
                 continue
-            try:
-                # Header (and last bytes) only: cheap, and the header is always the truth for the size.
-                (width, height), problems = inspect_image(path)
-            except DatasetError as e:
+            if facts.header_error is not None:
                 if not self.skip_bad:
-                    raise
-                bad[image_id] = str(e)
-                log.warning("skipping %s (--skip-bad): %s", show_id(image_id), e)
+                    raise DatasetError(facts.header_error)
+                bad[image_id] = facts.header_error
+                log.warning("skipping %s (--skip-bad): %s", show_id(image_id), facts.header_error)
                 continue
+            (width, height), problems = facts.header
             if problems:
                 imperfect[image_id] = f"{show_path(path)}: {'; '.join(problems)}"
             if ann.size is None or ann.size[0] <= 0 or ann.size[1] <= 0:
@@ -293,8 +345,7 @@ class VOCDataset:
                 difficult=np.array([ann.difficult[k] for k in keep], bool),
                 truncated=np.array([ann.truncated[k] for k in keep], bool),
             ))
-            xs, ims = xml_path.stat(), path.stat()
-            stamp.append(f"{image_id}:{xs.st_size}:{xs.st_mtime_ns}:{path.name}:{ims.st_size}:{ims.st_mtime_ns}")
+            stamp.append(facts.stamp)
 
         if size_from_image:
             log.warning("%s/%s: %d annotation(s) give no or a zero <size>; sizes read from the "
