@@ -21,8 +21,8 @@ def _trunk(**kwargs) -> tuple[str, str | None]:
 
 def test_data_runs_default_to_a_pretrained_trunk(tmp_path):
     assert _trunk() == ("alexnet", None)
-    assert _trunk(data="photos") == ("efficientnet_lite0", "imagenet")
-    assert _trunk(data="photos", weights="/w.pth") == ("efficientnet_lite0", "/w.pth")
+    assert _trunk(data="photos") == ("efficientnet_lite0_expanded", "imagenet")
+    assert _trunk(data="photos", weights="/w.pth") == ("efficientnet_lite0_expanded", "/w.pth")
     assert _trunk(data="photos", backbone="zf5") == ("zf5", None)
     assert _trunk(data="photos", backbone="resnet18", weights="imagenet") == ("resnet18", "imagenet")
     assert _trunk(data="photos", overrides=["backbone.name=vgg16"]) == ("vgg16", None)
@@ -30,7 +30,7 @@ def test_data_runs_default_to_a_pretrained_trunk(tmp_path):
     config.write_text("backbone: {name: squeezenet1_1}\n")
     assert _trunk(data="photos", config=str(config)) == ("squeezenet1_1", None)
     config.write_text("features: {scales: [600]}\n")
-    assert _trunk(data="photos", config=str(config)) == ("efficientnet_lite0", "imagenet")
+    assert _trunk(data="photos", config=str(config)) == ("efficientnet_lite0_expanded", "imagenet")
     # and it builds here, offline, from the installed package
     name, weights = _trunk(data="photos")
     backbone = build_backbone(name, weights=weights)

@@ -130,7 +130,8 @@ DATA_RECIPE_NMS_CHOICES = (0.3, 0.4, 0.5, 0.6)
 
 def data_default_overrides() -> dict[str, Any]:
     """The recipe of a run on the user's own data (``--data``) where the user names no trunk:
-    EfficientNet-Lite0 with the ImageNet weights installed with the package (no download), three
+    EfficientNet-Lite0 with the ImageNet weights installed with the package (no download), cut
+    after the next block's 1x1 expansion (``efficientnet_lite0_expanded``: 672 channels), three
     scales, SVM C = 0.01 (the weaker regularisation measured better), the NMS threshold chosen
     on the calibration's held-out folds, VOC07 11-point AP (the paper's metric) and no
     SPP-net vs R-CNN timing stage (a benchmark, not part of training a detector). Each step was
@@ -138,7 +139,7 @@ def data_default_overrides() -> dict[str, Any]:
     the config file, a flag or an override comes with the plain defaults and its own weights
     (random init unless they are named too); any setting the user writes wins over the recipe."""
     return {
-        "backbone": {"name": "efficientnet_lite0", "weights": "imagenet"},
+        "backbone": {"name": "efficientnet_lite0_expanded", "weights": "imagenet"},
         "features": {"scales": list(DATA_RECIPE_SCALES)},
         "train": {"svm": {"C": 0.01}, "calibration": {"nms_choices": list(DATA_RECIPE_NMS_CHOICES)}},
         "metric": "voc07",
