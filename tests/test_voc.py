@@ -3,6 +3,8 @@ of every pixel format real data holds, flips, and a DatasetError naming the file
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -407,6 +409,25 @@ def test_fingerprint_tracks_content(tmp_path):
     assert fp != VOCDataset(root, "trainval", classes=["cat", "dog"]).fingerprint()
     (root / "Annotations" / "b.xml").write_text(_xml([_obj("cat", (1, 1, 19, 19))]), encoding="utf-8")
     assert VOCDataset(root, "trainval").fingerprint() != fp
+
+
+def test_fingerprint_is_the_content_not_the_place_or_the_file_times(tmp_path):
+    root = _write(tmp_path / "d", {i: (_xml([_obj("cat", (1, 1, 9, 9))]), _grey()) for i in ("a", "b")},
+                  {"trainval": "a\nb\n"})
+    fp = VOCDataset(root, "trainval").fingerprint()
+    # A copy elsewhere with new file times (what cp, rsync without -t or a download give) keys the same caches.
+    copy = Path(shutil.copytree(root, tmp_path / "elsewhere", copy_function=shutil.copyfile))
+    image = next((copy / "JPEGImages").glob("b.*"))
+    os.utime(image, ns=(1, 1))
+    assert VOCDataset(copy, "trainval").fingerprint() == fp
+    # One byte of the image changed in place, its size and time given back: new caches.
+    stat = image.stat()
+    data = bytearray(image.read_bytes())
+    data[-3] ^= 0x01          # in the last bytes of the compressed pixels: the header still reads
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert image.stat().st_size == stat.st_size
+    assert VOCDataset(copy, "trainval").fingerprint() != fp
 
 
 # --------------------------------------------------------------------------------------------

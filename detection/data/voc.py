@@ -34,6 +34,7 @@ from defusedxml import DefusedXmlException
 from .. import comm
 from ..boxes import flip_boxes, voc_to_internal
 from ..errors import DatasetError, DetectionError
+from ..io.files import file_checksum
 from ..io.paths import check_class_name, describe_missing
 from .images import inspect_image, read_image
 from .names import check_name, is_file, show_id, show_path
@@ -54,7 +55,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 
 #: Bump when parsing rules change (clipping, class inference...): part of the fingerprint, so
 #: caches keyed on it are rebuilt.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 #: VOC folder names (VOC2007, VOC2012, VOCdevkit/VOC2007...): use the devkit's class order.
 _VOC_ROOT = re.compile(r"^VOC\d{4}$", re.IGNORECASE)
@@ -205,8 +206,12 @@ def _read_one(ann_dir: Path, image_dir: Path, image_id: str) -> _SplitFile:
     except DatasetError as e:
         facts.header_error = str(e)
         return facts
-    xs, ims = xml_path.stat(), facts.path.stat()
-    facts.stamp = f"{image_id}:{xs.st_size}:{xs.st_mtime_ns}:{facts.path.name}:{ims.st_size}:{ims.st_mtime_ns}"
+    # The files' content, not their modification times: a copied or synced data folder keys the
+    # same caches, an edited file (even one given back its old time and size) new ones.
+    try:
+        facts.stamp = f"{image_id}:{file_checksum(xml_path)}:{facts.path.name}:{file_checksum(facts.path)}"
+    except OSError as e:
+        facts.header_error = f"cannot read {show_path(facts.path)} or {show_path(xml_path)}: {e.strerror or e}"
     return facts
 
 
@@ -374,8 +379,7 @@ class VOCDataset:
         if self.use_flipped:
             records += [flip_record(r) for r in records]
         self.records: list[ImageRecord] = records
-        blob = "\n".join([f"v{_FORMAT_VERSION}", str(self.root.resolve()), split, ",".join(self.classes),
-                          *stamp])
+        blob = "\n".join([f"v{_FORMAT_VERSION}", split, ",".join(self.classes), *stamp])
         self._fingerprint = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
     @staticmethod
@@ -438,8 +442,9 @@ class VOCDataset:
         return tuple(sorted(names))
 
     def fingerprint(self) -> str:
-        """Hash of root path, split, class list, image ids and the sizes/mtimes of their
-        annotation and image files (plus the parsing-rules version): keys caches."""
+        """Hash of the split, class list, image ids and the content (CRC-32) of their annotation
+        and image files (plus the parsing-rules version): keys caches. Not the folder's path nor
+        the files' times, so a moved, copied or synced data folder keeps its caches."""
         return self._fingerprint
 
     def __len__(self) -> int:

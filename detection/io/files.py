@@ -192,6 +192,15 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def file_checksum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """:func:`content_checksum` of the bytes of the file ``path``, read a chunk at a time."""
+    running = RunningChecksum()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            running.update(block)
+    return running.value()
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
