@@ -208,10 +208,14 @@ def _read_one(ann_dir: Path, image_dir: Path, image_id: str) -> _SplitFile:
         return facts
     # The files' content, not their modification times: a copied or synced data folder keys the
     # same caches, an edited file (even one given back its old time and size) new ones.
-    try:
-        facts.stamp = f"{image_id}:{file_checksum(xml_path)}:{facts.path.name}:{file_checksum(facts.path)}"
-    except OSError as e:
-        facts.header_error = f"cannot read {show_path(facts.path)} or {show_path(xml_path)}: {e.strerror or e}"
+    checksums = []
+    for path in (xml_path, facts.path):
+        try:
+            checksums.append(file_checksum(path))
+        except OSError as e:
+            facts.header_error = f"cannot read {show_path(path)}: {e.strerror or e}"
+            return facts
+    facts.stamp = f"{image_id}:{checksums[0]}:{facts.path.name}:{checksums[1]}"
     return facts
 
 
