@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from .backbones import Backbone
 from .calibration import ScoreCalibration
@@ -36,7 +36,7 @@ from .settings import DETECTION_ONLY_SETTINGS, DetectionSettings, DetectorSettin
 from .timer import NO_TIMER, Timer
 
 # The settings live in detection.settings; they are named here too, beside the detector they set up.
-__all__ = ["DetectionSettings", "DetectorSettings", "DETECTION_ONLY_SETTINGS", "Detections", "SPPDetector",
+__all__ = ["DetectionSettings", "DetectorSettings", "DETECTION_ONLY_SETTINGS", "Detections", "SPPDetector", "vote_boxes",
            "check_settings", "class_boxes", "postprocess"]
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,8 @@ def postprocess(per_class_boxes: torch.Tensor, scores: torch.Tensor, settings: D
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The detector's post-processing, the one implementation (detection and the score
     calibration's fit use it): windows scoring above ``score_threshold``, boxes of zero area
-    dropped, per-class NMS at ``nms_iou`` (``torchvision.ops.batched_nms``), at most
-    ``max_per_class`` per class.
+    dropped, per-class NMS at ``nms_iou`` (``torchvision.ops.batched_nms``), box voting when
+    ``box_vote_iou`` is set (:func:`vote_boxes`), at most ``max_per_class`` per class.
 
     Args:
         per_class_boxes: Tensor[N, K, 4], each window's box for each class (:func:`class_boxes`).
@@ -201,7 +201,10 @@ def postprocess(per_class_boxes: torch.Tensor, scores: torch.Tensor, settings: D
     ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     boxes, flat_scores, flat_labels = boxes[ok], flat_scores[ok], flat_labels[ok]
     order = batched_nms(boxes, flat_scores, flat_labels, s.nms_iou)  # sorted by score
-    boxes, flat_scores, flat_labels = boxes[order], flat_scores[order], flat_labels[order]
+    kept = boxes[order]
+    if s.box_vote_iou is not None:
+        kept = vote_boxes(kept, flat_labels[order], boxes, flat_scores, flat_labels, s.box_vote_iou)
+    boxes, flat_scores, flat_labels = kept, flat_scores[order], flat_labels[order]
     # Cap per class: rank of each detection within its class (input is score-sorted).
     by_class = torch.argsort(flat_labels, stable=True)
     counts = torch.bincount(flat_labels, minlength=k)
@@ -210,6 +213,24 @@ def postprocess(per_class_boxes: torch.Tensor, scores: torch.Tensor, settings: D
     rank[by_class] = torch.arange(len(by_class), device=by_class.device) - starts[flat_labels[by_class]]
     cap = rank < s.max_per_class
     return boxes[cap], flat_scores[cap], flat_labels[cap]
+
+
+def vote_boxes(kept_boxes: torch.Tensor, kept_labels: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
+               labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """Box voting: each kept box Tensor[M, 4] (of class ``kept_labels``) replaced by the mean of the
+    windows ``boxes`` Tensor[P, 4] of its class that overlap it by IoU >= ``iou``, weighted by
+    their ``scores`` clipped at 0 (the SVM margin: windows on the negative side do not vote). A box
+    whose voters all score <= 0 is kept as it is. The windows are those NMS chose from, so each kept
+    box votes for itself."""
+    voted = kept_boxes.clone()
+    weights = scores.clamp(min=0)
+    for c in torch.unique(kept_labels).tolist():   # one class at a time bounds the IoU matrix
+        mine, theirs = kept_labels == c, labels == c
+        w = (box_iou(kept_boxes[mine], boxes[theirs]) >= iou) * weights[theirs][None, :]   # [Mc, Pc]
+        total = w.sum(dim=1, keepdim=True)
+        mean = (w @ boxes[theirs]) / total.clamp(min=torch.finfo(total.dtype).tiny)
+        voted[mine] = torch.where(total > 0, mean, kept_boxes[mine])
+    return voted
 
 
 def _empty(calibrated: bool) -> Detections:

@@ -28,6 +28,10 @@ class DetectionSettings:
     nms_iou: float = 0.3                      # per-class NMS threshold of the paper's code
     max_per_class: int = 100                  # detections kept per class per image
     score_threshold: float = -1.5             # the code drops windows scoring below -1.5
+    #: Box voting (Gidaris & Komodakis, 2015; beyond the paper): each detection's box becomes the
+    #: mean of its class's windows that overlap it by at least this IoU, weighted by their scores
+    #: above 0 (its score is kept). None: off, the detection keeps its window's box (the paper).
+    box_vote_iou: float | None = None
 
     def detection_settings(self) -> DetectionSettings:
         """Only these settings (of a subclass's instance: a detector's)."""
@@ -81,6 +85,8 @@ def check_settings(s: DetectorSettings) -> None:
             raise ValueError(f"setting {name} = {value} is outside [{lo}, {hi}] (detection.settings.SETTINGS_LIMITS)")
     if not (0.0 <= s.nms_iou <= 1.0 and math.isfinite(s.score_threshold)):
         raise ValueError(f"nms_iou {s.nms_iou} must be in [0, 1] and score_threshold {s.score_threshold} finite")
+    if s.box_vote_iou is not None and not 0.0 < s.box_vote_iou <= 1.0:
+        raise ValueError(f"box_vote_iou {s.box_vote_iou} must be in (0, 1], or None (no box voting)")
 
 
 #: Settings of model files written before ``DetectorSettings.proposals`` held every selective-search

@@ -11,7 +11,7 @@ import torch
 
 from detection.backbones import build_backbone
 from detection.calibration import ScoreCalibration
-from detection.detector import Detections, DetectorSettings, SPPDetector, postprocess
+from detection.detector import Detections, DetectorSettings, SPPDetector, check_settings, postprocess
 from detection.errors import ModelError
 from detection.features import conv_maps_for_image, pooled_window_features
 from detection.heads import FCHead
@@ -158,6 +158,56 @@ def test_postprocess_matches_slow_reference(settings):
             assert {float(np.float32(scores[60, k])), float(np.float32(scores[62, k])),
                     float(np.float32(scores[63, k]))} <= s
             assert float(np.float32(scores[61, k])) not in s
+
+
+def ref_vote(kept: np.ndarray, label: int, boxes: np.ndarray, scores: np.ndarray, thr: float, iou: float):
+    """The box voting of one kept box, slowly: the mean of the class's windows that pass the
+    threshold, have area and overlap it by IoU >= ``iou``, weighted by max(0, score)."""
+    total, acc = 0.0, np.zeros(4)
+    for i in range(len(scores)):
+        b = boxes[i, label].astype(np.float64)
+        if scores[i, label] > thr and b[2] > b[0] and b[3] > b[1] and ref_iou(kept.astype(np.float64), b) >= iou:
+            total += max(0.0, float(scores[i, label]))
+            acc += max(0.0, float(scores[i, label])) * b
+    return acc / total if total > 0 else kept
+
+
+@pytest.mark.parametrize("vote_iou", [0.5, 0.8])
+def test_box_voting_matches_slow_reference(vote_iou):
+    boxes, scores = _random_candidates()
+    scores[:, 1] -= 1.0                     # class 1: many kept boxes with no voter above 0
+    plain = DetectorSettings(nms_iou=0.4, score_threshold=-1.0)
+    voting = dataclasses.replace(plain, box_vote_iou=vote_iou)
+    got_b, got_s, got_l = (t.numpy() for t in postprocess(boxes, scores, voting))
+    ref_b, ref_s, ref_l = (t.numpy() for t in postprocess(boxes, scores, plain))
+    np.testing.assert_array_equal(got_s, ref_s)     # the same detections, in the same order ...
+    np.testing.assert_array_equal(got_l, ref_l)
+    want = np.array([ref_vote(b, int(k), boxes.numpy(), scores.numpy(), -1.0, vote_iou) for b, k in zip(ref_b, ref_l)])
+    np.testing.assert_allclose(got_b, want, rtol=0, atol=1e-3)    # ... with voted boxes
+    moved = np.abs(got_b - ref_b).max(axis=1) > 1e-3
+    # A kept box scoring <= 0 has no voter above 0: one would overlap it by more than the NMS
+    # threshold and score higher, so NMS would have removed it. It stays where it was.
+    unvoted = ref_s <= 0
+    assert moved.any() and unvoted.any() and not moved[unvoted].any()
+
+
+def test_box_voting_by_hand():
+    # Two windows of class 0 at IoU 0.6 with the first (scores 3 and 1; NMS 0.5 keeps the first),
+    # one more at IoU 0.6 scoring -0.5 (no vote),
+    # one of class 1 on top of the first (another class: no vote).
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 6], [0, 4, 10, 10], [0, 0, 10, 10]], dtype=torch.float32)
+    per_class = torch.stack([boxes, boxes], dim=1)               # [4, 2, 4]
+    scores = torch.tensor([[3.0, -9], [1.0, -9], [-0.5, -9], [-9, 2.0]])
+    s = DetectorSettings(nms_iou=0.5, score_threshold=-1.0, box_vote_iou=0.55)
+    got_b, got_s, got_l = postprocess(per_class, scores, s)
+    assert got_l.tolist() == [0, 1] and got_s.tolist() == [3.0, 2.0]
+    assert got_b.tolist() == [[0, 0, 10, (3 * 10 + 1 * 6) / 4], [0, 0, 10, 10]]
+
+
+def test_box_voting_threshold_is_checked():
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="box_vote_iou"):
+            check_settings(DetectorSettings(box_vote_iou=bad))
 
 
 def test_postprocess_of_nothing():

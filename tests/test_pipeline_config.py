@@ -58,7 +58,7 @@ USES: dict[str, frozenset[str]] = {
     **{f"train.calibration.{k}": CALIBRATED for k in ("enabled", "folds", "iou", "C", "nms_choices")},
     "train.max_train_windows": TRAINED, "train.head_seed": TRAINED,
     # The score calibration is fitted through the post-processing (tested apart without it).
-    **{f"test.{k}": CALIBRATED for k in ("nms_iou", "max_per_class", "score_threshold")},
+    **{f"test.{k}": CALIBRATED for k in ("nms_iou", "max_per_class", "score_threshold", "box_vote_iou")},
     **{f"timing.{k}": TIMING for k in ("enabled", "num_images", "rcnn_windows")},
 }
 
@@ -74,7 +74,7 @@ OTHER = {"method": "rcnn", "device": "cpu", "data.root": "/data/VOC2007", "data.
          "features.scale_rule": "code", "feature_layer": "fc7", "train.svm.classes_without_positives": "error",
          "metric": "voc10", "proposal_workers": 1, "features.workers": 1, "train.memory_gb": 12.0,
          "train.max_train_windows": 10, "train.calibration.nms_choices": [0.3, 0.5],
-         "timing.rcnn_windows": 10}
+         "timing.rcnn_windows": 10, "test.box_vote_iou": 0.5}
 
 
 def leaves(node: Any, prefix: str = "") -> list[str]:
