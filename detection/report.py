@@ -67,6 +67,10 @@ def calibration_table(calibration: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def box_voting_text(vote_iou: float | None) -> str:
+    return "" if vote_iou is None else f", box voting over windows at IoU >= {vote_iou}"
+
+
 def nms_choice_text(choice: Any) -> str:
     """How the NMS threshold was chosen on the calibration's held-out folds ("" when it was not)."""
     if not isinstance(choice, dict) or not isinstance(choice.get("held_out_map"), dict):
@@ -85,7 +89,7 @@ def write_report(out: Path, metrics: dict[str, Any], timing: dict[str, Any] | No
              f"{', '.join(dataset.classes)}. Method: `{detector.settings.method}`, backbone "
              f"`{detector.backbone.name}` ({detector.backbone.weights_id}), scales {list(detector.settings.scales)}, "
              f"SVMs on `{detector.settings.feature_layer}`, NMS at IoU {detector.settings.nms_iou}"
-             f"{nms_choice_text(metrics.get('nms_choice'))}.", "",
+             f"{nms_choice_text(metrics.get('nms_choice'))}{box_voting_text(detector.settings.box_vote_iou)}.", "",
              "## Accuracy", "", ap_table(metrics), ""]
     if "coco" in metrics:
         parts += [f"COCO-style: AP@[.5:.95] {metrics['coco']['AP']:.3f}, AP50 {metrics['coco']['AP50']:.3f}, "
