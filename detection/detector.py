@@ -36,8 +36,8 @@ from .settings import DETECTION_ONLY_SETTINGS, DetectionSettings, DetectorSettin
 from .timer import NO_TIMER, Timer
 
 # The settings live in detection.settings; they are named here too, beside the detector they set up.
-__all__ = ["DetectionSettings", "DetectorSettings", "DETECTION_ONLY_SETTINGS", "Detections", "SPPDetector", "vote_boxes",
-           "check_settings", "class_boxes", "postprocess"]
+__all__ = ["DetectionSettings", "DetectorSettings", "DETECTION_ONLY_SETTINGS", "Detections", "SPPDetector",
+           "check_settings", "class_boxes", "postprocess", "vote_boxes"]
 
 log = logging.getLogger(__name__)
 
