@@ -129,7 +129,7 @@ def test_test_holds_only_detection_settings(synthetic_voc, key):
     from detection.config import ConfigError
     with pytest.raises(ConfigError, match=rf"unknown config key test\.{key}"):
         merge(_config(synthetic_voc), {"test": {key: 1}})
-    assert set(to_dict(PipelineConfig().test)) == {"nms_iou", "score_threshold", "max_per_class"}
+    assert set(to_dict(PipelineConfig().test)) == {"nms_iou", "score_threshold", "max_per_class", "box_vote_iou"}
 
 
 def test_fc_finetuning_with_pool5_svms_is_refused(synthetic_voc, tmp_path):
